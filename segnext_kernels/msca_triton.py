@@ -492,22 +492,37 @@ def _dtypes(dtype: torch.dtype):
     return torch.float32, tl.float32, (tl.float16 if dtype == torch.float16 else tl.bfloat16), "ieee"
 
 
+#: Force tile geometry (keys TH, TW, BLOCK_C, BLOCK_K, num_warps, max_programs): for tests (e.g. the GPU geometry under the
+#: interpreter) and tuning. Empty in normal use.
+TILE_OVERRIDES: dict = {}
+
+#: The geometry used on a GPU.
+GPU_TILE = dict(TH=16, TW=32, BLOCK_C=4, BLOCK_K=32, num_warps=8)
+
+
 class _TileConfig:
     """Tile geometry of the tile kernels. Under the interpreter its cost is (programs) x (ops per program), nearly
     independent of tile size, so tiles are large there; on a GPU they are sized for registers (see kernels.md)."""
 
     def __init__(self, B: int, C: int, H: int, W: int, device: torch.device):
         if INTERPRET:
+            # interpreter cost is per op, not per element: few programs, wide channel blocks (<= 2^18 elements)
             self.TH, self.TW = min(H, 32), min(W, 32)
-            self.BLOCK_C = min(_next_pow2(C), 16)
-            self.BLOCK_K = max(16, min(_next_pow2(C), 64))
+            pa = _next_pow2((self.TH + 20) * (self.TW + 20))
+            self.BLOCK_C = min(_next_pow2(C), max(16, (1 << 18) // pa))
+            self.BLOCK_K = max(16, min(_next_pow2(C), 256))
             self.num_warps = 4
         else:
-            self.TH, self.TW = min(H, 16), min(W, 32)
-            self.BLOCK_C = 4
-            self.BLOCK_K = 32
-            self.num_warps = 8
-        TH, TW = self.TH, self.TW
+            for k, v in GPU_TILE.items():
+                setattr(self, k, v)
+        max_programs = None if INTERPRET or device.type != "cuda" else \
+            4 * torch.cuda.get_device_properties(device).multi_processor_count
+        for k, v in TILE_OVERRIDES.items():
+            if k == "max_programs":
+                max_programs = v
+            else:
+                setattr(self, k, v)
+        self.TH, self.TW = TH, TW = min(self.TH, H), min(self.TW, W)
         self.PA = _next_pow2((TH + 20) * (TW + 20))
         self.PH = _next_pow2((TH + 20) * TW)
         self.PO = max(16, _next_pow2(TH * TW))
@@ -516,11 +531,8 @@ class _TileConfig:
         self.n_ty = triton.cdiv(H, TH)
         self.n_tx = triton.cdiv(W, TW)
         self.n_tiles = B * self.n_ty * self.n_tx
-        if INTERPRET or device.type != "cuda":
-            self.n_prog = self.n_tiles
-        else:
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
-            self.n_prog = min(self.n_tiles, 4 * sms)
+        # persistent programs: each loops over tiles, so scratch stays bounded (and L2-resident on a GPU)
+        self.n_prog = self.n_tiles if max_programs is None else max(1, min(self.n_tiles, max_programs))
 
     def consts(self):
         return dict(TH=self.TH, TW=self.TW, PA=self.PA, PH=self.PH, PO=self.PO, BLOCK_C=self.BLOCK_C)
