@@ -146,6 +146,45 @@ def _stage_s(a_scr, h_scr, ws_ptr, bs_ptr, c_idx, cmask, lc,
 
 
 @triton.jit
+def _phase_s(u_ptr, ub, w0_ptr, b0_ptr, ws_ptr, bs_ptr, a_scr, h_scr, dst_ptr, dst_cstride, dst_pix, dst_mask,
+             C, y0, x0, H, W, sC, sH, sW,
+             TH: tl.constexpr, TW: tl.constexpr, PA: tl.constexpr, PH: tl.constexpr, PO: tl.constexpr,
+             BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """Phase A for every channel of a tile: s -> dst[c * dst_cstride + dst_pix], in blocks of BLOCK_C channels."""
+    lc = tl.arange(0, BLOCK_C)
+    for c0 in range(0, C, BLOCK_C):
+        c_idx = c0 + lc
+        cmask = c_idx < C
+        _stage_a_h(u_ptr, ub, c_idx, cmask, lc, w0_ptr, b0_ptr, ws_ptr, bs_ptr, a_scr, h_scr,
+                   y0, x0, H, W, sC, sH, sW, TH, TW, PA, PH, BLOCK_C, ACC)
+        tl.debug_barrier()
+        s = _stage_s(a_scr, h_scr, ws_ptr, bs_ptr, c_idx, cmask, lc, TH, TW, PA, PH, PO, BLOCK_C, ACC)
+        tl.store(dst_ptr + c_idx.to(tl.int64)[:, None] * dst_cstride + dst_pix[None, :], s,
+                 mask=cmask[:, None] & dst_mask[None, :])
+        tl.debug_barrier()
+
+
+@triton.jit
+def _mix(w3_ptr, src_ptr, src_cstride, src_pix, pix_mask, co, com, C, TRANSPOSE: tl.constexpr,
+         BLOCK_K: tl.constexpr, PO: tl.constexpr, ACC: tl.constexpr, DOT_DTYPE: tl.constexpr,
+         DOT_PREC: tl.constexpr):
+    """1x1 channel mix of a tile: acc[co, p] = sum_ci M[co, ci] src[ci * src_cstride + src_pix[p]], M = w3 or w3^T."""
+    kk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_K, PO], ACC)
+    for i0 in range(0, C, BLOCK_K):
+        ci = i0 + kk
+        cim = ci < C
+        if TRANSPOSE:
+            w = tl.load(w3_ptr + ci[None, :] * C + co[:, None], mask=com[:, None] & cim[None, :], other=0.0)
+        else:
+            w = tl.load(w3_ptr + co[:, None] * C + ci[None, :], mask=com[:, None] & cim[None, :], other=0.0)
+        sv = tl.load(src_ptr + ci.to(tl.int64)[:, None] * src_cstride + src_pix[None, :],
+                     mask=cim[:, None] & pix_mask[None, :], other=0.0)
+        acc = tl.dot(w.to(DOT_DTYPE), sv.to(DOT_DTYPE), acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
 def _tile_coords(t, n_ty, n_tx, TH: tl.constexpr, TW: tl.constexpr):
     per_img = n_ty * n_tx
     b = t // per_img
@@ -164,41 +203,25 @@ def _msca_fwd_kernel(u_ptr, out_ptr, w0_ptr, b0_ptr, ws_ptr, bs_ptr, w3_ptr, b3_
                      DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    lc = tl.arange(0, BLOCK_C)
     a_scr = scr_ptr + pid.to(tl.int64) * (BLOCK_C * (PA + 3 * PH))
     h_scr = a_scr + BLOCK_C * PA
     s_scr = sscr_ptr + pid.to(tl.int64) * C * PO
     po = tl.arange(0, PO)
-    ro = po // TW
-    co_px = po % TW
     kk = tl.arange(0, BLOCK_K)
     for t in range(pid, n_tiles, nprog):
         b, y0, x0 = _tile_coords(t, n_ty, n_tx, TH, TW)
         ub = b.to(tl.int64) * sB
-        # phase A: s for every channel of the tile
-        for c0 in range(0, C, BLOCK_C):
-            c_idx = c0 + lc
-            cmask = c_idx < C
-            _stage_a_h(u_ptr, ub, c_idx, cmask, lc, w0_ptr, b0_ptr, ws_ptr, bs_ptr, a_scr, h_scr,
-                       y0, x0, H, W, sC, sH, sW, TH, TW, PA, PH, BLOCK_C, ACC)
-            tl.debug_barrier()
-            s = _stage_s(a_scr, h_scr, ws_ptr, bs_ptr, c_idx, cmask, lc, TH, TW, PA, PH, PO, BLOCK_C, ACC)
-            tl.store(s_scr + c_idx[:, None] * PO + po[None, :], s, mask=cmask[:, None])
-            tl.debug_barrier()
-        # phase B: 1x1 channel mix, bias, gating by u
-        y = y0 + ro
-        x = x0 + co_px
+        y = y0 + po // TW
+        x = x0 + po % TW
         vpix = (po < TH * TW) & (y < H) & (x < W)
+        # phase A: s for every channel of the tile, into the per-program scratch
+        _phase_s(u_ptr, ub, w0_ptr, b0_ptr, ws_ptr, bs_ptr, a_scr, h_scr, s_scr, PO, po, vpix,
+                 C, y0, x0, H, W, sC, sH, sW, TH, TW, PA, PH, PO, BLOCK_C, ACC)
+        # phase B: 1x1 channel mix, bias, gating by u
         for o0 in range(0, C, BLOCK_K):
             co = o0 + kk
             com = co < C
-            acc = tl.zeros([BLOCK_K, PO], ACC)
-            for i0 in range(0, C, BLOCK_K):
-                ci = i0 + kk
-                cim = ci < C
-                w = tl.load(w3_ptr + co[:, None] * C + ci[None, :], mask=com[:, None] & cim[None, :], other=0.0)
-                sv = tl.load(s_scr + ci[:, None] * PO + po[None, :], mask=cim[:, None], other=0.0)
-                acc = tl.dot(w.to(DOT_DTYPE), sv.to(DOT_DTYPE), acc, input_precision=DOT_PREC)
+            acc = _mix(w3_ptr, s_scr, PO, po, vpix, co, com, C, False, BLOCK_K, PO, ACC, DOT_DTYPE, DOT_PREC)
             bias = tl.load(b3_ptr + co, mask=com, other=0.0).to(ACC)
             uv = _load_img(u_ptr, ub, co.to(tl.int64) * sC, com, y, x, vpix, H, W, sH, sW, ACC)
             res = (acc + bias[:, None]) * uv
@@ -221,7 +244,6 @@ def _msca_bwd_mix_kernel(u_ptr, g_ptr, w0_ptr, b0_ptr, ws_ptr, bs_ptr, w3_ptr, b
     """Per tile: S = s, DATT = g*u, DUG = g*att, DS = w3^T DATT; fp32 (B, C, H, W) contiguous outputs."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    lc = tl.arange(0, BLOCK_C)
     a_scr = scr_ptr + pid.to(tl.int64) * (BLOCK_C * (PA + 3 * PH))
     h_scr = a_scr + BLOCK_C * PA
     po = tl.arange(0, PO)
@@ -235,27 +257,12 @@ def _msca_bwd_mix_kernel(u_ptr, g_ptr, w0_ptr, b0_ptr, ws_ptr, bs_ptr, w3_ptr, b
         x = x0 + po % TW
         vpix = (po < TH * TW) & (y < H) & (x < W)
         fpix = y.to(tl.int64) * W + x
-        for c0 in range(0, C, BLOCK_C):
-            c_idx = c0 + lc
-            cmask = c_idx < C
-            _stage_a_h(u_ptr, ub, c_idx, cmask, lc, w0_ptr, b0_ptr, ws_ptr, bs_ptr, a_scr, h_scr,
-                       y0, x0, H, W, sC, sH, sW, TH, TW, PA, PH, BLOCK_C, ACC)
-            tl.debug_barrier()
-            s = _stage_s(a_scr, h_scr, ws_ptr, bs_ptr, c_idx, cmask, lc, TH, TW, PA, PH, PO, BLOCK_C, ACC)
-            tl.store(s_ptr + fb + c_idx.to(tl.int64)[:, None] * HW + fpix[None, :], s,
-                     mask=cmask[:, None] & vpix[None, :])
-            tl.debug_barrier()
+        _phase_s(u_ptr, ub, w0_ptr, b0_ptr, ws_ptr, bs_ptr, a_scr, h_scr, s_ptr + fb, HW, fpix, vpix,
+                 C, y0, x0, H, W, sC, sH, sW, TH, TW, PA, PH, PO, BLOCK_C, ACC)
         for o0 in range(0, C, BLOCK_K):
             co = o0 + kk
             com = co < C
-            acc = tl.zeros([BLOCK_K, PO], ACC)
-            for i0 in range(0, C, BLOCK_K):
-                ci = i0 + kk
-                cim = ci < C
-                w = tl.load(w3_ptr + co[:, None] * C + ci[None, :], mask=com[:, None] & cim[None, :], other=0.0)
-                sv = tl.load(s_ptr + fb + ci.to(tl.int64)[:, None] * HW + fpix[None, :],
-                             mask=cim[:, None] & vpix[None, :], other=0.0)
-                acc = tl.dot(w.to(DOT_DTYPE), sv.to(DOT_DTYPE), acc, input_precision=DOT_PREC)
+            acc = _mix(w3_ptr, s_ptr + fb, HW, fpix, vpix, co, com, C, False, BLOCK_K, PO, ACC, DOT_DTYPE, DOT_PREC)
             att = acc + tl.load(b3_ptr + co, mask=com, other=0.0).to(ACC)[:, None]
             uv = _load_img(u_ptr, ub, co.to(tl.int64) * sC, com, y, x, vpix, H, W, sH, sW, ACC)
             gv = _load_img(g_ptr, b.to(tl.int64) * gB, co.to(tl.int64) * gC, com, y, x, vpix, H, W, gH, gW, ACC)
@@ -267,14 +274,7 @@ def _msca_bwd_mix_kernel(u_ptr, g_ptr, w0_ptr, b0_ptr, ws_ptr, bs_ptr, w3_ptr, b
         for i0 in range(0, C, BLOCK_K):
             ci = i0 + kk
             cim = ci < C
-            acc = tl.zeros([BLOCK_K, PO], ACC)
-            for o0 in range(0, C, BLOCK_K):
-                co = o0 + kk
-                com = co < C
-                wt = tl.load(w3_ptr + co[None, :] * C + ci[:, None], mask=cim[:, None] & com[None, :], other=0.0)
-                dv = tl.load(datt_ptr + fb + co.to(tl.int64)[:, None] * HW + fpix[None, :],
-                             mask=com[:, None] & vpix[None, :], other=0.0)
-                acc = tl.dot(wt.to(DOT_DTYPE), dv.to(DOT_DTYPE), acc, input_precision=DOT_PREC)
+            acc = _mix(w3_ptr, datt_ptr + fb, HW, fpix, vpix, ci, cim, C, True, BLOCK_K, PO, ACC, DOT_DTYPE, DOT_PREC)
             tl.store(ds_ptr + fb + ci.to(tl.int64)[:, None] * HW + fpix[None, :], acc,
                      mask=cim[:, None] & vpix[None, :])
         tl.debug_barrier()
