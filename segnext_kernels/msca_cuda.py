@@ -35,7 +35,7 @@ import torch
 __all__ = ["cuda_status", "load_extension", "msca_forward", "msca_backward", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-BUILD_HINT = ("build it on a machine with a CUDA GPU and nvcc: SEGNEXT_KERNELS_FORCE_BUILD=1 pip install "
+BUILD_HINT = ("Build it on a machine with a CUDA GPU and nvcc: SEGNEXT_KERNELS_FORCE_BUILD=1 pip install "
               "--no-build-isolation -e .")
 _SRC_DIR = Path(__file__).resolve().parent.parent / "csrc"
 _SOURCES = ("msca_fwd.cu", "msca_bwd.cu", "binding.cpp")
@@ -107,7 +107,7 @@ def _jit_build():
     build_dir = _build_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
     log = build_dir / "build_error.log"
-    flags = ["-O3", "-std=c++17"]
+    flags = ["-O3"]  # torch adds the C++ standard its headers need (C++17 or C++20)
     nvcc_threads = os.environ.get("NVCC_THREADS")
     cuda_flags = flags + ["-lineinfo"] + ([f"--threads={int(nvcc_threads)}"] if nvcc_threads else [])
     try:

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# One-shot check of the CUDA MSCA backend on a GPU machine (no network needed). Run from the repository root:
+#
+#     bash bench/gpu_check.sh
+#
+# 1. builds segnext_kernels._C in place (SEGNEXT_KERNELS_FORCE_BUILD=1 python3 setup.py build_ext --inplace) for the
+#    local GPU's architecture (override with TORCH_CUDA_ARCH_LIST),
+# 2. prints the ptxas report (registers / spills / stack, sm_80 and sm_90) of every kernel,
+# 3. runs the CUDA backend's GPU tests, then the rest of the suite (python3 -m pytest tests -x -q),
+# 4. runs the quick MSCA benchmark (bench/msca_quick.py: bf16, SegNeXt stage shapes; cuda, triton, eager NCHW,
+#    eager channels_last, torch.compile),
+# and writes everything to bench/results/ (log, build log, junit xml, CSV), copied to $OUT after every step when $OUT
+# is set. Each step's time limit shrinks to keep the whole script under GPU_CHECK_SECONDS (default 560 s); a failing
+# step is reported and the next one still runs. Order: build, ptxas, cuda tests, rest of the suite, benchmark.
+set -u
+cd "$(dirname "$0")/.."
+RES=bench/results
+mkdir -p "$RES"
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+LOG="$RES/gpu_check_$STAMP.log"
+exec > >(tee -a "$LOG") 2>&1
+T0=$(date +%s)
+DEADLINE=$(( T0 + ${GPU_CHECK_SECONDS:-560} ))   # the device tool allows 600 s per call
+step() { echo; echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
+STATUS=0
+fail() { echo "!!! $1 failed (exit $2)"; STATUS=1; }
+# cap LIMIT RESERVE: LIMIT seconds, or less so that RESERVE seconds stay for the later steps (at least 20)
+cap() { local c=$1 l=$(( DEADLINE - $(date +%s) - $2 )); [ $l -lt $c ] && c=$l; [ $c -lt 20 ] && c=20; echo $c; }
+# copy the results so far to $OUT (if set): a call cut short still returns what it has
+save() {
+  [ -n "${OUT:-}" ] || return 0
+  mkdir -p "$OUT"
+  for f in "$LOG" "$RES/build_$STAMP.log" "$RES/pytest_cuda_$STAMP.xml" $(ls -t "$RES"/msca_quick_*.csv 2>/dev/null | head -1); do
+    [ -f "$f" ] && cp "$f" "$OUT/" 2>/dev/null
+  done
+  return 0
+}
+
+step "environment"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+python3 - <<'EOF' || true
+import torch, sys
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| CUDA", torch.version.cuda,
+      "| device", torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+      "| capability", torch.cuda.get_device_capability() if torch.cuda.is_available() else None)
+try:
+    import triton; print("triton", triton.__version__)
+except Exception as e:
+    print("triton: not importable:", e)
+EOF
+git rev-parse --short HEAD 2>/dev/null || echo "(no git commit)"
+nvcc --version | tail -2 || echo "nvcc not on PATH"
+
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  TORCH_CUDA_ARCH_LIST=$(python3 -c "import torch; m,n=torch.cuda.get_device_capability(); print(f'{m}.{n}')" 2>/dev/null || echo "9.0")
+fi
+export TORCH_CUDA_ARCH_LIST
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export NVCC_THREADS=${NVCC_THREADS:-2}
+
+step "build segnext_kernels._C in place (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
+BUILD_START=$(date +%s)
+SEGNEXT_KERNELS_FORCE_BUILD=1 timeout "$(cap 300 240)" python3 setup.py build_ext --inplace > "$RES/build_$STAMP.log" 2>&1
+rc=$?
+tail -n 25 "$RES/build_$STAMP.log"
+echo "build: exit $rc after $(( $(date +%s) - BUILD_START )) s (full log: $RES/build_$STAMP.log)"
+if [ $rc -ne 0 ]; then fail "build" $rc; fi
+ls segnext_kernels/_C*.so 2>/dev/null || echo "no segnext_kernels/_C*.so (the tests will try a JIT build)"
+save
+
+step "ptxas report (nvcc -Xptxas -v, sm_80 and sm_90)"
+timeout "$(cap 90 220)" python3 tests/test_cuda_compile.py || fail "ptxas report" $?
+
+step "GPU tests of the cuda backend"
+timeout "$(cap 240 130)" python3 -m pytest tests/test_msca_cuda.py -q -rs -p no:cacheprovider \
+  --junitxml="$RES/pytest_cuda_$STAMP.xml" || fail "cuda backend tests" $?
+save
+
+step "whole test suite (python3 -m pytest tests -x -q)"
+timeout "$(cap 150 100)" python3 -m pytest tests -x -q -p no:cacheprovider --deselect tests/test_msca_cuda.py \
+  || fail "test suite" $?
+save
+
+step "quick benchmark (bf16)"
+LEFT=$(( DEADLINE - $(date +%s) ))
+BUDGET=$(( LEFT - 45 )); [ $BUDGET -lt 20 ] && BUDGET=20
+timeout "$(( BUDGET + 35 ))" python3 bench/msca_quick.py --out "$RES" --budget-s "$BUDGET" || fail "benchmark" $?
+
+step "done (status $STATUS)"
+save
+exit $STATUS

@@ -1,0 +1,257 @@
+// PyTorch binding of the hand-written CUDA MSCA kernels: the only file that includes <torch/extension.h>.
+//
+// Registers the custom ops
+//   segnext::msca_forward(Tensor u, Tensor w0, Tensor b0, Tensor ws, Tensor bs, Tensor w3, Tensor b3) -> Tensor
+//   segnext::msca_backward(Tensor grad_out, Tensor u, Tensor w0, Tensor b0, Tensor ws, Tensor bs, Tensor w3,
+//                          Tensor b3, bool[7] needs_input_grad) -> (Tensor x 7)
+// with CUDA kernels. Their fake (meta) implementations live in Python (segnext_kernels/msca_cuda.py, registered as
+// soon as this library is loaded through that module; set_python_module below tells torch where to find them).
+//
+// Environment knobs read at every call (cheap getenv):
+//   SEGNEXT_MSCA_CUDA_TILE / SEGNEXT_MSCA_CUDA_TILE_BWD  force a tile configuration (0..4, see msca_fwd.cu)
+//   SEGNEXT_MSCA_CUDA_POISON=1                           fill outputs and workspace with NaN before the launch (tests)
+//   SEGNEXT_MSCA_CUDA_CL_DIRECT=1                        channels_last u: tile loads read u in place (no NCHW copy)
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+
+#include <array>
+#include <cstdlib>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "msca_params.h"
+
+namespace {
+
+int env_int(const char* name, int dflt) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return dflt;
+  return std::atoi(v);
+}
+
+bool poison_enabled() { return env_int("SEGNEXT_MSCA_CUDA_POISON", 0) != 0; }
+
+void poison(at::Tensor& t) {
+  if (t.numel() == 0) return;
+  if (t.scalar_type() == at::kByte) t.fill_(255);  // 0xFF bytes are NaN in fp32/fp16/bf16
+  else t.fill_(std::numeric_limits<double>::quiet_NaN());
+}
+
+int dtype_code(const at::Tensor& u) {
+  switch (u.scalar_type()) {
+    case at::kFloat: return MSCA_F32;
+    case at::kHalf: return MSCA_F16;
+    case at::kBFloat16: return MSCA_BF16;
+    default:
+      TORCH_CHECK(false, "u: the cuda MSCA backend supports float32, float16 and bfloat16, got ", u.scalar_type(),
+                  " (use backend='triton' or 'reference' for other dtypes)");
+  }
+  return -1;
+}
+
+void check_u(const at::Tensor& u) {
+  TORCH_CHECK(u.is_cuda(), "u: expected a CUDA tensor, got one on ", u.device());
+  TORCH_CHECK(u.dim() == 4, "u: expected a 4-D tensor (B, C, H, W), got shape ", u.sizes());
+  TORCH_CHECK(u.size(1) >= 1, "u: expected C >= 1 channels, got shape ", u.sizes());
+  dtype_code(u);
+}
+
+void check_param(const at::Tensor& t, const char* name, at::IntArrayRef shape, const at::Tensor& u) {
+  TORCH_CHECK(t.device() == u.device(), name, ": expected a tensor on ", u.device(), " (the device of u), got ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, ": expected float32 packed weights, got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor");
+}
+
+void check_params(const at::Tensor& u, const at::Tensor& w0, const at::Tensor& b0, const at::Tensor& ws,
+                  const at::Tensor& bs, const at::Tensor& w3, const at::Tensor& b3) {
+  const int64_t C = u.size(1);
+  check_param(w0, "w0", {C, 25}, u);
+  check_param(b0, "b0", {C}, u);
+  check_param(ws, "ws", {C, 78}, u);
+  check_param(bs, "bs", {C, 6}, u);
+  check_param(w3, "w3", {C, C}, u);
+  check_param(b3, "b3", {C}, u);
+}
+
+int smem_limit_of_current_device() {
+  int dev = 0, bytes = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  return bytes;
+}
+
+// channels_last u: the depthwise tile loads read an NCHW copy (coalesced; one extra read+write of u) unless
+// SEGNEXT_MSCA_CUDA_CL_DIRECT=1, in which case they read u in place (each 32-byte sector then reaches the SM several
+// times, once per channel group). Measure both with bench/msca_quick.py.
+bool use_nchw_copy(const at::Tensor& u) {
+  return u.size(1) > 1 && !u.is_contiguous() && u.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+         env_int("SEGNEXT_MSCA_CUDA_CL_DIRECT", 0) == 0;
+}
+
+void check_launch(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  TORCH_CHECK(err == cudaSuccess, what, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+at::Tensor msca_forward_cuda(const at::Tensor& u, const at::Tensor& w0, const at::Tensor& b0, const at::Tensor& ws,
+                             const at::Tensor& bs, const at::Tensor& w3, const at::Tensor& b3) {
+  check_u(u);
+  check_params(u, w0, b0, ws, bs, w3, b3);
+  const c10::cuda::CUDAGuard guard(u.device());
+  at::Tensor out = at::empty_like(u);  // u's memory format when u is dense, else contiguous
+  const bool do_poison = poison_enabled();
+  if (do_poison) poison(out);
+  if (out.numel() == 0) return out;
+
+  const at::Tensor u_dw = use_nchw_copy(u) ? u.contiguous() : u;
+  MscaFwdParams p{};
+  p.u = u.data_ptr();
+  p.u_dw = u_dw.data_ptr();
+  p.udw_sB = u_dw.stride(0); p.udw_sC = u_dw.stride(1); p.udw_sH = u_dw.stride(2); p.udw_sW = u_dw.stride(3);
+  p.out = out.data_ptr();
+  p.w0 = w0.data_ptr<float>(); p.b0 = b0.data_ptr<float>();
+  p.ws = ws.data_ptr<float>(); p.bs = bs.data_ptr<float>();
+  p.w3 = w3.data_ptr<float>(); p.b3 = b3.data_ptr<float>();
+  p.B = u.size(0); p.C = u.size(1); p.H = u.size(2); p.W = u.size(3);
+  p.u_sB = u.stride(0); p.u_sC = u.stride(1); p.u_sH = u.stride(2); p.u_sW = u.stride(3);
+  p.o_sB = out.stride(0); p.o_sC = out.stride(1); p.o_sH = out.stride(2); p.o_sW = out.stride(3);
+  p.dtype = dtype_code(u);
+  p.allow_tf32 = at::globalContext().allowTF32CuBLAS() ? 1 : 0;  // torch.backends.cuda.matmul.allow_tf32
+  p.tile_cfg = env_int("SEGNEXT_MSCA_CUDA_TILE", -1);
+  p.smem_limit = smem_limit_of_current_device();
+
+  const MscaFwdPlan plan = msca_fwd_plan(p);
+  TORCH_CHECK(plan.ok, "msca_forward (cuda backend): ", plan.error);
+  at::Tensor workspace = at::empty({(int64_t)plan.workspace_bytes}, u.options().dtype(at::kByte));
+  if (do_poison) poison(workspace);
+  p.workspace = workspace.data_ptr();
+  try {
+    msca_fwd_launch(p, c10::cuda::getCurrentCUDAStream().stream());
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "msca_forward (cuda backend): ", e.what());
+  }
+  check_launch("msca_forward");
+  return out;
+}
+
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Grads msca_backward_cuda(const at::Tensor& grad_out, const at::Tensor& u, const at::Tensor& w0, const at::Tensor& b0,
+                         const at::Tensor& ws, const at::Tensor& bs, const at::Tensor& w3, const at::Tensor& b3,
+                         std::array<bool, 7> needs) {
+  check_u(u);
+  check_params(u, w0, b0, ws, bs, w3, b3);
+  TORCH_CHECK(grad_out.device() == u.device(), "grad_out: expected a tensor on ", u.device(), ", got ",
+              grad_out.device());
+  TORCH_CHECK(grad_out.scalar_type() == u.scalar_type(), "grad_out: expected dtype ", u.scalar_type(),
+              " (the dtype of u), got ", grad_out.scalar_type());
+  TORCH_CHECK(grad_out.sizes() == u.sizes(), "grad_out: expected shape ", u.sizes(), ", got ", grad_out.sizes());
+  const c10::cuda::CUDAGuard guard(u.device());
+  const int64_t C = u.size(1);
+  const bool need_du = needs[0];
+  const bool need_dwdw = needs[1] || needs[2] || needs[3] || needs[4];
+  const bool need_w3 = needs[5] || needs[6];
+  const bool empty = u.numel() == 0;
+  const bool do_poison = poison_enabled();
+  auto fopt = u.options().dtype(at::kFloat);
+  // Gradients of a group that is not needed come back as empty tensors (the Python wrapper returns None for them).
+  auto wgrad = [&](bool need, at::IntArrayRef shape) {
+    if (!need) return at::empty({0}, fopt);
+    at::Tensor t = empty ? at::zeros(shape, fopt) : at::empty(shape, fopt);
+    if (do_poison && !empty) poison(t);
+    return t;
+  };
+  at::Tensor du = need_du ? at::empty_like(u) : at::empty({0}, u.options());
+  if (do_poison && need_du) poison(du);
+  at::Tensor dw0 = wgrad(need_dwdw, {C, 25}), db0 = wgrad(need_dwdw, {C});
+  at::Tensor dws = wgrad(need_dwdw, {C, 78}), dbs = wgrad(need_dwdw, {C, 6});
+  at::Tensor dw3 = wgrad(need_w3, {C, C}), db3 = wgrad(need_w3, {C});
+  if (empty || !(need_du || need_dwdw || need_w3)) return Grads(du, dw0, db0, dws, dbs, dw3, db3);
+
+  const bool nchw_copy = use_nchw_copy(u);
+  const at::Tensor u_dw = nchw_copy ? u.contiguous() : u;
+  // with the NCHW copy, du is accumulated in an NCHW buffer too (the depthwise kernel's read-modify-write of du is
+  // per channel) and copied into du's memory format at the end
+  at::Tensor du_k = (need_du && nchw_copy) ? at::empty(u.sizes(), u.options()) : du;
+  if (do_poison && need_du && nchw_copy) poison(du_k);
+  MscaBwdParams p{};
+  p.g = grad_out.data_ptr();
+  p.u = u.data_ptr();
+  p.u_dw = u_dw.data_ptr();
+  p.udw_sB = u_dw.stride(0); p.udw_sC = u_dw.stride(1); p.udw_sH = u_dw.stride(2); p.udw_sW = u_dw.stride(3);
+  p.w0 = w0.data_ptr<float>(); p.b0 = b0.data_ptr<float>();
+  p.ws = ws.data_ptr<float>(); p.bs = bs.data_ptr<float>();
+  p.w3 = w3.data_ptr<float>(); p.b3 = b3.data_ptr<float>();
+  p.du = need_du ? du_k.data_ptr() : nullptr;
+  p.dw0 = need_dwdw ? dw0.data_ptr<float>() : nullptr;
+  p.db0 = need_dwdw ? db0.data_ptr<float>() : nullptr;
+  p.dws = need_dwdw ? dws.data_ptr<float>() : nullptr;
+  p.dbs = need_dwdw ? dbs.data_ptr<float>() : nullptr;
+  p.dw3 = need_w3 ? dw3.data_ptr<float>() : nullptr;
+  p.db3 = need_w3 ? db3.data_ptr<float>() : nullptr;
+  p.B = u.size(0); p.C = C; p.H = u.size(2); p.W = u.size(3);
+  p.u_sB = u.stride(0); p.u_sC = u.stride(1); p.u_sH = u.stride(2); p.u_sW = u.stride(3);
+  p.g_sB = grad_out.stride(0); p.g_sC = grad_out.stride(1); p.g_sH = grad_out.stride(2); p.g_sW = grad_out.stride(3);
+  if (need_du) {
+    p.du_sB = du_k.stride(0); p.du_sC = du_k.stride(1); p.du_sH = du_k.stride(2); p.du_sW = du_k.stride(3);
+  }
+  p.dtype = dtype_code(u);
+  p.allow_tf32 = at::globalContext().allowTF32CuBLAS() ? 1 : 0;
+  p.deterministic = at::globalContext().deterministicAlgorithms() ? 1 : 0;
+  p.need_du = need_du; p.need_dwdw = need_dwdw; p.need_w3 = need_w3;
+  p.tile_cfg = env_int("SEGNEXT_MSCA_CUDA_TILE_BWD", -1);
+  p.smem_limit = smem_limit_of_current_device();
+
+  const MscaBwdPlan plan = msca_bwd_plan(p);
+  TORCH_CHECK(plan.ok, "msca_backward (cuda backend): ", plan.error);
+  at::Tensor workspace = at::empty({(int64_t)plan.workspace_bytes}, u.options().dtype(at::kByte));
+  if (do_poison) poison(workspace);
+  p.workspace = workspace.data_ptr();
+  try {
+    msca_bwd_launch(p, c10::cuda::getCurrentCUDAStream().stream());
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "msca_backward (cuda backend): ", e.what());
+  }
+  check_launch("msca_backward");
+  if (need_du && nchw_copy) du.copy_(du_k);
+  return Grads(du, dw0, db0, dws, dbs, dw3, db3);
+}
+
+// Tile table for tuning scripts: list of (TH, TW, G, RV).
+std::vector<std::vector<int64_t>> tile_table() {
+  std::vector<std::vector<int64_t>> r;
+  const MscaTileCfg* t = msca_tile_table();
+  for (int i = 0; i < MSCA_NUM_TILE_CFGS; ++i) r.push_back({t[i].TH, t[i].TW, t[i].G, t[i].RV});
+  return r;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(segnext, m) {
+  m.set_python_module("segnext_kernels.msca_cuda");
+  m.def("msca_forward(Tensor u, Tensor w0, Tensor b0, Tensor ws, Tensor bs, Tensor w3, Tensor b3) -> Tensor");
+  m.def(
+      "msca_backward(Tensor grad_out, Tensor u, Tensor w0, Tensor b0, Tensor ws, Tensor bs, Tensor w3, Tensor b3, "
+      "bool[7] needs_input_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(segnext, CUDA, m) {
+  m.impl("msca_forward", &msca_forward_cuda);
+  m.impl("msca_backward", &msca_backward_cuda);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "segnext-kernels CUDA extension: registers torch.ops.segnext.msca_forward / msca_backward";
+  m.attr("__version__") = "0.1.0";
+  m.def("tile_table", &tile_table, "Tile configurations (TH, TW, G, RV) of the MSCA kernels, index = tile config");
+}

@@ -1,0 +1,681 @@
+// Device building blocks shared by msca_fwd.cu and msca_bwd.cu: type helpers, tensor-core wrappers (mma.sync,
+// ldmatrix), the depthwise phases on a spatial tile, and the warp-level GEMMs of the 1x1 channel mix.
+//
+// Compiled by nvcc for the GPU, and by g++ with -DMSCA_EMU for the CPU emulation test (tests/emu/cuda_emu.h), which
+// replaces the few inline-PTX wrappers below by emulations with the documented fragment layouts.
+#pragma once
+
+#ifdef MSCA_EMU
+#include "cuda_emu.h"
+#else
+#include <cuda_runtime.h>
+#endif
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#include "msca_params.h"
+
+#ifdef MSCA_EMU
+#define MSCA_DYN_SMEM(name) unsigned char* name = ::emu::dyn_smem()
+#define MSCA_LAUNCH(kernel, grid, block, smem, stream, ...) ::emu::launch(kernel, grid, block, smem, __VA_ARGS__)
+#define MSCA_SET_SMEM_ATTR(kernel, bytes) ((void)0)
+#else
+#define MSCA_DYN_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#define MSCA_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#define MSCA_SET_SMEM_ATTR(kernel, bytes) \
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)(bytes))
+#endif
+
+#define MSCA_DEV __device__ __forceinline__
+
+namespace msca {
+
+// ------------------------------------------------------------------------------------------------------------------
+// Types. T: the tensor dtype. ST: the element type of s / d_att in shared memory (half types stay half, fp32 stays
+// fp32). GEMM mode: 0 = fp16/bf16 m16n8k16 tensor cores, 1 = TF32 m16n8k8 tensor cores, 2 = exact fp32 FMA.
+// ------------------------------------------------------------------------------------------------------------------
+MSCA_DEV float to_f(float x) { return x; }
+MSCA_DEV float to_f(__half x) { return __half2float(x); }
+MSCA_DEV float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> MSCA_DEV T from_f(float x);
+template <> MSCA_DEV float from_f<float>(float x) { return x; }
+template <> MSCA_DEV __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> MSCA_DEV __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+template <typename T> struct IsBF16 { static constexpr bool value = false; };
+template <> struct IsBF16<__nv_bfloat16> { static constexpr bool value = true; };
+
+MSCA_DEV uint32_t f32_to_tf32(float x) {
+#ifdef MSCA_EMU
+  return ::emu::cvt_rna_tf32(x);
+#else
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+#endif
+}
+MSCA_DEV float tf32_round(float x) { return __uint_as_float(f32_to_tf32(x)); }
+
+// Store a float into S / DATT: half types round to nearest even, fp32 rounds to TF32 when the GEMM runs on TF32.
+template <typename ST> MSCA_DEV ST to_st(float x, bool tf32);
+template <> MSCA_DEV float to_st<float>(float x, bool tf32) { return tf32 ? tf32_round(x) : x; }
+template <> MSCA_DEV __half to_st<__half>(float x, bool) { return __float2half_rn(x); }
+template <> MSCA_DEV __nv_bfloat16 to_st<__nv_bfloat16>(float x, bool) { return __float2bfloat16_rn(x); }
+
+template <typename ST> MSCA_DEV ST st_zero();
+template <> MSCA_DEV float st_zero<float>() { return 0.f; }
+template <> MSCA_DEV __half st_zero<__half>() { return __float2half_rn(0.f); }
+template <> MSCA_DEV __nv_bfloat16 st_zero<__nv_bfloat16>() { return __float2bfloat16_rn(0.f); }
+
+MSCA_DEV int lane_id() { return (int)(threadIdx.x & 31); }
+
+// ------------------------------------------------------------------------------------------------------------------
+// Tensor-core wrappers. Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16 / m16n8k8"), g = lane/4,
+// t = lane%4:
+//   m16n8k16 (.f16/.bf16): a[0] = A[g][2t,2t+1], a[1] = A[g+8][2t,2t+1], a[2] = A[g][2t+8,+9], a[3] = A[g+8][2t+8,+9]
+//                          b[0] = B[2t,2t+1][g], b[1] = B[2t+8,+9][g]          (lower k in the lower 16 bits)
+//   m16n8k8 (.tf32):       a[0] = A[g][t], a[1] = A[g+8][t], a[2] = A[g][t+4], a[3] = A[g+8][t+4]
+//                          b[0] = B[t][g], b[1] = B[t+4][g]
+//   D (f32, both):         d[0] = D[g][2t], d[1] = D[g][2t+1], d[2] = D[g+8][2t], d[3] = D[g+8][2t+1]
+// ------------------------------------------------------------------------------------------------------------------
+template <bool BF16>
+MSCA_DEV void mma_16816(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+#ifdef MSCA_EMU
+  ::emu::mma_16816(d, a, b, d, BF16);
+#else
+  if (BF16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#endif
+}
+
+MSCA_DEV void mma_1688_tf32(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+#ifdef MSCA_EMU
+  ::emu::mma_1688_tf32(d, a, b, d);
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// ldmatrix .x4: lane l gives the address of row (l & 7) of 8x8 matrix (l >> 3); r[i] receives matrix i.
+// Without .trans lane (g,t) gets M[g][2t,2t+1]; with .trans it gets M[2t][g], M[2t+1][g].
+template <bool TRANS>
+MSCA_DEV void ldmatrix_x4(uint32_t r[4], const void* row_ptr) {
+#ifdef MSCA_EMU
+  ::emu::ldmatrix_x4(r, row_ptr, TRANS);
+#else
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row_ptr));
+  if (TRANS) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+  }
+#endif
+}
+
+MSCA_DEV float shfl_xor(float v, int m) {
+#ifdef MSCA_EMU
+  return ::emu::shfl_xor(v, m);
+#else
+  return __shfl_xor_sync(0xffffffffu, v, m);
+#endif
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Packed conv3 weight (the A operand of the channel-mix GEMMs), written by prep_w3_kernel, read with one 16-byte
+// load per lane and k-step. A[m][k] = transpose ? w3[k][m] : w3[m][k], zero outside [0,C)^2, padded to CP x CP.
+//   mode 0 (fp16/bf16): uint32 [CP/16 m-tiles][CP/16 k-tiles][32 lanes][4 regs], each reg two halves (see above)
+//   mode 1 (tf32):      float  [CP/16][CP/8][32][4] (rounded to TF32)
+//   mode 2 (fp32 FMA):  float  [CP/16][CP/4][16 rows][4 k]
+// ------------------------------------------------------------------------------------------------------------------
+template <typename HT>
+MSCA_DEV uint32_t pack2(float lo, float hi) {
+  HT l = from_f<HT>(lo), h = from_f<HT>(hi);
+  uint16_t lb, hb;
+  lb = *reinterpret_cast<uint16_t*>(&l);
+  hb = *reinterpret_cast<uint16_t*>(&h);
+  return (uint32_t)lb | ((uint32_t)hb << 16);
+}
+
+template <typename T, int MODE>
+__global__ void __launch_bounds__(256) prep_w3_kernel(const float* __restrict__ w3, int C, int CP, int transpose,
+                                                      void* __restrict__ dst) {
+  const long long total = (long long)CP * CP / (MODE == 0 ? 2 : 1);
+  for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total;
+       e += (long long)gridDim.x * blockDim.x) {
+    auto W = [&](int m, int k) -> float {
+      if (m >= C || k >= C) return 0.f;
+      return transpose ? w3[(long long)k * C + m] : w3[(long long)m * C + k];
+    };
+    if (MODE == 0) {
+      const int r = (int)(e & 3), ln = (int)((e >> 2) & 31);
+      const long long tile = e >> 7;  // mt * KT + kt
+      const int KT = CP / 16;
+      const int mt = (int)(tile / KT), kt = (int)(tile % KT);
+      const int g = ln >> 2, t = ln & 3;
+      const int m = mt * 16 + g + 8 * (r & 1), k = kt * 16 + 2 * t + 8 * (r >> 1);
+      reinterpret_cast<uint32_t*>(dst)[e] = pack2<T>(W(m, k), W(m, k + 1));
+    } else if (MODE == 1) {
+      const int r = (int)(e & 3), ln = (int)((e >> 2) & 31);
+      const long long tile = e >> 7;
+      const int KT = CP / 8;
+      const int mt = (int)(tile / KT), kt = (int)(tile % KT);
+      const int g = ln >> 2, t = ln & 3;
+      const int m = mt * 16 + g + 8 * (r & 1), k = kt * 8 + t + 4 * (r >> 1);
+      reinterpret_cast<float*>(dst)[e] = tf32_round(W(m, k));
+    } else {
+      const int kk = (int)(e & 3), row = (int)((e >> 2) & 15);
+      const long long tile = e >> 6;
+      const int K4 = CP / 4;
+      const int mt = (int)(tile / K4), k4 = (int)(tile % K4);
+      reinterpret_cast<float*>(dst)[e] = W(mt * 16 + row, k4 * 4 + kk);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Warp GEMM: 32 (M) x 32 (N) warp tile, acc[i][j][r] = D fragment r of m-tile i (rows m0+16i..) and n-tile j
+// (cols n0+8j..). Element (i,j,r) sits at row m0 + 16i + g + 8(r>>1), col n0 + 8j + 2t + (r&1).
+// ------------------------------------------------------------------------------------------------------------------
+MSCA_DEV void acc_zero(float acc[2][4][4]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
+}
+
+// D[m][n] += sum_k A[m][k] * B[k][n]; A = packed conv3 weight (global, mode layout above), m-tiles mt0, mt0+1;
+// B in shared memory, row-major [k][n] with row stride ldb elements (k = channel rows of S / DATT, n = pixels).
+template <typename ST, int MODE>
+MSCA_DEV void gemm_packedA_smemKN(float acc[2][4][4], const void* __restrict__ Apack, int mt0, int CP,
+                                  const ST* Bs, int ldb, int n0) {
+  const int lane = lane_id();
+  const int g = lane >> 2, t = lane & 3;
+  if constexpr (MODE == 0) {
+    const int KT = CP / 16;
+    const uint4* A0 = reinterpret_cast<const uint4*>(Apack) + ((size_t)mt0 * KT) * 32 + lane;
+    const uint4* A1 = A0 + (size_t)KT * 32;
+    // ldmatrix.trans row address: matrix mi = lane>>3 covers k-half (mi&1), n-half (mi>>1)
+    const ST* brow = Bs + (size_t)((lane & 7) + ((lane >> 3) & 1) * 8) * ldb + n0 + (lane >> 4) * 8;
+    uint4 a0n = A0[0], a1n = A1[0];
+    for (int kt = 0; kt < KT; ++kt) {
+      const uint32_t a0[4] = {a0n.x, a0n.y, a0n.z, a0n.w};
+      const uint32_t a1[4] = {a1n.x, a1n.y, a1n.z, a1n.w};
+      if (kt + 1 < KT) { a0n = A0[(kt + 1) * 32]; a1n = A1[(kt + 1) * 32]; }
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj) {
+        uint32_t b[4];
+        ldmatrix_x4<true>(b, brow + (size_t)kt * 16 * ldb + jj * 16);
+        const uint32_t b0[2] = {b[0], b[1]};
+        const uint32_t b1[2] = {b[2], b[3]};
+        mma_16816<IsBF16<ST>::value>(acc[0][2 * jj], a0, b0);
+        mma_16816<IsBF16<ST>::value>(acc[0][2 * jj + 1], a0, b1);
+        mma_16816<IsBF16<ST>::value>(acc[1][2 * jj], a1, b0);
+        mma_16816<IsBF16<ST>::value>(acc[1][2 * jj + 1], a1, b1);
+      }
+    }
+  } else if constexpr (MODE == 1) {
+    const int KT = CP / 8;
+    const uint4* A0 = reinterpret_cast<const uint4*>(Apack) + ((size_t)mt0 * KT) * 32 + lane;
+    const uint4* A1 = A0 + (size_t)KT * 32;
+    uint4 a0n = A0[0], a1n = A1[0];
+    for (int kt = 0; kt < KT; ++kt) {
+      const uint32_t a0[4] = {a0n.x, a0n.y, a0n.z, a0n.w};
+      const uint32_t a1[4] = {a1n.x, a1n.y, a1n.z, a1n.w};
+      if (kt + 1 < KT) { a0n = A0[(kt + 1) * 32]; a1n = A1[(kt + 1) * 32]; }
+      const float* b_lo = reinterpret_cast<const float*>(Bs) + (size_t)(kt * 8 + t) * ldb + n0 + g;
+      const float* b_hi = b_lo + (size_t)4 * ldb;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint32_t b[2] = {__float_as_uint(b_lo[8 * j]), __float_as_uint(b_hi[8 * j])};
+        mma_1688_tf32(acc[0][j], a0, b);
+        mma_1688_tf32(acc[1][j], a1, b);
+      }
+    }
+  } else {
+    const int K4 = CP / 4;
+    const float4* A0 = reinterpret_cast<const float4*>(Apack) + (size_t)mt0 * K4 * 16;
+    const float4* A1 = A0 + (size_t)K4 * 16;
+    const float* bcol = reinterpret_cast<const float*>(Bs) + n0 + 2 * t;
+    for (int k4 = 0; k4 < K4; ++k4) {
+      const float4 a0l = A0[k4 * 16 + g], a0h = A0[k4 * 16 + g + 8];
+      const float4 a1l = A1[k4 * 16 + g], a1h = A1[k4 * 16 + g + 8];
+      const float a0lo[4] = {a0l.x, a0l.y, a0l.z, a0l.w}, a0hi[4] = {a0h.x, a0h.y, a0h.z, a0h.w};
+      const float a1lo[4] = {a1l.x, a1l.y, a1l.z, a1l.w}, a1hi[4] = {a1h.x, a1h.y, a1h.z, a1h.w};
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        const float* brow = bcol + (size_t)(k4 * 4 + kk) * ldb;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float2 b = *reinterpret_cast<const float2*>(brow + 8 * j);
+          acc[0][j][0] = fmaf(a0lo[kk], b.x, acc[0][j][0]);
+          acc[0][j][1] = fmaf(a0lo[kk], b.y, acc[0][j][1]);
+          acc[0][j][2] = fmaf(a0hi[kk], b.x, acc[0][j][2]);
+          acc[0][j][3] = fmaf(a0hi[kk], b.y, acc[0][j][3]);
+          acc[1][j][0] = fmaf(a1lo[kk], b.x, acc[1][j][0]);
+          acc[1][j][1] = fmaf(a1lo[kk], b.y, acc[1][j][1]);
+          acc[1][j][2] = fmaf(a1hi[kk], b.x, acc[1][j][2]);
+          acc[1][j][3] = fmaf(a1hi[kk], b.y, acc[1][j][3]);
+        }
+      }
+    }
+  }
+}
+
+// D[m][n] += sum_k A[m][k] * B[n][k]; both operands in shared memory with k contiguous: A rows m (row stride lda),
+// B rows n (row stride ldb); K a multiple of 32. Used for dw3 = d_att x s^T (k = pixels).
+template <typename ST, int MODE>
+MSCA_DEV void gemm_smemMK_smemNK(float acc[2][4][4], const ST* As, int lda, int m0, const ST* Bs, int ldb, int n0,
+                                 int K) {
+  const int lane = lane_id();
+  const int g = lane >> 2, t = lane & 3;
+  if constexpr (MODE == 0) {
+    // A matrices: mi = lane>>3 -> m-half (mi&1), k-half (mi>>1) = a[0..3]
+    const ST* arow = As + (size_t)(m0 + (lane & 7) + ((lane >> 3) & 1) * 8) * lda + (lane >> 4) * 8;
+    // B matrices: mi -> n-half (mi>>1), k-half (mi&1) = {b0, b1} of n-tile 2jj, {b0, b1} of n-tile 2jj+1
+    const ST* brow = Bs + (size_t)(n0 + (lane & 7) + (lane >> 4) * 8) * ldb + ((lane >> 3) & 1) * 8;
+    for (int k0 = 0; k0 < K; k0 += 16) {
+      uint32_t a0[4], a1[4];
+      ldmatrix_x4<false>(a0, arow + k0);
+      ldmatrix_x4<false>(a1, arow + (size_t)16 * lda + k0);
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj) {
+        uint32_t b[4];
+        ldmatrix_x4<false>(b, brow + (size_t)jj * 16 * ldb + k0);
+        const uint32_t b0[2] = {b[0], b[1]};
+        const uint32_t b1[2] = {b[2], b[3]};
+        mma_16816<IsBF16<ST>::value>(acc[0][2 * jj], a0, b0);
+        mma_16816<IsBF16<ST>::value>(acc[0][2 * jj + 1], a0, b1);
+        mma_16816<IsBF16<ST>::value>(acc[1][2 * jj], a1, b0);
+        mma_16816<IsBF16<ST>::value>(acc[1][2 * jj + 1], a1, b1);
+      }
+    }
+  } else if constexpr (MODE == 1) {
+    const float* A = reinterpret_cast<const float*>(As);
+    const float* B = reinterpret_cast<const float*>(Bs);
+    for (int k0 = 0; k0 < K; k0 += 8) {
+      uint32_t a[2][4];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const float* r0 = A + (size_t)(m0 + 16 * i + g) * lda + k0 + t;
+        const float* r1 = r0 + (size_t)8 * lda;
+        a[i][0] = __float_as_uint(r0[0]);
+        a[i][1] = __float_as_uint(r1[0]);
+        a[i][2] = __float_as_uint(r0[4]);
+        a[i][3] = __float_as_uint(r1[4]);
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float* br = B + (size_t)(n0 + 8 * j + g) * ldb + k0 + t;
+        const uint32_t b[2] = {__float_as_uint(br[0]), __float_as_uint(br[4])};
+        mma_1688_tf32(acc[0][j], a[0], b);
+        mma_1688_tf32(acc[1][j], a[1], b);
+      }
+    }
+  } else {
+    const float* A = reinterpret_cast<const float*>(As);
+    const float* B = reinterpret_cast<const float*>(Bs);
+    for (int k0 = 0; k0 < K; k0 += 4) {
+      float4 a[2][2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          a[i][h] = *reinterpret_cast<const float4*>(A + (size_t)(m0 + 16 * i + g + 8 * h) * lda + k0);
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float4 b = *reinterpret_cast<const float4*>(B + (size_t)(n0 + 8 * j + 2 * t + e) * ldb + k0);
+#pragma unroll
+          for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              float s = acc[i][j][2 * h + e];
+              s = fmaf(a[i][h].x, b.x, s);
+              s = fmaf(a[i][h].y, b.y, s);
+              s = fmaf(a[i][h].z, b.z, s);
+              s = fmaf(a[i][h].w, b.w, s);
+              acc[i][j][2 * h + e] = s;
+            }
+        }
+    }
+  }
+}
+
+// Warp "transpose" reduction of N = 16 or 32 per-lane values over the 32 lanes in 31 shuffles: afterwards lane L
+// holds the warp total of value index L % N. The summation order is fixed (deterministic).
+template <int W, int N>
+MSCA_DEV void tr_step(float (&v)[N], int lane) {
+  const bool up = (lane & W) != 0;
+#pragma unroll
+  for (int i = 0; i < W; ++i) {
+    const float send = up ? v[i] : v[i + W];
+    const float keep = up ? v[i + W] : v[i];
+    v[i] = keep + shfl_xor(send, W);
+  }
+}
+
+template <int N>
+MSCA_DEV float warp_transpose_reduce(float (&v)[N]) {
+  static_assert(N == 16 || N == 32, "N must be 16 or 32");
+  const int lane = lane_id();
+  if constexpr (N == 32) {
+    tr_step<16>(v, lane);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 16; ++i) v[i] += shfl_xor(v[i], 16);
+  }
+  tr_step<8>(v, lane);
+  tr_step<4>(v, lane);
+  tr_step<2>(v, lane);
+  tr_step<1>(v, lane);
+  return v[0];
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Depthwise phases on one spatial tile. The CTA processes G channels at a time; thread tid works on channel
+// gi = tid / NTC of the group with index tc = tid % NTC inside it (NTC is a multiple of 32, so each warp stays on one
+// channel and loads that channel's weights into registers once per phase).
+// ------------------------------------------------------------------------------------------------------------------
+struct TileCtx {
+  int b;           // image
+  int y0, x0;      // tile origin (pixels)
+  int H, W, C;
+};
+
+// Load a (TH+24) x (TW+24) tile (origin -12,-12) of channels [cbase, cbase+G) of one image of a dtype-T tensor into
+// the channel work areas at float offset `dst_off`; zero outside the image and for channels >= C.
+// src: pointer to the image (already offset by b * sB). Channels-last tensors (sC == 1) map consecutive threads to
+// consecutive channels for coalescing, others to consecutive columns.
+template <typename T>
+MSCA_DEV void load_tile_group(float* work, const MscaGeom& gm, int dst_off, const T* __restrict__ src, int64_t sC,
+                              int64_t sH, int64_t sW, int cbase, const TileCtx& tc) {
+  const int tid = threadIdx.x;
+  const int UH = gm.UH, UW = gm.UW;
+  const int n = UH * UW;
+  if (sC == 1 && tc.C > 1) {
+    for (int idx = tid; idx < gm.G * n; idx += MSCA_NT) {
+      const int gi = idx % gm.G, pix = idx / gm.G;
+      const int r = pix / UW, col = pix - r * UW;
+      const int c = cbase + gi, yy = tc.y0 - 12 + r, xx = tc.x0 - 12 + col;
+      float v = 0.f;
+      if (c < tc.C && (unsigned)yy < (unsigned)tc.H && (unsigned)xx < (unsigned)tc.W)
+        v = to_f(src[(int64_t)c * sC + (int64_t)yy * sH + (int64_t)xx * sW]);
+      work[gi * gm.ch_floats + dst_off + pix] = v;
+    }
+  } else {
+    const int gi = tid / gm.NTC, t = tid % gm.NTC;
+    const int c = cbase + gi;
+    const bool cv = c < tc.C;
+    const T* s = src + (int64_t)(cv ? c : 0) * sC;
+    float* d = work + gi * gm.ch_floats + dst_off;
+    for (int pix = t; pix < n; pix += gm.NTC) {
+      const int r = pix / UW, col = pix - r * UW;
+      const int yy = tc.y0 - 12 + r, xx = tc.x0 - 12 + col;
+      float v = 0.f;
+      if (cv && (unsigned)yy < (unsigned)tc.H && (unsigned)xx < (unsigned)tc.W)
+        v = to_f(s[(int64_t)yy * sH + (int64_t)xx * sW]);
+      d[pix] = v;
+    }
+  }
+}
+
+// a = conv5x5(u) + b0 on rows/cols [-10, T+10) of the tile; zero outside the image. Items: 2 rows x 4 cols.
+MSCA_DEV void phase_a(const float* U, float* A, const MscaGeom& gm, const float* __restrict__ w0,
+                      const float* __restrict__ b0, int c, bool cv, int t, const TileCtx& tc) {
+  float w[25];
+#pragma unroll
+  for (int i = 0; i < 25; ++i) w[i] = cv ? w0[(int64_t)c * 25 + i] : 0.f;
+  const float bias = cv ? b0[c] : 0.f;
+  const int nq = gm.AW >> 2;
+  const int nitems = (gm.AH >> 1) * nq;
+  const int UW = gm.UW, AW = gm.AW;
+  for (int it = t; it < nitems; it += gm.NTC) {
+    const int ar = (it / nq) * 2, ac = (it % nq) * 4;
+    float acc[2][4];
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[r][e] = 0.f;
+#pragma unroll
+    for (int ir = 0; ir < 6; ++ir) {
+      const float4* row = reinterpret_cast<const float4*>(U + (ar + ir) * UW + ac);
+      const float4 v0 = row[0], v1 = row[1];
+      const float in[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int dy = ir - r;
+        if (dy < 0 || dy > 4) continue;
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+#pragma unroll
+          for (int dx = 0; dx < 5; ++dx) acc[r][e] = fmaf(w[dy * 5 + dx], in[e + dx], acc[r][e]);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int y = tc.y0 - 10 + ar + r;
+      const bool rin = (unsigned)y < (unsigned)tc.H;
+      float o[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int x = tc.x0 - 10 + ac + e;
+        o[e] = (rin && (unsigned)x < (unsigned)tc.W) ? acc[r][e] + bias : 0.f;
+      }
+      *reinterpret_cast<float4*>(A + (ar + r) * AW + ac) = make_float4(o[0], o[1], o[2], o[3]);
+    }
+  }
+}
+
+// The three horizontal strips on tile cols [0, TW): h21 on rows [-10, TH+10), h11 on [-5, TH+5), h7 on [-3, TH+3);
+// zero outside the image. Item: one row of a, 4 output columns; the 24 a values loaded serve all three strips.
+MSCA_DEV void phase_h(const float* A, float* H21, float* H11, float* H7, const MscaGeom& gm,
+                      const float* __restrict__ ws, const float* __restrict__ bs, int c, bool cv, int t,
+                      const TileCtx& tc) {
+  float w7[7], w11[11], w21[21];
+  const float* wc = ws + (int64_t)(cv ? c : 0) * 78;
+#pragma unroll
+  for (int j = 0; j < 7; ++j) w7[j] = cv ? wc[0 + j] : 0.f;
+#pragma unroll
+  for (int j = 0; j < 11; ++j) w11[j] = cv ? wc[14 + j] : 0.f;
+#pragma unroll
+  for (int j = 0; j < 21; ++j) w21[j] = cv ? wc[36 + j] : 0.f;
+  const float* bc = bs + (int64_t)(cv ? c : 0) * 6;
+  const float bb7 = cv ? bc[0] : 0.f, bb11 = cv ? bc[2] : 0.f, bb21 = cv ? bc[4] : 0.f;
+  const int TH = gm.TH, TW = gm.TW, AW = gm.AW, HS = gm.hs;
+  const int nq = TW >> 2;
+  const int nitems = gm.AH * nq;
+  for (int it = t; it < nitems; it += gm.NTC) {
+    const int ar = it / nq, xc = (it % nq) * 4;
+    const float4* row = reinterpret_cast<const float4*>(A + ar * AW + xc);
+    float a[24];
+#pragma unroll
+    for (int v = 0; v < 6; ++v) {
+      const float4 q = row[v];
+      a[4 * v] = q.x; a[4 * v + 1] = q.y; a[4 * v + 2] = q.z; a[4 * v + 3] = q.w;
+    }
+    const int y = tc.y0 - 10 + ar;
+    const bool rin = (unsigned)y < (unsigned)tc.H;
+    bool in[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) in[e] = rin && (unsigned)(tc.x0 + xc + e) < (unsigned)tc.W;
+    {
+      float o[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float s = bb21;
+#pragma unroll
+        for (int j = 0; j < 21; ++j) s = fmaf(w21[j], a[e + j], s);
+        o[e] = in[e] ? s : 0.f;
+      }
+      *reinterpret_cast<float4*>(H21 + ar * HS + xc) = make_float4(o[0], o[1], o[2], o[3]);
+    }
+    if (ar >= 5 && ar < TH + 15) {
+      float o[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float s = bb11;
+#pragma unroll
+        for (int j = 0; j < 11; ++j) s = fmaf(w11[j], a[e + 5 + j], s);
+        o[e] = in[e] ? s : 0.f;
+      }
+      *reinterpret_cast<float4*>(H11 + (ar - 5) * HS + xc) = make_float4(o[0], o[1], o[2], o[3]);
+    }
+    if (ar >= 7 && ar < TH + 13) {
+      float o[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float s = bb7;
+#pragma unroll
+        for (int j = 0; j < 7; ++j) s = fmaf(w7[j], a[e + 7 + j], s);
+        o[e] = in[e] ? s : 0.f;
+      }
+      *reinterpret_cast<float4*>(H7 + (ar - 7) * HS + xc) = make_float4(o[0], o[1], o[2], o[3]);
+    }
+  }
+}
+
+// s = a + v7 + v11 + v21 on the tile (v_k = vertical k-strip of h_k + bias), written to S[c][p] as ST; zero outside
+// the image. Item: R consecutive rows of one column.
+template <int R, typename ST>
+MSCA_DEV void phase_v_items(const float* A, const float* H21, const float* H11, const float* H7, ST* Srow,
+                            const MscaGeom& gm, const float (&w7)[7], const float (&w11)[11], const float (&w21)[21],
+                            float bsum, int t, const TileCtx& tc, bool tf32) {
+  const int TW = gm.TW, AW = gm.AW, HS = gm.hs;
+  const int nitems = (gm.TH / R) * TW;
+  for (int it = t; it < nitems; it += gm.NTC) {
+    const int yb = (it / TW) * R, x = it % TW;
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r] = A[(yb + r + 10) * AW + x + 10] + bsum;
+    // h21 buffer row of tile row y is y + 10; v21(y) = sum_j w21[j] h21(y - 10 + j) -> buffer rows y + j
+    const float* h = H21 + yb * HS + x;
+#pragma unroll
+    for (int i = 0; i < R + 20; ++i) {
+      const float hv = h[i * HS];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int j = i - r;
+        if (j >= 0 && j < 21) acc[r] = fmaf(w21[j], hv, acc[r]);
+      }
+    }
+    h = H11 + yb * HS + x;
+#pragma unroll
+    for (int i = 0; i < R + 10; ++i) {
+      const float hv = h[i * HS];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int j = i - r;
+        if (j >= 0 && j < 11) acc[r] = fmaf(w11[j], hv, acc[r]);
+      }
+    }
+    h = H7 + yb * HS + x;
+#pragma unroll
+    for (int i = 0; i < R + 6; ++i) {
+      const float hv = h[i * HS];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int j = i - r;
+        if (j >= 0 && j < 7) acc[r] = fmaf(w7[j], hv, acc[r]);
+      }
+    }
+    const bool xin = (unsigned)(tc.x0 + x) < (unsigned)tc.W;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const bool in = xin && (unsigned)(tc.y0 + yb + r) < (unsigned)tc.H;
+      Srow[(yb + r) * TW + x] = in ? to_st<ST>(acc[r], tf32) : st_zero<ST>();
+    }
+  }
+}
+
+template <typename ST>
+MSCA_DEV void phase_v(const float* A, const float* H21, const float* H11, const float* H7, ST* Srow,
+                      const MscaGeom& gm, const float* __restrict__ ws, const float* __restrict__ bs, int c, int t,
+                      const TileCtx& tc, bool tf32) {
+  // only called for valid channels (c < C)
+  float w7[7], w11[11], w21[21];
+  const float* wc = ws + (int64_t)c * 78;
+#pragma unroll
+  for (int j = 0; j < 7; ++j) w7[j] = wc[7 + j];
+#pragma unroll
+  for (int j = 0; j < 11; ++j) w11[j] = wc[25 + j];
+#pragma unroll
+  for (int j = 0; j < 21; ++j) w21[j] = wc[57 + j];
+  const float* bc = bs + (int64_t)c * 6;
+  const float bsum = bc[1] + bc[3] + bc[5];
+  if (gm.RV == 4)
+    phase_v_items<4, ST>(A, H21, H11, H7, Srow, gm, w7, w11, w21, bsum, t, tc, tf32);
+  else
+    phase_v_items<2, ST>(A, H21, H11, H7, Srow, gm, w7, w11, w21, bsum, t, tc, tf32);
+}
+
+// Compute s for all channels of the tile into S[CP][s_ld] (rows >= C zeroed). Ends with a __syncthreads().
+template <typename T, typename ST>
+MSCA_DEV void compute_s_tile(ST* S, float* work, const MscaGeom& gm, const T* __restrict__ u_img, int64_t sC,
+                             int64_t sH, int64_t sW, const float* __restrict__ w0, const float* __restrict__ b0,
+                             const float* __restrict__ ws, const float* __restrict__ bs, const TileCtx& tc,
+                             bool tf32) {
+  const int tid = threadIdx.x;
+  // zero the padding rows [C, CP) of S (disjoint from everything written below)
+  {
+    const int n = (gm.CP - tc.C) * gm.s_ld;
+    ST* s0 = S + (size_t)tc.C * gm.s_ld;
+    for (int i = tid; i < n; i += MSCA_NT) s0[i] = st_zero<ST>();
+  }
+  const int gi = tid / gm.NTC, t = tid % gm.NTC;
+  float* wk = work + gi * gm.ch_floats;
+  float* U = wk;
+  float* A = wk + gm.off_A;
+  float* H21 = wk;  // aliases U (dead once a is computed)
+  float* H11 = wk + gm.off_H11;
+  float* H7 = wk + gm.off_H7;
+  for (int cbase = 0; cbase < tc.C; cbase += gm.G) {
+    const int c = cbase + gi;
+    const bool cv = c < tc.C;
+    load_tile_group<T>(work, gm, 0, u_img, sC, sH, sW, cbase, tc);
+    __syncthreads();
+    phase_a(U, A, gm, w0, b0, c, cv, t, tc);
+    __syncthreads();
+    phase_h(A, H21, H11, H7, gm, ws, bs, c, cv, t, tc);
+    __syncthreads();
+    if (cv) phase_v<ST>(A, H21, H11, H7, S + (size_t)c * gm.s_ld, gm, ws, bs, c, t, tc, tf32);
+    __syncthreads();
+  }
+}
+
+// Decode the CTA's tile.
+MSCA_DEV TileCtx tile_ctx(const MscaGeom& gm, long long cta, int64_t C, int64_t H, int64_t W) {
+  TileCtx tc;
+  const long long per_img = (long long)gm.tiles_x * gm.tiles_y;
+  tc.b = (int)(cta / per_img);
+  const int r = (int)(cta - (long long)tc.b * per_img);
+  tc.y0 = (r / gm.tiles_x) * gm.TH;
+  tc.x0 = (r % gm.tiles_x) * gm.TW;
+  tc.H = (int)H; tc.W = (int)W; tc.C = (int)C;
+  return tc;
+}
+
+}  // namespace msca

@@ -1,0 +1,135 @@
+// Host/device interface of the hand-written CUDA MSCA kernels (no torch headers here).
+//
+// binding.cpp fills these structs from tensors and calls the launchers; msca_fwd.cu / msca_bwd.cu hold the kernels.
+// All pointers are device pointers; strides are in elements (int64), so any B*C*H*W fits.
+//
+// Packed weight layout (shared with the Triton backend, see segnext_kernels/msca_reference.py::pack_weights):
+//   w0 (C, 25) fp32: conv0 5x5 taps row-major (ky*5+kx);     b0 (C,)
+//   ws (C, 78) fp32: conv0_1 (1x7) | conv0_2 (7x1) | conv1_1 (1x11) | conv1_2 (11x1) | conv2_1 (1x21) | conv2_2 (21x1)
+//                    at offsets 0, 7, 14, 25, 36, 57;      bs (C, 6) in the same order
+//   w3 (C, C) fp32 = conv3.weight[:, :, 0, 0] (out, in);   b3 (C,)
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <cuda_runtime_api.h>
+
+enum MscaDType : int { MSCA_F32 = 0, MSCA_F16 = 1, MSCA_BF16 = 2 };
+
+// Threads per CTA of every tile kernel.
+constexpr int MSCA_NT = 256;
+// Per-channel depthwise gradient slots in the backward partials (and their order):
+//   [0,25) dw0 | 25 db0 | [26,104) dws (packed order) | [104,110) dbs (packed order)
+constexpr int MSCA_NTAP = 110;
+constexpr int MSCA_TAP_DB0 = 25;
+constexpr int MSCA_TAP_WS = 26;
+constexpr int MSCA_TAP_BS = 104;
+// Number of selectable tile configurations of the forward / backward-mix kernels (see msca_tile_table()).
+constexpr int MSCA_NUM_TILE_CFGS = 5;
+
+// Geometry of one spatial tile configuration of the forward / backward-mix kernels, computed on the host
+// (msca_make_geom) and read by the kernels.  A CTA owns a TH x TW tile of one image and loops over the channels in
+// groups of G (NT/G threads per channel); all regions below are per channel, in floats, with the origin (row, col)
+// given relative to the tile's top-left pixel.
+struct MscaGeom {
+  int cfg;            // index in msca_tile_table()
+  int TH, TW;         // tile rows / cols (TW % 8 == 0, TH % 4 == 0)
+  int G;              // channels processed together
+  int NTC;            // threads per channel = MSCA_NT / G (multiple of 32)
+  int RV;             // rows per item of the vertical-strip phase (2 or 4)
+  int P;              // TH * TW pixels per tile (multiple of 32)
+  int tiles_x, tiles_y;
+  long long num_ctas; // B * tiles_y * tiles_x
+  int CP;             // C rounded up to 32 (rows of S / DATT, padded GEMM dims)
+  int s_ld;           // row stride (elements) of S and DATT: [CP][s_ld], pixel index p = ty*TW + tx
+  int UH, UW;         // u tile: (TH+24) x (TW+24), origin (-12,-12)
+  int AH, AW;         // a:      (TH+20) x (TW+20), origin (-10,-10)
+  int off_A;          // float offset of a inside a channel's work area (u and the 1xk outputs share offset 0)
+  int hs;             // row stride of the 1xk outputs (>= TW, % 4 == 0; padded against bank conflicts)
+  int off_H11, off_H7;// h21: rows [-10,TH+10) at 0; h11: rows [-5,TH+5); h7: rows [-3,TH+3); TW used cols
+  int ch_floats;      // floats per channel work area
+  size_t s_bytes;     // bytes of S (= bytes of DATT)
+  size_t work_bytes;  // bytes of G channel work areas
+  size_t smem_bytes;  // dynamic shared memory of the kernel
+};
+
+struct MscaFwdParams {
+  // tensors
+  const void* u;      // (B, C, H, W) dtype, strides u_s*: read by the epilogue (the gate)
+  const void* u_dw;   // the same values, strides udw_s*: read by the depthwise tile loads. The binding passes an NCHW
+                      // copy when u is channels_last (coalesced tile loads), else u itself.
+  void* out;          // (B, C, H, W) dtype, strides o_s*
+  const float* w0; const float* b0; const float* ws; const float* bs; const float* w3; const float* b3;
+  int64_t B, C, H, W;
+  int64_t u_sB, u_sC, u_sH, u_sW;
+  int64_t udw_sB, udw_sC, udw_sH, udw_sW;
+  int64_t o_sB, o_sC, o_sH, o_sW;
+  int dtype;          // MscaDType
+  int allow_tf32;     // fp32 only: 1x1 mix on TF32 tensor cores (else exact fp32 FMA)
+  int tile_cfg;       // -1: automatic, else index in msca_tile_table() (tuning / tests)
+  int smem_limit;     // max dynamic shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin)
+  void* workspace;    // msca_fwd_plan().workspace_bytes bytes (packed conv3 weight), 256-byte aligned
+};
+
+struct MscaFwdPlan {
+  bool ok;
+  char error[320];
+  MscaGeom geom;
+  size_t workspace_bytes;
+};
+
+struct MscaBwdParams {
+  const void* g;      // grad_out, any strides g_s*
+  const void* u;      // read by the epilogue of the mix kernel
+  const void* u_dw;   // same values, read by the depthwise tile loads (see MscaFwdParams::u_dw)
+  const float* w0; const float* b0; const float* ws; const float* bs; const float* w3; const float* b3;
+  void* du;           // (B, C, H, W) dtype, strides du_s* (may be null if !need_du)
+  float* dw0; float* db0; float* dws; float* dbs;  // (C,25) (C) (C,78) (C,6)   (null if !need_dwdw)
+  float* dw3; float* db3;                          // (C,C) (C)                 (null if !need_w3)
+  int64_t B, C, H, W;
+  int64_t u_sB, u_sC, u_sH, u_sW;
+  int64_t udw_sB, udw_sC, udw_sH, udw_sW;
+  int64_t g_sB, g_sC, g_sH, g_sW;
+  int64_t du_sB, du_sC, du_sH, du_sW;
+  int dtype;
+  int allow_tf32;
+  int deterministic;  // accepted for the interface; this implementation is always deterministic (fixed-order
+                      // per-CTA partials, no atomics)
+  int need_du;        // gradient of u
+  int need_dwdw;      // gradients of w0, b0, ws, bs
+  int need_w3;        // gradients of w3, b3
+  int tile_cfg;       // -1 automatic, else index in msca_tile_table() for the mix kernel
+  int smem_limit;
+  void* workspace;    // msca_bwd_plan().workspace_bytes bytes
+};
+
+struct MscaBwdPlan {
+  bool ok;
+  char error[320];
+  MscaGeom geom1;     // mix kernel (recompute s, att, d_att, d_s, dw3 partials)
+  long long ctas2;    // depthwise-backward kernel CTAs (16x16 tiles)
+  int tiles2_x, tiles2_y;
+  size_t smem2;
+  size_t off_w3a, off_w3t, off_ds, off_p1, off_p2;  // byte offsets inside the workspace
+  int64_t ds_sB, ds_sC, ds_sH, ds_sW;                // strides of the d_s scratch (u's memory format, dense)
+  size_t workspace_bytes;
+};
+
+// Table of tile configurations {TH, TW, G, RV}.
+struct MscaTileCfg { int TH, TW, G, RV; };
+const MscaTileCfg* msca_tile_table();
+
+// Geometry for tile config `cfg`; mode 0 = forward kernel, 1 = backward mix kernel (S and DATT in shared memory).
+MscaGeom msca_make_geom(int cfg, int64_t B, int64_t C, int64_t H, int64_t W, int elem_bytes, int mode);
+
+// Tile configuration for the forward (mode 0) or backward-mix (mode 1) kernel: `forced` >= 0 checks that config,
+// -1 picks the cheapest that fits. Returns -1 and writes a message to err if none fits.
+int msca_choose_tile(int forced, int64_t B, int64_t C, int64_t H, int64_t W, int elem_bytes, int mode,
+                     int smem_limit, char* err, size_t errlen);
+
+MscaFwdPlan msca_fwd_plan(const MscaFwdParams& p);
+MscaBwdPlan msca_bwd_plan(const MscaBwdParams& p);
+
+// Launch on `stream`. Throw std::runtime_error on an unsupported configuration (the binding validates first); the
+// caller checks cudaGetLastError() afterwards. Nothing is launched when B*H*W == 0.
+void msca_fwd_launch(const MscaFwdParams& p, cudaStream_t stream);
+void msca_bwd_launch(const MscaBwdParams& p, cudaStream_t stream);

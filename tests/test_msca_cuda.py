@@ -1,0 +1,257 @@
+"""The hand-written CUDA MSCA backend (csrc/, segnext_kernels/msca_cuda.py) on a GPU.
+
+Compared with the float64 eager reference (``msca_reference``) under the flash-attention rule of msca_helpers
+(kernel error <= ERR_FACTOR x eager error in the same dtype + ATOL[dtype] x scale); fp32 with TF32 allowed has its
+own absolute bound (TOL_TF32 below), since eager and kernel then round differently. Outputs, gradients and the
+workspace are poisoned with NaN before every launch (SEGNEXT_MSCA_CUDA_POISON=1), so an unwritten element fails.
+The first test builds the extension if needed (JIT, a few minutes).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import segnext_kernels
+from segnext_kernels.msca_reference import pack_weights
+
+from msca_helpers import assert_within_rule, leaves, make_msca, max_err, rebuild, reference_fwd_bwd
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; this machine has none")
+
+DEV = torch.device("cuda")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BORDER_SHAPES = [(1, 3, 1, 1), (2, 3, 2, 3), (1, 4, 5, 21), (1, 2, 23, 7)]
+GRAD_NAMES = (["u", "conv0.weight", "conv0.bias"] + [f"strip_w[{i}]" for i in range(6)]
+              + [f"strip_b[{i}]" for i in range(6)] + ["conv3.weight", "conv3.bias"])
+#: fp32 with torch.backends.cuda.matmul.allow_tf32: max error relative to the reference's max magnitude
+TOL_TF32 = 5e-3
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setenv("SEGNEXT_MSCA_CUDA_POISON", "1")
+    monkeypatch.delenv("SEGNEXT_MSCA_CUDA_TILE", raising=False)
+    monkeypatch.delenv("SEGNEXT_MSCA_CUDA_TILE_BWD", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    old_mm, old_cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False  # the eager fp32 baseline in exact fp32 too
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old_mm, old_cudnn
+
+
+def run_backend(args, grad_out=None, backend="cuda"):
+    flat = [t.detach().clone().requires_grad_(True) for t in leaves(args)]
+    out = segnext_kernels.msca(*rebuild(flat), backend=backend)
+    if grad_out is None:
+        return out.detach(), None
+    grads = torch.autograd.grad(out, flat, grad_out)
+    return out.detach(), [g.detach() for g in grads]
+
+
+def check(args, dtype, grad_out=None, tf32=False):
+    out, grads = run_backend(args, grad_out)
+    ref_out, ref_grads = reference_fwd_bwd(args, grad_out, torch.float64)
+    eager_out, eager_grads = reference_fwd_bwd(args, grad_out, dtype)
+    u = args[0]
+    assert out.dtype == dtype and out.shape == u.shape
+    if u.is_contiguous(memory_format=torch.channels_last) and not u.is_contiguous():
+        assert out.is_contiguous(memory_format=torch.channels_last), "out lost u's memory format"
+
+    def one(name, got, ref, eager):
+        if tf32:
+            assert not torch.isnan(got).any(), f"{name}: NaN"
+            scale = max(ref.abs().max().item(), 1.0) if ref.numel() else 1.0
+            assert max_err(got, ref) <= TOL_TF32 * scale, f"{name}: error {max_err(got, ref):.3e} (tf32)"
+        else:
+            assert_within_rule(name, got, ref, eager, dtype)
+
+    one("out", out, ref_out, eager_out)
+    if grad_out is not None:
+        for n, g, r, e in zip(GRAD_NAMES, grads, ref_grads, eager_grads):
+            assert g is not None and g.shape == r.shape, n
+            one(f"grad {n}", g, r, e)
+    return out, grads
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def test_extension_loads():
+    from segnext_kernels import msca_cuda
+
+    ok, why = msca_cuda.cuda_status()
+    assert ok, why
+    ext = msca_cuda.load_extension()
+    assert len(ext.tile_table()) == 5
+    assert hasattr(torch.ops.segnext, "msca_forward") and hasattr(torch.ops.segnext, "msca_backward")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", BORDER_SHAPES + [(2, 5, 9, 13), (2, 3, 31, 45)], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_borders_and_odd_sizes(shape, dtype, channels_last):
+    args = make_msca(*shape, dtype=dtype, device=DEV, channels_last=channels_last)
+    grad_out = torch.randn(shape, device=DEV, dtype=dtype)
+    check(args, dtype, grad_out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("C", [1, 3, 32, 64, 160])
+@pytest.mark.parametrize("B", [1, 2])
+def test_channels_and_batch(B, C, dtype):
+    shape = (B, C, 19, 37)
+    args = make_msca(*shape, dtype=dtype, device=DEV, channels_last=C % 2 == 0)
+    grad_out = torch.randn(shape, device=DEV, dtype=dtype)
+    check(args, dtype, grad_out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_batch_zero(dtype):
+    args = make_msca(0, 8, 7, 9, dtype=dtype, device=DEV)
+    out, grads = run_backend(args, torch.randn(0, 8, 7, 9, device=DEV, dtype=dtype))
+    assert out.shape == (0, 8, 7, 9)
+    assert grads[0].shape == (0, 8, 7, 9)
+    for n, g in zip(GRAD_NAMES[1:], grads[1:]):
+        assert torch.count_nonzero(g) == 0, n
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_strided_grad_output_and_noncontiguous_u(dtype):
+    shape = (2, 6, 17, 20)
+    args = make_msca(*shape, dtype=dtype, device=DEV, noncontig=True)
+    wide = torch.randn(shape[0], shape[1], shape[2], 2 * shape[3], device=DEV, dtype=dtype)
+    grad_out = wide[..., ::2]                                   # strided
+    check(args, dtype, grad_out)
+    g_expand = torch.randn(1, shape[1], 1, 1, device=DEV, dtype=dtype).expand(shape)  # zero strides (from .sum())
+    check(args, dtype, g_expand)
+
+
+def test_tf32_mix():
+    torch.backends.cuda.matmul.allow_tf32 = True
+    shape = (2, 64, 21, 30)
+    args = make_msca(*shape, dtype=torch.float32, device=DEV, channels_last=True)
+    check(args, torch.float32, torch.randn(shape, device=DEV), tf32=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_tile_config(monkeypatch, dtype):
+    from segnext_kernels import msca_cuda
+
+    shape = (2, 48, 20, 36)
+    args = make_msca(*shape, dtype=dtype, device=DEV)
+    grad_out = torch.randn(shape, device=DEV, dtype=dtype)
+    msca_cuda.load_extension()
+    tried = 0
+    for cfg in range(5):
+        monkeypatch.setenv("SEGNEXT_MSCA_CUDA_TILE", str(cfg))
+        monkeypatch.setenv("SEGNEXT_MSCA_CUDA_TILE_BWD", str(cfg))
+        try:
+            check(args, dtype, grad_out)
+            tried += 1
+        except RuntimeError as e:  # a config that does not fit this device's shared memory for this C
+            assert "shared memory" in str(e), str(e)
+    assert tried >= 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_deterministic_bit_identical(dtype):
+    shape = (2, 64, 33, 40)
+    args = make_msca(*shape, dtype=dtype, device=DEV)
+    grad_out = torch.randn(shape, device=DEV, dtype=dtype)
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        r1 = run_backend(args, grad_out)
+        r2 = run_backend(args, grad_out)
+    finally:
+        torch.use_deterministic_algorithms(old)
+    assert torch.equal(r1[0], r2[0])
+    for n, a, b in zip(GRAD_NAMES, r1[1], r2[1]):
+        assert torch.equal(a, b), f"{n} differs between two identical runs"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_triton_backend(dtype):
+    pytest.importorskip("triton")
+    shape = (2, 32, 27, 41)
+    args = make_msca(*shape, dtype=dtype, device=DEV, channels_last=True)
+    grad_out = torch.randn(shape, device=DEV, dtype=dtype)
+    out_c, g_c = check(args, dtype, grad_out)
+    out_t, g_t = run_backend(args, grad_out, backend="triton")
+    ref_out, ref_grads = reference_fwd_bwd(args, grad_out, torch.float64)
+    eager_out, eager_grads = reference_fwd_bwd(args, grad_out, dtype)
+    # both within the rule of the reference, hence within twice of it of each other
+    assert_within_rule("triton out", out_t, ref_out, eager_out, dtype)
+    bound = 2 * (2 * max_err(eager_out, ref_out)) + 1e-2 * max(ref_out.abs().max().item(), 1.0)
+    assert max_err(out_c, out_t) <= bound
+    for n, a, b, r, e in zip(GRAD_NAMES, g_c, g_t, ref_grads, eager_grads):
+        bound = 2 * (2 * max_err(e, r)) + 1e-2 * max(r.abs().max().item(), 1.0)
+        assert max_err(a, b) <= bound, f"grad {n}: cuda vs triton {max_err(a, b):.3e} > {bound:.3e}"
+
+
+def test_partial_needs_direct():
+    """msca_backward computes only what is asked for and returns None for the rest."""
+    from segnext_kernels import msca_cuda
+
+    shape = (1, 16, 12, 15)
+    u, w0, b0, sw, sb, w3, b3 = make_msca(*shape, dtype=torch.float32, device=DEV)
+    packed = pack_weights(w0, b0, sw, sb, w3, b3, torch.float32)
+    g = torch.randn(shape, device=DEV)
+    full = msca_cuda.msca_backward(g, u, *packed, (True,) * 7)
+    for needs in [(True, False, False, False, False, False, False), (False, True, False, True, False, False, False),
+                  (False, False, False, False, False, True, True), (False, False, True, False, True, False, False)]:
+        part = msca_cuda.msca_backward(g, u, *packed, needs)
+        for i, (n, p, f) in enumerate(zip(needs, part, full)):
+            if n:
+                assert torch.equal(p, f), i
+            else:
+                assert p is None, i
+
+
+def test_opcheck_and_compile():
+    from segnext_kernels import msca_cuda
+
+    msca_cuda.load_extension()
+    shape = (2, 8, 9, 11)
+    u, w0, b0, sw, sb, w3, b3 = make_msca(*shape, dtype=torch.bfloat16, device=DEV)
+    packed = pack_weights(w0, b0, sw, sb, w3, b3, torch.float32)
+    g = torch.randn(shape, device=DEV, dtype=torch.bfloat16)
+    torch.library.opcheck(torch.ops.segnext.msca_forward.default, (u, *packed),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.segnext.msca_backward.default, (g, u, *packed, [True] * 7),
+                          test_utils=("test_schema", "test_faketensor"))
+
+    def f(u, *ws):
+        return segnext_kernels.msca(u, ws[0], ws[1], list(ws[2:8]), list(ws[8:14]), ws[14], ws[15],
+                                    backend="cuda")
+
+    ws = [w0, b0, *sw, *sb, w3, b3]
+    compiled = torch.compile(f, fullgraph=False)
+    assert torch.equal(compiled(u, *ws), f(u, *ws))
+
+
+@pytest.mark.slow
+def test_int64_indexing():
+    """B*C*H*W > 2^31: only the last image gets a gradient, so its reference is cheap."""
+    B, C, H, W = 2049, 64, 128, 128   # 2.15e9 elements, 4.3 GB in bf16
+    free, _ = torch.cuda.mem_get_info()
+    if free < 40 * 2 ** 30:
+        pytest.skip("needs about 40 GB of free GPU memory")
+    dtype = torch.bfloat16
+    small = make_msca(1, C, H, W, dtype=dtype, device=DEV, seed=0)
+    u = torch.randn(B, C, H, W, device=DEV, dtype=dtype)
+    u[-1] = small[0][0]
+    args = (u, *small[1:])
+    grad_out = torch.zeros(B, C, H, W, device=DEV, dtype=dtype)
+    grad_out[-1] = torch.randn(C, H, W, device=DEV, dtype=dtype)
+    out, grads = run_backend(args, grad_out)
+    last_args = (u[-1:].clone(), *small[1:])
+    ref_out, ref_grads = reference_fwd_bwd(last_args, grad_out[-1:], torch.float64)
+    eager_out, eager_grads = reference_fwd_bwd(last_args, grad_out[-1:], dtype)
+    assert_within_rule("out[-1]", out[-1:], ref_out, eager_out, dtype)
+    assert_within_rule("du[-1]", grads[0][-1:], ref_grads[0], eager_grads[0], dtype)
+    assert torch.count_nonzero(grads[0][:-1]) == 0
+    for n, g, r, e in zip(GRAD_NAMES[1:], grads[1:], ref_grads[1:], eager_grads[1:]):
+        assert_within_rule(f"grad {n}", g, r, e, dtype)
