@@ -1,0 +1,264 @@
+"""Fused NMF2D (SegNeXt's Hamburger "ham"): the public op ``nmf2d``, the drop-in module ``FusedNMF2D`` and the
+model rewriters ``fuse_ham`` / ``fuse``.
+
+Source of the math: the official ``NMF2D`` (``mmseg/models/decode_heads/ham_head.py`` of
+Visual-Attention-Network/SegNeXt and mmsegmentation), Geng et al., "Is Attention Better Than Matrix
+Decomposition?" (ICLR 2021); the project's eager oracle is ``segnext.ham_head.nmf2d_reference``
+(spec ``reference_model.md`` section 2.4). Kernel design: ``segnext_kernels/nmf_triton.py``.
+
+Backends: "triton" (``nmf_triton`` + ``nmf_autograd``), "reference" (eager ``nmf2d_reference``), "auto" (Triton on
+CUDA tensors, the reference on CPU tensors) and "cuda" (reserved: the CUDA NMF kernel does not exist yet, so
+asking for it raises RuntimeError).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+from torch import nn
+
+from segnext.ham_head import NMF2D, nmf2d_reference
+
+from .backend import BACKENDS, _warn_once, resolve_backend, triton_status
+
+__all__ = ["nmf2d", "FusedNMF2D", "fuse_ham", "fuse", "resolve_nmf_backend"]
+
+GRAD_MODES = ("unrolled", "one_step")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def resolve_nmf_backend(backend: str, device: torch.device) -> str:
+    """The backend that runs NMF2D on ``device``: "triton" or "reference".
+
+    Raises:
+        ValueError: unknown backend name.
+        RuntimeError: ``backend="cuda"`` (no CUDA NMF kernel exists yet), or ``backend="triton"`` where Triton
+            cannot run (the message says why).
+    """
+    if backend == "cuda":
+        raise RuntimeError("backend='cuda': the CUDA NMF2D kernel does not exist yet; use backend='triton' "
+                           "(CUDA tensors) or 'reference' (or 'auto')")
+    name = resolve_backend(backend, device)
+    if name == "cuda":  # "auto" may prefer the CUDA extension for MSCA; NMF has only the Triton kernel
+        ok, why = triton_status(device)
+        if ok:
+            return "triton"
+        _warn_once(f"segnext_kernels: NMF2D backend 'auto' falls back to the eager reference ({why})")
+        return "reference"
+    return name
+
+
+def _check_nmf_args(x, bases, steps, grad, eps, inv_t, return_state) -> None:
+    for name, t in (("x", x), ("bases", bases)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"x: expected a 3-D tensor (B, D, N), got {x.dim()}-D with shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x: expected dtype float16, bfloat16, float32 or float64, got {x.dtype}")
+    if bases.dim() != 3:
+        raise ValueError(f"bases: expected a 3-D tensor (B, D, R), got {bases.dim()}-D with shape "
+                         f"{tuple(bases.shape)}")
+    if bases.shape[0] != x.shape[0]:
+        raise ValueError(f"bases: batch size {bases.shape[0]} does not match x's {x.shape[0]} "
+                         f"(x {tuple(x.shape)}, bases {tuple(bases.shape)})")
+    if bases.shape[1] != x.shape[1]:
+        raise ValueError(f"bases: D = {bases.shape[1]} does not match x's D = {x.shape[1]} "
+                         f"(x {tuple(x.shape)}, bases {tuple(bases.shape)})")
+    if bases.shape[2] < 1:
+        raise ValueError(f"bases: expected rank R >= 1, got shape {tuple(bases.shape)}")
+    cdtype = torch.promote_types(x.dtype, torch.float32)
+    if bases.dtype not in (x.dtype, cdtype):
+        allowed = x.dtype if x.dtype == cdtype else f"{x.dtype} or {cdtype}"
+        raise TypeError(f"bases: expected dtype {allowed} (x's dtype or the compute dtype), got {bases.dtype}")
+    if bases.device != x.device:
+        raise RuntimeError(f"bases: expected a tensor on {x.device} (the device of x), got one on {bases.device}")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise TypeError(f"steps: expected an int, got {type(steps).__name__}")
+    if steps < 0:
+        raise ValueError(f"steps: expected steps >= 0, got {steps}")
+    if grad not in GRAD_MODES:
+        raise ValueError(f"grad: expected one of {GRAD_MODES}, got {grad!r}")
+    for name, v in (("eps", eps), ("inv_t", inv_t)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"{name}: expected a real number, got {type(v).__name__}")
+        if not math.isfinite(v):
+            raise ValueError(f"{name}: expected a finite number, got {v}")
+    if eps <= 0:
+        raise ValueError(f"eps: expected eps > 0 (it keeps the update denominators positive), got {eps}")
+    if not isinstance(return_state, bool):
+        raise TypeError(f"return_state: expected a bool, got {type(return_state).__name__}")
+
+
+def nmf2d(x: torch.Tensor, bases: torch.Tensor, steps: int, *, grad: str = "unrolled", eps: float = 1e-6,
+          inv_t: float = 1.0, return_state: bool = False, backend: str = "auto"):
+    """Fused NMF2D: non-negative matrix factorisation of a batch of (D, N) matrices by multiplicative updates,
+    exactly as the official ``NMF2D`` (and ``segnext.ham_head.nmf2d_reference``)::
+
+        coef = softmax(inv_t * x^T bases) over R
+        steps times: coef  <- coef  * (x^T bases) / (coef (bases^T bases) + eps)
+                     bases <- bases * (x coef)    / (bases (coef^T coef) + eps)
+        coef <- coef * (x^T bases) / (coef (bases^T bases) + eps)
+        return bases @ coef^T
+
+    Args:
+        x: (B, D, N) non-negative, float16, bfloat16, float32 or float64, any strides. Not checked for
+            non-negativity (that would cost a pass over x); negative entries can make a denominator vanish.
+        bases: (B, D, R) initial bases, non-negative and already normalised by the caller (NMF2D: L2 over D),
+            R >= 1; dtype x's or the compute dtype (float32; float64 for float64 x), on x's device.
+        steps: number of iterations K >= 0 (official: 6 in training, 7 in eval).
+        grad: "unrolled" (back-prop through every step; official SegNeXt / mmseg) or "one_step" (only the final
+            coef update and the reconstruction are differentiated; Hamburger paper, Enjoy-Hamburger, JSeg: the
+            initial bases then get no gradient unless steps == 0). Forward values are identical.
+        eps: the ``+ eps`` of both denominators, finite and > 0 (it keeps all-zero rows/columns of x finite).
+        inv_t: softmax inverse temperature of the init (official NMF2D forces 1).
+        return_state: also return the final bases (B, D, R) and coef (B, N, R), in the compute dtype.
+        backend: "auto" (Triton on CUDA tensors, eager reference on CPU tensors), "triton", "reference";
+            "cuda" raises (no CUDA NMF kernel yet). With TRITON_INTERPRET=1 "triton" runs on CPU tensors.
+
+    Returns:
+        the reconstruction (B, D, N) in x's dtype (contiguous), or ``(recon, bases, coef)`` with return_state.
+        The updates always run in float32 (float64 for float64 inputs), whatever x's dtype; the Triton backend is
+        bitwise deterministic.
+
+    Raises:
+        TypeError: a non-tensor x/bases, non-floating or unsupported dtype, a bases dtype other than x's or the
+            compute dtype, non-int steps, non-real eps/inv_t, non-bool return_state.
+        ValueError: wrong rank, B or D of bases not matching x, R < 1, steps < 0, eps <= 0 or non-finite,
+            non-finite inv_t, unknown grad mode or backend.
+        RuntimeError: bases on another device than x; backend "cuda"; backend "triton" where it cannot run.
+    """
+    _check_nmf_args(x, bases, steps, grad, eps, inv_t, return_state)
+    name = resolve_nmf_backend(backend, x.device)
+    steps, eps, inv_t = int(steps), float(eps), float(inv_t)
+    if name == "reference" or x.numel() == 0:
+        # empty inputs (B, D or N = 0) have nothing to fuse: the eager reference handles them (and their grads)
+        return nmf2d_reference(x, bases, steps, eps=eps, inv_t=inv_t, grad=grad, return_state=return_state)
+    from .nmf_autograd import NMF2DFunction
+
+    cdtype = torch.promote_types(x.dtype, torch.float32)
+    bases0 = bases.to(cdtype).contiguous()
+    if grad == "one_step" and steps > 0:
+        bases0 = bases0.detach()  # the steps run under no_grad in this mode: B_K is a constant
+    save = torch.is_grad_enabled() and (x.requires_grad or bases0.requires_grad)
+    return NMF2DFunction.apply(x, bases0, steps, eps, inv_t, grad, return_state, save)
+
+
+# ------------------------------------------------------------------------------------------------------ modules
+class FusedNMF2D(NMF2D):
+    """Drop-in for ``segnext.NMF2D`` (official ``NMF2D``, ``SPATIAL=True, RAND_INIT=True``) running
+    ``segnext_kernels.nmf2d``.
+
+    Same constructor options (MD_S, MD_R, train_steps, eval_steps, inv_t, eps, grad_mode, generator) plus
+    ``backend``; no parameters or buffers, so ``state_dict`` is unchanged. Bases are drawn exactly as the reference
+    module draws them (``NMF2D._build_bases``: ``torch.rand`` on the CPU default generator, or on ``generator``,
+    then L2-normalised over D), so under the same seed both modules see the same bases and agree.
+
+    forward(x, bases=None): x (B, C, H, W) non-negative, any floating dtype -> (B, C, H, W) same dtype;
+    ``bases`` (B*S, D, R) overrides the random draw.
+
+    Raises:
+        ValueError: C not divisible by S, bad ``grad_mode``, ``bases`` of the wrong shape, unknown backend; and
+            whatever ``nmf2d`` raises.
+    """
+
+    def __init__(self, MD_S: int = 1, MD_R: int = 64, train_steps: int = 6, eval_steps: int = 7,
+                 inv_t: float = 1, eps: float = 1e-6, grad_mode: str = "unrolled",
+                 generator: Optional[torch.Generator] = None, backend: str = "auto"):
+        super().__init__(MD_S=MD_S, MD_R=MD_R, train_steps=train_steps, eval_steps=eval_steps, inv_t=inv_t,
+                         eps=eps, grad_mode=grad_mode, generator=generator)
+        _check_module_backend(backend)
+        self.backend = backend
+
+    @classmethod
+    def from_module(cls, module: nn.Module, backend: str = "auto") -> "FusedNMF2D":
+        """A FusedNMF2D with ``module``'s options (``segnext.NMF2D``, or an official / mmseg ``NMF2D`` with
+        ``rand_init=True``; their eps is the hard-coded 1e-6 and their grad mode "unrolled").
+
+        Raises:
+            TypeError: ``module`` is not an NMF2D with random init (S, R, train_steps, eval_steps attributes).
+        """
+        if not _is_nmf(module):
+            raise TypeError(f"module: expected an NMF2D module with rand_init=True (attributes S, R, train_steps, "
+                            f"eval_steps), got {type(module).__name__}")
+        fused = cls(MD_S=module.S, MD_R=module.R, train_steps=module.train_steps, eval_steps=module.eval_steps,
+                    inv_t=getattr(module, "inv_t", 1), eps=getattr(module, "eps", 1e-6),
+                    grad_mode=getattr(module, "grad_mode", "unrolled"),
+                    generator=getattr(module, "generator", None), backend=backend)
+        fused.train(module.training)
+        return fused
+
+    def forward(self, x: torch.Tensor, bases: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, C, H, W = x.shape
+        if C % self.S:
+            raise ValueError(f"channels {C} not divisible by MD_S={self.S}")
+        D = C // self.S
+        x = x.reshape(B * self.S, D, H * W)
+        if bases is None:
+            bases = self._build_bases(B, D, x.device)
+        elif tuple(bases.shape) != (B * self.S, D, self.R):
+            raise ValueError(f"bases must have shape {(B * self.S, D, self.R)}, got {tuple(bases.shape)}")
+        bases = bases.to(torch.promote_types(x.dtype, torch.float32))
+        steps = self.train_steps if self.training else self.eval_steps
+        out = nmf2d(x, bases, steps, grad=self.grad_mode, eps=self.eps, inv_t=self.inv_t, backend=self.backend)
+        return out.reshape(B, C, H, W)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", backend={self.backend!r}"
+
+
+def _check_module_backend(backend) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "cuda":
+        raise RuntimeError("backend='cuda': the CUDA NMF2D kernel does not exist yet; use 'auto', 'triton' or "
+                           "'reference'")
+
+
+def _is_nmf(module: nn.Module) -> bool:
+    return (type(module).__name__ == "NMF2D" and all(hasattr(module, a) for a in ("S", "R", "train_steps",
+                                                                                    "eval_steps"))
+            and getattr(module, "rand_init", True) and getattr(module, "spatial", True))
+
+
+def fuse_ham(model: nn.Module, backend: str = "auto") -> int:
+    """Swap every ``NMF2D`` inside ``model`` (``segnext.NMF2D``, or an official / mmseg one with random init) for a
+    ``FusedNMF2D`` with the same options, in place. NMF2D has no parameters or buffers: ``state_dict`` is unchanged.
+
+    Returns:
+        the number of modules swapped (0 when there are none, e.g. already fused, or ``model`` is itself an NMF2D:
+        use ``FusedNMF2D.from_module``).
+
+    Raises:
+        ValueError: unknown backend.
+        RuntimeError: backend "cuda" (the CUDA NMF2D kernel does not exist yet); nothing is swapped then.
+    """
+    _check_module_backend(backend)
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if _is_nmf(child):
+                setattr(parent, name, FusedNMF2D.from_module(child, backend=backend))
+                swapped += 1
+    return swapped
+
+
+def fuse(model: nn.Module, backend: str = "auto") -> dict:
+    """Apply every fusion of this package to ``model`` in place: ``fuse_msca`` (MSCA attention) and ``fuse_ham``
+    (NMF2D). ``state_dict`` is unchanged. With ``backend="cuda"`` the MSCA modules use the CUDA extension and the
+    NMF2D modules "auto" (Triton on CUDA tensors), as no CUDA NMF2D kernel exists yet.
+
+    Returns:
+        ``{"msca": n_msca_swapped, "ham": n_nmf_swapped}``.
+
+    Raises:
+        ValueError: unknown backend.
+    """
+    from .modules import fuse_msca
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    ham_backend = "auto" if backend == "cuda" else backend
+    return {"msca": fuse_msca(model, backend=backend), "ham": fuse_ham(model, backend=ham_backend)}

@@ -1,0 +1,590 @@
+"""Fused NMF2D (the "ham" of SegNeXt's Hamburger decoder) in Triton: forward and both backward modes.
+
+Math (official ``NMF2D`` of ``mmseg/models/decode_heads/ham_head.py`` in Visual-Attention-Network/SegNeXt and
+mmsegmentation; Geng et al., "Is Attention Better Than Matrix Decomposition?", ICLR 2021; spec
+``reference_model.md`` 2.4). Per sample, X (D, N) non-negative, B_0 (D, R) the given initial bases::
+
+    A_k = X^T B_k (N, R)       G_k = B_k^T B_k (R, R)
+    C_0 = softmax(inv_t * A_0) over R
+    step k = 0..K-1:  C_{k+1} = C_k * A_k / (C_k G_k + eps)                  (coef update)
+                      E_k = X C_{k+1} (D, R)    H_k = C_{k+1}^T C_{k+1} (R, R)
+                      B_{k+1} = B_k * E_k / (B_k H_k + eps)                   (bases update)
+    C_F = C_K * A_K / (C_K G_K + eps)                                         (final coef update, ``compute_coef``)
+    Y   = B_K C_F^T (D, N)                                                    (reconstruction)
+
+Forward kernels (everything accumulated in fp32, fp64 for fp64 inputs; x may be fp16/bf16/fp32/fp64, any strides):
+  ``_nmf_bases_kernel`` (UPDATE=False): G_0 = B_0^T B_0. Tiny, one program per sample.
+  ``_nmf_coef_kernel`` (one per step), grid (B, P), each program persistent over the N-tiles t = p, p+P, ...:
+      sweep 1 over D chunks: A_tile = x_tile^T B_k (the x tile is BD x BN, B_k streamed by D chunk);
+      C_0 tile = softmax(inv_t A_tile) when k = 0 (the init folds into step 1, reusing A_0);
+      C_{k+1} tile = C_k * A / (C_k G_k + eps), written once;
+      H partial += C_{k+1}^T C_{k+1} (registers, R x R);
+      sweep 2 over D chunks: E partial[p] += x_tile C_{k+1} (a per-program (D, R) fp32 buffer, read-modify-written
+      once per tile, no atomics; the same x tile is re-read right after sweep 1, so that re-read is expected to
+      hit L1/L2 rather than HBM -- not measured yet). The partials cost 2 x D x R x 4 bytes of L2 traffic per
+      N-tile against D x BN x sizeof(x) bytes of x: BN (GPU_BLOCKS) is chosen large for that reason.
+  ``_nmf_bases_kernel`` (UPDATE=True), one program per sample: E = sum_p E partial[p] and H = sum_p H partial[p]
+      in a fixed order (deterministic), B_{k+1} = B_k * E / (B_k H + eps), and G_{k+1} = B_{k+1}^T B_{k+1}.
+  ``_nmf_coef_kernel`` with RECON=True: the final coef update (init folded in too when K = 0) and the
+      reconstruction Y_tile = B_K C_F_tile^T, written in x's dtype.
+  Passes over x: one per step plus one for the final pass, K + 1 in total, plus one write of Y (eager PyTorch:
+  2K + 2 reads: init, two per step, final). coef (N x R, fp32) is read and written once per step.
+  Launches: 2K + 2 (Gram, K coef passes, K bases updates, final) where eager needs about 90 for K = 7.
+
+Backward (grad modes of ``nmf2d_reference``):
+  "unrolled" (official SegNeXt / mmseg: back-prop through every step) and "one_step" (Hamburger paper /
+  Enjoy-Hamburger / JSeg: init and the K steps are constants, only the final coef update and the reconstruction are
+  differentiated, so x gets B_K g_A_K^T and the initial bases get a gradient only when K = 0).
+  Saved by the forward ("unrolled"): B_0..B_K, G_0..G_K, C_0..C_K and C_F, E_0..E_{K-1}, H_0..H_{K-1} (all small:
+  D x R, R x R or N x R per step) and x itself. "one_step" saves B_K, G_K, C_K, C_F and x.
+  Recomputed: A_k = X^T B_k (in the backward kernel's sweep over x), the denominators C_k G_k + eps and
+  B_k H_k + eps.
+  ``_nmf_bwd_kernel``, one launch per stage (the final stage, then steps K-1..0), grid (B, P) over N-tiles:
+      sweep 1: A = x^T B, and the gradient U reaching the stage's new coef: final stage g_Y^T B_K (and partial
+      g_Y C_F for g_B_K, reading g_Y once); step k: g_C_{k+1} (from the later stage) + x^T g_E_k + C_{k+1} S_k,
+      where g_E_k and S_k = g_H_k + g_H_k^T come from the bases-update backward;
+      then the coef-update backward on the tile (g_A, g_C_k, partial C_k^T g_Q for g_G_k), the softmax backward
+      folded in at k = 0; sweep 2: partial x g_A (D x R).
+  The D x R / R x R algebra between launches (bases-update backward, sums of the partials, B (g_G + g_G^T)) runs
+  as torch ops on those small tensors. ``_nmf_gx_kernel`` writes g_X once, as one GEMM with inner dimension
+  (2K + 1) R over the stacked small factors: g_X = sum_stages B_s g_A_s^T + sum_k g_E_k C_{k+1}^T.
+  Reads of x in the backward: one per stage (K + 1), plus one read of g_Y and one write of g_X.
+
+Products run on fp32 operands with input_precision="ieee" (TF32 only for fp32 inputs when
+``torch.backends.cuda.matmul.allow_tf32`` is set, as eager bmm would); R is padded to RP = max(16, 2^ceil(log2 R))
+with zero columns (excluded from the softmax), so tl.dot shapes are legal for any R >= 1. eps > 0 keeps every
+denominator positive for non-negative inputs, so all-zero rows/columns of x give zeros, not NaN.
+
+All partial sums are per program and reduced in a fixed order: results are bitwise deterministic. Under
+TRITON_INTERPRET=1 the same kernels run on CPU tensors (the tests do that). The launchers here assume validated
+arguments (``segnext_kernels.nmf.nmf2d`` validates; out-of-bounds reads are silent in the interpreter).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+#: Triton decides at decoration time whether kernels are interpreted; mirror that decision here.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _load_x(base, d, dm, n, nm, sd, sn, ACC: tl.constexpr):
+    """A [BD, BN] tile of a (D, N) matrix with strides (sd, sn), zero outside, upcast to ACC."""
+    off = d[:, None].to(tl.int64) * sd + n[None, :].to(tl.int64) * sn
+    return tl.load(base + off, mask=dm[:, None] & nm[None, :], other=0.0).to(ACC)
+
+
+@triton.jit
+def _to_out(v, ptr, BF16_RNE: tl.constexpr):
+    """Cast an fp32/fp64 tile to ptr's element type. BF16_RNE (set under the interpreter for bfloat16 outputs):
+    round the fp32 bits to nearest-even first, since the interpreter's fp32 -> bf16 cast truncates while the
+    compiled cast rounds to nearest."""
+    if BF16_RNE:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        v = bits.to(tl.float32, bitcast=True)
+    return v.to(ptr.dtype.element_ty)
+
+
+@triton.jit
+def _load_dr(base, d, dm, rr, rm, R):
+    """A [BD, RP] chunk of a contiguous (D, R) matrix, zero outside."""
+    return tl.load(base + d[:, None].to(tl.int64) * R + rr[None, :], mask=dm[:, None] & rm[None, :], other=0.0)
+
+
+@triton.jit
+def _rmw_partial(pbase, d, dm, rr, part, t, p, RP: tl.constexpr):
+    """Accumulate part [BD, RP] into a per-program (D, RP) partial; the program's first tile (t == p) overwrites,
+    so the buffer needs no zeroing."""
+    off = pbase + d[:, None].to(tl.int64) * RP + rr[None, :]
+    keep = (rr * 0 + t) != p
+    prev = tl.load(off, mask=dm[:, None] & keep[None, :], other=0.0)
+    tl.store(off, prev + part, mask=dm[:, None])
+
+
+@triton.jit
+def _nmf_bases_kernel(bin_ptr, bout_ptr, g_ptr, pxc_ptr, pcc_ptr, e_ptr, h_ptr, sc_ptr, D, R, P,
+                      BD: tl.constexpr, RP: tl.constexpr, UPDATE: tl.constexpr, STORE_EH: tl.constexpr,
+                      ACC: tl.constexpr, PREC: tl.constexpr):
+    """One program per sample. UPDATE: E = sum_p E_part[p], H = sum_p H_part[p] (fixed order),
+    B_out = B_in * E / (B_in H + eps). Always: G = B_out^T B_out, stored padded (RP, RP)."""
+    b = tl.program_id(0).to(tl.int64)
+    rr = tl.arange(0, RP)
+    rm = rr < R
+    dd = tl.arange(0, BD)
+    eps = tl.load(sc_ptr)
+    rr2 = rr[:, None] * RP + rr[None, :]
+    H = tl.zeros([RP, RP], ACC)
+    if UPDATE:
+        for q in range(0, P):
+            H += tl.load(pcc_ptr + (b * P + q) * RP * RP + rr2)
+        if STORE_EH:
+            tl.store(h_ptr + b * RP * RP + rr2, H)
+    G = tl.zeros([RP, RP], ACC)
+    for d0 in range(0, D, BD):
+        d = d0 + dd
+        dm = d < D
+        m2 = dm[:, None] & rm[None, :]
+        off = b * D * R + d[:, None].to(tl.int64) * R + rr[None, :]
+        bt = tl.load(bin_ptr + off, mask=m2, other=0.0)
+        if UPDATE:
+            E = tl.zeros([BD, RP], ACC)
+            for q in range(0, P):
+                E += tl.load(pxc_ptr + ((b * P + q) * D + d[:, None]) * RP + rr[None, :], mask=dm[:, None],
+                             other=0.0)
+            if STORE_EH:
+                tl.store(e_ptr + off, E, mask=m2)
+            den = tl.dot(bt, H, input_precision=PREC, out_dtype=ACC) + eps
+            bt = tl.where(m2, bt * E / den, 0.0)
+            tl.store(bout_ptr + off, bt, mask=m2)
+        G += tl.dot(tl.trans(bt), bt, input_precision=PREC, out_dtype=ACC)
+    tl.store(g_ptr + b * RP * RP + rr2, G)
+
+
+@triton.jit
+def _nmf_coef_kernel(x_ptr, sxb, sxd, sxn, bases_ptr, g_ptr, cin_ptr, cout_ptr, c0_ptr, pxc_ptr, pcc_ptr,
+                     y_ptr, syb, syd, syn, sc_ptr, D, N, R, T, P,
+                     BN: tl.constexpr, BD: tl.constexpr, RP: tl.constexpr,
+                     INIT: tl.constexpr, STORE_C0: tl.constexpr, ACCUM: tl.constexpr, RECON: tl.constexpr,
+                     BF16_RNE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """One coef update over N-tiles (see the module docstring). grid (B, P); program p handles tiles p, p+P, ...
+
+    INIT: the incoming coef is softmax(inv_t x^T B) (stored to c0 when STORE_C0), else it is read from cin.
+    ACCUM: accumulate E = x C_new and H = C_new^T C_new partials for the bases update.
+    RECON: write Y = B C_new^T in y's dtype.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1)
+    rr = tl.arange(0, RP)
+    rm = rr < R
+    nn = tl.arange(0, BN)
+    dd = tl.arange(0, BD)
+    eps = tl.load(sc_ptr)
+    inv_t = tl.load(sc_ptr + 1)
+    rr2 = rr[:, None] * RP + rr[None, :]
+    G = tl.load(g_ptr + b * RP * RP + rr2)
+    xb = x_ptr + b * sxb
+    bb = bases_ptr + b * D * R
+    pbase = pxc_ptr + (b * P + p) * D * RP
+    cc = tl.zeros([RP, RP], ACC)
+    for t in range(p, T, P):
+        n = t * BN + nn
+        nm = n < N
+        a = tl.zeros([BN, RP], ACC)
+        for d0 in range(0, D, BD):
+            d = d0 + dd
+            dm = d < D
+            xt = _load_x(xb, d, dm, n, nm, sxd, sxn, ACC)
+            bt = _load_dr(bb, d, dm, rr, rm, R)
+            a += tl.dot(tl.trans(xt), bt, input_precision=PREC, out_dtype=ACC)
+        cm = nm[:, None] & rm[None, :]
+        coff = b * N * R + n[:, None].to(tl.int64) * R + rr[None, :]
+        if INIT:
+            z = tl.where(rm[None, :], a * inv_t, float("-inf"))
+            z = tl.exp(z - tl.max(z, axis=1)[:, None])
+            c = tl.where(cm, z / tl.sum(z, axis=1)[:, None], 0.0)
+            if STORE_C0:
+                tl.store(c0_ptr + coff, c, mask=cm)
+        else:
+            c = tl.load(cin_ptr + coff, mask=cm, other=0.0)
+        den = tl.dot(c, G, input_precision=PREC, out_dtype=ACC) + eps
+        cn = c * a / den
+        tl.store(cout_ptr + coff, cn, mask=cm)
+        if ACCUM:
+            cc += tl.dot(tl.trans(cn), cn, input_precision=PREC, out_dtype=ACC)
+            for d0 in range(0, D, BD):
+                d = d0 + dd
+                dm = d < D
+                xt = _load_x(xb, d, dm, n, nm, sxd, sxn, ACC)
+                part = tl.dot(xt, cn, input_precision=PREC, out_dtype=ACC)
+                _rmw_partial(pbase, d, dm, rr, part, t, p, RP)
+        if RECON:
+            yb = y_ptr + b * syb
+            for d0 in range(0, D, BD):
+                d = d0 + dd
+                dm = d < D
+                bt = _load_dr(bb, d, dm, rr, rm, R)
+                y = tl.dot(bt, tl.trans(cn), input_precision=PREC, out_dtype=ACC)
+                yoff = d[:, None].to(tl.int64) * syd + n[None, :].to(tl.int64) * syn
+                tl.store(yb + yoff, _to_out(y, y_ptr, BF16_RNE), mask=dm[:, None] & nm[None, :])
+    if ACCUM:
+        tl.store(pcc_ptr + (b * P + p) * RP * RP + rr2, cc)
+
+
+@triton.jit
+def _nmf_bwd_kernel(x_ptr, sxb, sxd, sxn, gy_ptr, sgb, sgd, sgn,
+                    bases_ptr, ge_ptr, cnew_ptr, gcin_ptr, s_ptr, cprev_ptr, g_ptr,
+                    gcout_ptr, ga_ptr, pxg_ptr, pgy_ptr, pgg_ptr, sc_ptr, D, N, R, T, P,
+                    BN: tl.constexpr, BD: tl.constexpr, RP: tl.constexpr,
+                    FINAL: tl.constexpr, HAS_GY: tl.constexpr, HAS_GCIN: tl.constexpr, INIT: tl.constexpr,
+                    STORE_GC: tl.constexpr, STORE_GA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """Backward of one coef update C_new = C_prev * A / (C_prev G + eps), A = x^T B, over N-tiles; grid (B, P).
+
+    U (the gradient reaching C_new on the tile):
+      FINAL (C_new = C_F, B = B_K): U = g_Y^T B_K (+ gcin), with partial g_Y C_F -> pgy (for g_B_K);
+      step (C_new = C_{k+1}, B = B_k): U = gcin + x^T g_E_k + C_{k+1} S_k, S_k = g_H + g_H^T (padded RP x RP).
+    Then g_A = U C_prev / Q, g_Q = -U C_new / Q, g_C_prev = U A / Q + g_Q G^T, partial C_prev^T g_Q -> pgg (g_G),
+    with Q = C_prev G + eps. INIT: C_prev = softmax(inv_t A) and its backward is added to g_A (g_C_prev is not
+    stored). Partial x g_A -> pxg (for g_B). g_C_prev -> gcout (STORE_GC), g_A -> ga (STORE_GA, for g_X).
+    """
+    b = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1)
+    rr = tl.arange(0, RP)
+    rm = rr < R
+    nn = tl.arange(0, BN)
+    dd = tl.arange(0, BD)
+    eps = tl.load(sc_ptr)
+    inv_t = tl.load(sc_ptr + 1)
+    rr2 = rr[:, None] * RP + rr[None, :]
+    G = tl.load(g_ptr + b * RP * RP + rr2)
+    S = tl.zeros([RP, RP], ACC)
+    if not FINAL:
+        S = tl.load(s_ptr + b * RP * RP + rr2)
+    xb = x_ptr + b * sxb
+    gyb = gy_ptr + b * sgb
+    bb = bases_ptr + b * D * R
+    geb = ge_ptr + b * D * R
+    pxb = pxg_ptr + (b * P + p) * D * RP
+    pyb = pgy_ptr + (b * P + p) * D * RP
+    gG = tl.zeros([RP, RP], ACC)
+    for t in range(p, T, P):
+        n = t * BN + nn
+        nm = n < N
+        cm = nm[:, None] & rm[None, :]
+        coff = b * N * R + n[:, None].to(tl.int64) * R + rr[None, :]
+        cnew = tl.load(cnew_ptr + coff, mask=cm, other=0.0)
+        cprev = tl.load(cprev_ptr + coff, mask=cm, other=0.0)
+        a = tl.zeros([BN, RP], ACC)
+        u = tl.zeros([BN, RP], ACC)
+        for d0 in range(0, D, BD):
+            d = d0 + dd
+            dm = d < D
+            xt = _load_x(xb, d, dm, n, nm, sxd, sxn, ACC)
+            bt = _load_dr(bb, d, dm, rr, rm, R)
+            a += tl.dot(tl.trans(xt), bt, input_precision=PREC, out_dtype=ACC)
+            if FINAL:
+                if HAS_GY:
+                    gt = _load_x(gyb, d, dm, n, nm, sgd, sgn, ACC)
+                    u += tl.dot(tl.trans(gt), bt, input_precision=PREC, out_dtype=ACC)
+                    part = tl.dot(gt, cnew, input_precision=PREC, out_dtype=ACC)
+                    _rmw_partial(pyb, d, dm, rr, part, t, p, RP)
+            else:
+                get = _load_dr(geb, d, dm, rr, rm, R)
+                u += tl.dot(tl.trans(xt), get, input_precision=PREC, out_dtype=ACC)
+        if HAS_GCIN:
+            u += tl.load(gcin_ptr + coff, mask=cm, other=0.0)
+        if not FINAL:
+            u += tl.dot(cnew, S, input_precision=PREC, out_dtype=ACC)
+        q = tl.dot(cprev, G, input_precision=PREC, out_dtype=ACC) + eps
+        ga = u * cprev / q
+        gq = -u * cnew / q
+        gc = u * a / q + tl.dot(gq, tl.trans(G), input_precision=PREC, out_dtype=ACC)
+        gG += tl.dot(tl.trans(cprev), gq, input_precision=PREC, out_dtype=ACC)
+        if INIT:
+            ga += inv_t * cprev * (gc - tl.sum(gc * cprev, axis=1)[:, None])
+        if STORE_GC:
+            tl.store(gcout_ptr + coff, gc, mask=cm)
+        if STORE_GA:
+            tl.store(ga_ptr + coff, ga, mask=cm)
+        for d0 in range(0, D, BD):
+            d = d0 + dd
+            dm = d < D
+            xt = _load_x(xb, d, dm, n, nm, sxd, sxn, ACC)
+            part = tl.dot(xt, ga, input_precision=PREC, out_dtype=ACC)
+            _rmw_partial(pxb, d, dm, rr, part, t, p, RP)
+    tl.store(pgg_ptr + (b * P + p) * RP * RP + rr2, gG)
+
+
+@triton.jit
+def _nmf_gx_kernel(l1_ptr, r1_ptr, M1, l2_ptr, r2_ptr, M2, gx_ptr, sgb, sgd, sgn, B, D, N, R,
+                   BD: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr, BF16_RNE: tl.constexpr, ACC: tl.constexpr,
+                   PREC: tl.constexpr):
+    """g_X[b] = sum_m L1[m, b] R1[m, b]^T + sum_m L2[m, b] R2[m, b]^T; L (M, B, D, R), R (M, B, N, R) contiguous.
+    grid (cdiv(D, BD), cdiv(N, BN), B); g_X written once in its own dtype and strides."""
+    pd = tl.program_id(0)
+    pn = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    rr = tl.arange(0, RP)
+    rm = rr < R
+    d = pd * BD + tl.arange(0, BD)
+    dm = d < D
+    n = pn * BN + tl.arange(0, BN)
+    nm = n < N
+    acc = tl.zeros([BD, BN], ACC)
+    for m in range(0, M1):
+        lt = _load_dr(l1_ptr + (m * B + b) * D * R, d, dm, rr, rm, R)
+        rt = _load_dr(r1_ptr + (m * B + b) * N * R, n, nm, rr, rm, R)
+        acc += tl.dot(lt, tl.trans(rt), input_precision=PREC, out_dtype=ACC)
+    for m in range(0, M2):
+        lt = _load_dr(l2_ptr + (m * B + b) * D * R, d, dm, rr, rm, R)
+        rt = _load_dr(r2_ptr + (m * B + b) * N * R, n, nm, rr, rm, R)
+        acc += tl.dot(lt, tl.trans(rt), input_precision=PREC, out_dtype=ACC)
+    off = b * sgb + d[:, None].to(tl.int64) * sgd + n[None, :].to(tl.int64) * sgn
+    tl.store(gx_ptr + off, _to_out(acc, gx_ptr, BF16_RNE), mask=dm[:, None] & nm[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------------
+def _empty(*shape, dtype, device):
+    """Every buffer the launchers hand to a kernel comes from here (tests poison them with NaN)."""
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
+def _bf16_rne(dtype: torch.dtype) -> bool:
+    return INTERPRET and dtype == torch.bfloat16
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _dtypes(dtype: torch.dtype):
+    """(torch accumulator dtype, tl accumulator dtype, tl.dot input_precision) for input dtype ``dtype``.
+
+    The updates are divisions of products: every product runs on fp32 (fp64) operands. TF32 is used for fp32
+    inputs only when ``torch.backends.cuda.matmul.allow_tf32`` is set (never under the interpreter)."""
+    if dtype == torch.float64:
+        return torch.float64, tl.float64, "ieee"
+    tf32 = (not INTERPRET) and dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    return torch.float32, tl.float32, "tf32" if tf32 else "ieee"
+
+
+#: Force block geometry (keys BN, BD, P (programs per sample), BN_X, BD_X (g_X GEMM tile), num_warps; BN and P
+#: apply to the forward and the backward kernels alike): for tests (several N-tiles / D-chunks / persistent
+#: programs under the interpreter) and tuning. Empty in normal use.
+BLOCK_OVERRIDES: dict = {}
+
+#: The geometry used on a GPU (not tuned on hardware yet). BN_BWD: N-tile of the backward kernel, which holds
+#: about twice as many (BN, R) fp32 tiles live as the forward one.
+GPU_BLOCKS = dict(BN=128, BN_BWD=64, BD=32, BN_X=64, BD_X=64, num_warps=8)
+
+
+class _Config:
+    """Block geometry. Under the interpreter its cost is (programs) x (ops per program), nearly independent of the
+    block size, so blocks are large there; on a GPU they are sized for registers."""
+
+    def __init__(self, B: int, D: int, N: int, R: int, device: torch.device, backward: bool = False):
+        self.RP = max(16, _next_pow2(R))
+        if INTERPRET or device.type != "cuda":
+            self.BN = min(max(16, _next_pow2(N)), 512)
+            self.BD = min(max(16, _next_pow2(D)), 256)
+            self.BN_X, self.BD_X = self.BN, self.BD
+            self.num_warps = 4
+            target = 2 * B
+        else:
+            for k, v in GPU_BLOCKS.items():
+                setattr(self, k, v)
+            if backward:
+                self.BN = self.BN_BWD
+            target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        P = None
+        for k, v in BLOCK_OVERRIDES.items():
+            if k == "P":
+                P = v
+            else:
+                setattr(self, k, v)
+        self.T = triton.cdiv(N, self.BN)
+        if P is None:
+            P = triton.cdiv(target, max(B, 1))
+        self.P = max(1, min(self.T, P))
+
+
+def _launch_coef(cfg, acc, x, bases, G, cin, cout, c0, pxc, pcc, y, sc, *, init, store_c0, accum, recon):
+    B, D, N = x.shape
+    R = bases.shape[-1]
+    ys = y.stride() if recon else (0, 0, 0)
+    _nmf_coef_kernel[(B, cfg.P)](
+        x, *x.stride(), bases, G, cin, cout, c0, pxc, pcc, y, *ys, sc, D, N, R, cfg.T, cfg.P,
+        BN=cfg.BN, BD=cfg.BD, RP=cfg.RP, INIT=init, STORE_C0=store_c0, ACCUM=accum, RECON=recon,
+        BF16_RNE=_bf16_rne(x.dtype), ACC=acc[1], PREC=acc[2], num_warps=cfg.num_warps)
+
+
+def nmf_forward(x: torch.Tensor, bases0: torch.Tensor, steps: int, eps: float, inv_t: float, save=None):
+    """Fused NMF2D forward.
+
+    Args:
+        x: (B, D, N) float16/bfloat16/float32/float64, any strides, B, D, N >= 1.
+        bases0: (B, D, R) contiguous, in the compute dtype (float32; float64 for float64 x), on x's device.
+        steps: K >= 0. eps > 0. inv_t: softmax inverse temperature.
+        save: None, "one_step" or "unrolled": what the backward of that grad mode needs.
+
+    Returns:
+        (y (B, D, N) in x's dtype, contiguous; bases_K (B, D, R); coef_F (B, N, R); saved: dict of tensors for
+        ``nmf_backward`` (empty when ``save`` is None)).
+    """
+    B, D, N = x.shape
+    R = bases0.shape[-1]
+    K = int(steps)
+    dev = x.device
+    acc = _dtypes(x.dtype)
+    acc_t = acc[0]
+    cfg = _Config(B, D, N, R, dev)
+    RP = cfg.RP
+    unrolled = save == "unrolled"
+    sc = torch.tensor([eps, inv_t], dtype=acc_t, device=dev)
+
+    bases_h = _empty(K + 1, B, D, R, dtype=acc_t, device=dev)
+    bases_h[0].copy_(bases0)
+    G_h = _empty(K + 1, B, RP, RP, dtype=acc_t, device=dev)
+    if unrolled:
+        C_h = _empty(K + 2, B, N, R, dtype=acc_t, device=dev)
+        cslot = lambda i: C_h[i]  # noqa: E731
+        coef_f = C_h[K + 1]
+        E_h = _empty(max(K, 1), B, D, R, dtype=acc_t, device=dev)
+        H_h = _empty(max(K, 1), B, RP, RP, dtype=acc_t, device=dev)
+    else:
+        pp = [_empty(B, N, R, dtype=acc_t, device=dev) for _ in range(2 if K > 0 else 1)]
+        cslot = lambda i: pp[i % len(pp)]  # noqa: E731
+        coef_f = _empty(B, N, R, dtype=acc_t, device=dev)
+        E_h = H_h = sc  # unused
+    y = _empty(B, D, N, dtype=x.dtype, device=dev)
+    if K > 0:
+        pxc = _empty(B, cfg.P, D, RP, dtype=acc_t, device=dev)
+        pcc = _empty(B, cfg.P, RP, RP, dtype=acc_t, device=dev)
+    else:
+        pxc = pcc = sc  # unused
+
+    _nmf_bases_kernel[(B,)](bases_h[0], bases_h[0], G_h[0], sc, sc, sc, sc, sc, D, R, 1,
+                            BD=cfg.BD, RP=RP, UPDATE=False, STORE_EH=False, ACC=acc[1], PREC=acc[2],
+                            num_warps=cfg.num_warps)
+    for k in range(K):
+        _launch_coef(cfg, acc, x, bases_h[k], G_h[k], cslot(k), cslot(k + 1), cslot(0), pxc, pcc, y, sc,
+                     init=k == 0, store_c0=unrolled and k == 0, accum=True, recon=False)
+        _nmf_bases_kernel[(B,)](bases_h[k], bases_h[k + 1], G_h[k + 1], pxc, pcc,
+                                E_h[k] if unrolled else sc, H_h[k] if unrolled else sc, sc, D, R, cfg.P,
+                                BD=cfg.BD, RP=RP, UPDATE=True, STORE_EH=unrolled, ACC=acc[1], PREC=acc[2],
+                                num_warps=cfg.num_warps)
+    _launch_coef(cfg, acc, x, bases_h[K], G_h[K], cslot(K), coef_f, cslot(0), sc, sc, y, sc,
+                 init=K == 0, store_c0=K == 0 and save is not None, accum=False, recon=True)
+
+    saved = {}
+    if unrolled:
+        saved = dict(bases=bases_h, G=G_h, C=C_h, E=E_h[:K], H=H_h[:K])
+    elif save == "one_step":
+        saved = dict(bases=bases_h[K:], G=G_h[K:], C=torch.stack([cslot(K), coef_f]))
+    return y, bases_h[K], coef_f, saved
+
+
+def _launch_bwd(cfg, acc, x, gy, bases, ge, cnew, gcin, S, cprev, G, gcout, ga, pxg, pgy, pgg, sc, *,
+                final, init, store_gc):
+    B, D, N = x.shape
+    R = bases.shape[-1]
+    gys = gy.stride() if gy is not None else (0, 0, 0)
+    dummy = sc
+    _nmf_bwd_kernel[(B, cfg.P)](
+        x, *x.stride(), gy if gy is not None else dummy, *gys,
+        bases, ge if ge is not None else dummy, cnew, gcin if gcin is not None else dummy,
+        S if S is not None else dummy, cprev, G, gcout if gcout is not None else dummy,
+        ga if ga is not None else dummy, pxg, pgy, pgg, sc, D, N, R, cfg.T, cfg.P,
+        BN=cfg.BN, BD=cfg.BD, RP=cfg.RP, FINAL=final, HAS_GY=gy is not None, HAS_GCIN=gcin is not None,
+        INIT=init, STORE_GC=store_gc, STORE_GA=ga is not None, ACC=acc[1], PREC=acc[2], num_warps=cfg.num_warps)
+
+
+def _pad_rr(m: torch.Tensor, RP: int) -> torch.Tensor:
+    R = m.shape[-1]
+    return torch.nn.functional.pad(m, (0, RP - R, 0, RP - R)).contiguous()
+
+
+def nmf_backward(grad_y, grad_bases, grad_coef, x, saved, mode: str, steps: int, eps: float, inv_t: float,
+                 need_x: bool, need_bases: bool):
+    """Fused NMF2D backward.
+
+    Args:
+        grad_y: (B, D, N) gradient of the reconstruction in x's dtype, any strides, or None (zero).
+        grad_bases: (B, D, R) gradient of the returned final bases, or None. grad_coef: (B, N, R) of the returned
+            final coef, or None.
+        x: the forward's x. saved: ``nmf_forward``'s ``saved`` for the same ``mode`` ("unrolled" or "one_step").
+        need_x / need_bases: which gradients to return.
+
+    Returns:
+        (g_x (B, D, N) in x's dtype or None, g_bases0 (B, D, R) in the compute dtype or None). In "one_step" mode
+        g_bases0 is None unless steps == 0 (the K steps are constants there).
+    """
+    B, D, N = x.shape
+    bases_h, G_h, C_h = saved["bases"], saved["G"], saved["C"]
+    R = bases_h.shape[-1]
+    K = int(steps)
+    dev = x.device
+    acc = _dtypes(x.dtype)
+    acc_t = acc[0]
+    cfg = _Config(B, D, N, R, dev, backward=True)
+    RP = cfg.RP
+    sc = torch.tensor([eps, inv_t], dtype=acc_t, device=dev)
+    unrolled = mode == "unrolled"
+    chain = unrolled and K > 0 and (need_x or need_bases)
+    want_b = need_bases and (unrolled or K == 0)
+    if not (need_x or want_b):
+        return None, None
+
+    n_stage = K + 1 if unrolled else 1
+    gA_h = _empty(n_stage, B, N, R, dtype=acc_t, device=dev) if need_x else None
+    gE_h = _empty(K, B, D, R, dtype=acc_t, device=dev) if (need_x and unrolled and K > 0) else None
+    pxg = _empty(B, cfg.P, D, RP, dtype=acc_t, device=dev)
+    pgy = _empty(B, cfg.P, D, RP, dtype=acc_t, device=dev) if grad_y is not None else sc
+    pgg = _empty(B, cfg.P, RP, RP, dtype=acc_t, device=dev)
+    gcs = [_empty(B, N, R, dtype=acc_t, device=dev) for _ in range(2)] if chain else [None, None]
+    if grad_coef is not None:
+        grad_coef = grad_coef.to(acc_t).contiguous()
+
+    def partial_sum(part):
+        return part.sum(1)[..., :R]
+
+    def bases_grad_tail(bk, extra):
+        gG = partial_sum(pgg)[:, :R, :]
+        g = partial_sum(pxg) + torch.bmm(bk, gG + gG.transpose(1, 2))
+        return g if extra is None else g + extra
+
+    # final stage: C_F = C_K A_K / (C_K G_K + eps), Y = B_K C_F^T
+    iK = K if unrolled else 0
+    bK, GK, cK, cF = bases_h[iK], G_h[iK], C_h[iK], C_h[iK + 1]
+    _launch_bwd(cfg, acc, x, grad_y, bK, None, cF, grad_coef, None, cK, GK, gcs[0],
+                gA_h[n_stage - 1] if need_x else None, pxg, pgy, pgg, sc,
+                final=True, init=unrolled and K == 0, store_gc=chain)
+    gB = None
+    if chain or want_b:
+        extra = partial_sum(pgy) if grad_y is not None else None
+        if grad_bases is not None and (unrolled or K == 0):
+            gbk = grad_bases.to(acc_t)
+            extra = gbk if extra is None else extra + gbk
+        gB = bases_grad_tail(bK, extra)
+
+    if chain:
+        for j in range(K - 1, -1, -1):
+            b, bn, e, H = bases_h[j], bases_h[j + 1], saved["E"][j], saved["H"][j][:, :R, :R]
+            # bases update B_{j+1} = b * e / (b H + eps): its backward on the small (D, R) / (R, R) tensors
+            pden = torch.bmm(b, H) + eps
+            ge = gB * b / pden
+            gp = -gB * bn / pden
+            gb_direct = gB * e / pden + torch.bmm(gp, H.transpose(1, 2))
+            gH = torch.bmm(b.transpose(1, 2), gp)
+            S = _pad_rr(gH + gH.transpose(1, 2), RP)
+            ge = ge.contiguous()
+            if gE_h is not None:
+                gE_h[j].copy_(ge)
+            _launch_bwd(cfg, acc, x, None, b, ge, C_h[j + 1], gcs[(K - 1 - j) % 2], S, C_h[j], G_h[j],
+                        gcs[(K - j) % 2] if j > 0 else None, gA_h[j] if need_x else None, pxg, pgy, pgg, sc,
+                        final=False, init=j == 0, store_gc=j > 0)
+            gB = bases_grad_tail(b, gb_direct)
+
+    gx = None
+    if need_x:
+        gx = _empty(B, D, N, dtype=x.dtype, device=dev)
+        if unrolled:
+            l1, r1, m1 = bases_h, gA_h, K + 1
+            l2, r2, m2 = (gE_h, C_h[1:K + 1], K) if K > 0 else (bases_h, gA_h, 0)
+        else:
+            l1, r1, m1 = bases_h, gA_h, 1
+            l2, r2, m2 = bases_h, gA_h, 0
+        _nmf_gx_kernel[(triton.cdiv(D, cfg.BD_X), triton.cdiv(N, cfg.BN_X), B)](
+            l1, r1, m1, l2, r2, m2, gx, *gx.stride(), B, D, N, R,
+            BD=cfg.BD_X, BN=cfg.BN_X, RP=RP, BF16_RNE=_bf16_rne(x.dtype), ACC=acc[1], PREC=acc[2],
+            num_warps=cfg.num_warps)
+    return gx, (gB if want_b else None)
