@@ -7,16 +7,18 @@
 #    local GPU's architecture (override with TORCH_CUDA_ARCH_LIST),
 # 2. prints the ptxas report (registers / spills / stack, sm_80 and sm_90) of every kernel,
 # 3. runs the CUDA backend's GPU tests, then the rest of the suite (python3 -m pytest tests -x -q),
-# 4. runs the quick MSCA benchmark (bench/msca_quick.py: bf16, SegNeXt stage shapes; cuda, triton, eager NCHW,
-#    eager channels_last, torch.compile),
+# 4. runs the quick benchmarks (python3 -m bench.msca --quick, python3 -m bench.nmf --quick: bf16, SegNeXt stage
+#    shapes; cuda, triton, eager NCHW, eager channels_last, torch.compile), each within a time budget,
 # and writes everything to bench/results/ (log, build log, junit xml, CSV), copied to $OUT after every step when $OUT
 # is set. Each step's time limit shrinks to keep the whole script under GPU_CHECK_SECONDS (default 560 s); a failing
-# step is reported and the next one still runs. Order: build, ptxas, cuda tests, rest of the suite, benchmark.
+# step is reported and the next one still runs. Order: build, ptxas, cuda tests, triton tests, benchmarks.
 set -u
 cd "$(dirname "$0")/.."
 RES=bench/results
 mkdir -p "$RES"
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+MARK=$(mktemp)   # result files newer than this are this run's
+export BENCH_COMMIT=${BENCH_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 LOG="$RES/gpu_check_$STAMP.log"
 exec > >(tee -a "$LOG") 2>&1
 T0=$(date +%s)
@@ -30,9 +32,11 @@ cap() { local c=$1 l=$(( DEADLINE - $(date +%s) - $2 )); [ $l -lt $c ] && c=$l; 
 save() {
   [ -n "${OUT:-}" ] || return 0
   mkdir -p "$OUT"
-  for f in "$LOG" "$RES/build_$STAMP.log" "$RES/pytest_cuda_$STAMP.xml" $(ls -t "$RES"/msca_quick_*.csv 2>/dev/null | head -1); do
+  for f in "$LOG" "$RES/build_$STAMP.log" "$RES/pytest_cuda_$STAMP.xml"; do
     [ -f "$f" ] && cp "$f" "$OUT/" 2>/dev/null
   done
+  find "$RES" -maxdepth 1 -type f \( -name 'msca_*' -o -name 'nmf_*' -o -name 'model_*' \) ! -name '*.tmp' \
+    -newer "$MARK" -exec cp {} "$OUT/" \; 2>/dev/null
   return 0
 }
 
@@ -76,15 +80,19 @@ timeout "$(cap 240 130)" python3 -m pytest tests/test_msca_cuda.py -q -rs -p no:
   --junitxml="$RES/pytest_cuda_$STAMP.xml" || fail "cuda backend tests" $?
 save
 
-step "whole test suite (python3 -m pytest tests -x -q)"
-timeout "$(cap 150 100)" python3 -m pytest tests -x -q -p no:cacheprovider --deselect tests/test_msca_cuda.py \
-  || fail "test suite" $?
+step "GPU tests of the Triton kernels and fused modules (MSCA, NMF)"
+timeout "$(cap 180 100)" python3 -m pytest tests/test_msca_triton.py tests/test_msca_modules.py \
+  tests/test_nmf_triton.py tests/test_nmf_modules.py -x -q -p no:cacheprovider || fail "triton tests" $?
 save
 
-step "quick benchmark (bf16)"
+step "quick benchmarks (bf16)"
 LEFT=$(( DEADLINE - $(date +%s) ))
-BUDGET=$(( LEFT - 45 )); [ $BUDGET -lt 20 ] && BUDGET=20
-timeout "$(( BUDGET + 35 ))" python3 bench/msca_quick.py --out "$RES" --budget-s "$BUDGET" || fail "benchmark" $?
+MSCA_S=$(( (LEFT - 70) * 2 / 3 )); [ $MSCA_S -lt 20 ] && MSCA_S=20
+timeout "$(( MSCA_S + 40 ))" python3 -m bench.msca --quick --budget-s "$MSCA_S" --out "$RES" || fail "msca benchmark" $?
+save
+LEFT=$(( DEADLINE - $(date +%s) ))
+NMF_S=$(( LEFT - 35 )); [ $NMF_S -lt 15 ] && NMF_S=15
+timeout "$(( NMF_S + 25 ))" python3 -m bench.nmf --quick --budget-s "$NMF_S" --out "$RES" || fail "nmf benchmark" $?
 
 step "done (status $STATUS)"
 save

@@ -10,6 +10,8 @@ from .backend import resolve_backend
 from .msca_autograd import MSCAFunction
 from .msca_reference import msca_reference
 
+_AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
 
 def msca(
     u: torch.Tensor,
@@ -36,6 +38,9 @@ def msca(
         conv3_weight: (C, C, 1, 1); conv3_bias: (C,). All weights in u's dtype and on u's device.
         backend: "auto", "triton", "cuda" or "reference" (see ``segnext_kernels.backend``).
 
+    Under ``torch.autocast`` (fp32/fp16/bf16 inputs) u and the weights are cast to the autocast dtype first, as eager
+    PyTorch casts them for each convolution of the module; the result is in that dtype.
+
     Returns:
         (B, C, H, W) in u's dtype, differentiable with respect to u and every weight. Fused kernels accumulate in
         fp32 (fp64 for fp64 inputs); half-precision results therefore differ from eager PyTorch, which rounds every
@@ -46,6 +51,16 @@ def msca(
         ValueError: wrong rank or weight shape (the message names the expected shape), unknown backend.
         RuntimeError: a tensor on another device than u, or a requested backend that cannot run here.
     """
+    if isinstance(u, torch.Tensor) and u.dtype in _AUTOCAST_DTYPES and torch.is_autocast_enabled(u.device.type):
+        # autocast: the convs run in the autocast dtype, as eager's conv2d does; eager's final gating `att * u`
+        # then type-promotes with the uncast u, so the result has dtype promote(autocast dtype, u.dtype)
+        dt = torch.get_autocast_dtype(u.device.type)
+        cast = lambda t: t.to(dt) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        seq = lambda ts: [cast(t) for t in ts] if isinstance(ts, (list, tuple)) else ts  # noqa: E731
+        with torch.autocast(u.device.type, enabled=False):
+            out = msca(cast(u), cast(conv0_weight), cast(conv0_bias), seq(strip_weights), seq(strip_biases),
+                       cast(conv3_weight), cast(conv3_bias), backend=backend)
+        return out.to(torch.promote_types(dt, u.dtype))
     check_msca_args(u, conv0_weight, conv0_bias, strip_weights, strip_biases, conv3_weight, conv3_bias)
     name = resolve_backend(backend, u.device)
     if name == "reference":

@@ -94,3 +94,19 @@ def test_fused_segnext_t_matches_eager_model():
         assert err <= 2e-3 * scale + 1e-7, f"{name}: grad error {err:.3e} vs scale {scale:.3e}"
         checked += 1
     assert checked == len(list(eager.parameters()))
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_autocast_matches_eager_autocast(backend):
+    # fp32 parameters, autocast to bf16: the fused module runs its convs in bf16 like eager's, returns eager's dtype
+    # (the gating att * u promotes with the fp32 u) and gets gradients for its fp32 parameters.
+    ref = segnext.AttentionModule(5).to(DEVICE)
+    fused = FusedMSCA.from_module(copy.deepcopy(ref), backend=backend)
+    x = torch.randn(1, 5, 7, 9, device=DEVICE)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        want = ref(x)
+        got = fused(x)
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2 * want.abs().max().item())
+    got.float().sum().backward()
+    assert fused.conv0.weight.grad is not None and fused.conv0.weight.grad.dtype == torch.float32

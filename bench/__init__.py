@@ -1,0 +1,20 @@
+"""Benchmark suite of segnext-kernels (issue 5).
+
+Commands (run from the repository root)::
+
+    python -m bench.msca    [--quick] [--shape B,C,H,W] [--dtype fp32,fp16,bf16] [--mode fwd,fwdbwd] ...
+    python -m bench.nmf     [--quick] [--shape B,D,N,R] [--dtype ...] [--mode ...] ...
+    python -m bench.model   [--quick] [--models t,s,b,l] [--precision fp32,fp16,bf16] ...
+    python -m bench.report  [--readme README.md] [--results bench/results] [--check]
+    python -m pytest bench/ --benchmark-only -q            # the same cases through pytest-benchmark
+
+Units everywhere: times in milliseconds (ms), bandwidth in GB/s (1e9 bytes per second), arithmetic in TFLOP/s
+(1e12 floating-point operations per second, a multiply-add counted as 2), memory in MiB (2**20 bytes).
+
+On a CUDA device times are medians (with 20th/80th percentiles) of ``triton.testing.do_bench`` and the inputs are
+rotated over enough copies to exceed twice the L2 cache; results are saved under ``bench/results/`` by default.
+Without a GPU every command runs on CPU at tiny default shapes with the eager baselines, labelled as CPU wall-clock
+figures (``time.perf_counter`` medians); they are written only with ``--save``. The byte and FLOP models behind
+the GB/s, TFLOP/s and floor columns are documented in ``bench/msca.py`` and ``bench/nmf.py``; the floors
+(measured copy bandwidth, datasheet fp32 FMA rate) in ``bench/common.py``.
+"""
