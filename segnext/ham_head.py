@@ -222,8 +222,12 @@ class NMF2D(nn.Module):
             raise ValueError(f"bases must have shape {(B * self.S, D, self.R)}, "
                              f"got {tuple(bases.shape)}")
         steps = self.train_steps if self.training else self.eval_steps
-        out = nmf2d_reference(x, bases, steps, self.eps, self.inv_t, self.grad_mode)
-        return out.reshape(B, C, H, W)
+        return self._factorize(x, bases, steps).reshape(B, C, H, W)
+
+    def _factorize(self, x: torch.Tensor, bases: torch.Tensor, steps: int) -> torch.Tensor:
+        """Softmax init, ``steps`` local steps, compute_coef and reconstruction: x (B*S, D, N), bases (B*S, D, R)
+        -> (B*S, D, N). The hook a fused subclass (``segnext_kernels.FusedNMF2D``) overrides."""
+        return nmf2d_reference(x, bases, steps, self.eps, self.inv_t, self.grad_mode)
 
     def extra_repr(self) -> str:
         return (f"S={self.S}, R={self.R}, train_steps={self.train_steps}, "

@@ -6,8 +6,8 @@ Visual-Attention-Network/SegNeXt and mmsegmentation), Geng et al., "Is Attention
 Decomposition?" (ICLR 2021); the project's eager oracle is ``segnext.ham_head.nmf2d_reference``
 (spec ``reference_model.md`` section 2.4). Kernel design: ``segnext_kernels/nmf_triton.py``.
 
-Backends: "triton" (``nmf_triton`` + ``nmf_autograd``), "reference" (eager ``nmf2d_reference``), "auto" (Triton on
-CUDA tensors, the reference on CPU tensors) and "cuda" (reserved: the CUDA NMF kernel does not exist yet, so
+Backends: "triton" (``nmf_triton`` behind the custom ops of ``nmf_autograd``), "reference" (eager
+``nmf2d_reference``), "auto" (Triton on CUDA tensors, the reference on CPU tensors) and "cuda" (reserved: the CUDA NMF kernel does not exist yet, so
 asking for it raises RuntimeError).
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torch import nn
 from segnext.ham_head import NMF2D, nmf2d_reference
 
 from .backend import BACKENDS, _warn_once, resolve_backend, triton_status
+from .nmf_autograd import nmf2d_fused
 
 __all__ = ["nmf2d", "FusedNMF2D", "fuse_ham", "fuse", "resolve_nmf_backend"]
 
@@ -117,6 +118,9 @@ def nmf2d(x: torch.Tensor, bases: torch.Tensor, steps: int, *, grad: str = "unro
         return_state: also return the final bases (B, D, R) and coef (B, N, R), in the compute dtype.
         backend: "auto" (Triton on CUDA tensors, eager reference on CPU tensors), "triton", "reference";
             "cuda" raises (no CUDA NMF kernel yet). With TRITON_INTERPRET=1 "triton" runs on CPU tensors.
+            "triton" runs the custom op ``torch.ops.segnext_kernels.nmf2d_forward`` (``nmf_autograd``): opaque to
+            ``torch.compile`` (fake implementations registered), autograd via ``torch.library.register_autograd``;
+            "reference" runs eager PyTorch ops.
 
     Returns:
         the reconstruction (B, D, N) in x's dtype (contiguous), or ``(recon, bases, coef)`` with return_state.
@@ -136,14 +140,11 @@ def nmf2d(x: torch.Tensor, bases: torch.Tensor, steps: int, *, grad: str = "unro
     if name == "reference" or x.numel() == 0:
         # empty inputs (B, D or N = 0) have nothing to fuse: the eager reference handles them (and their grads)
         return nmf2d_reference(x, bases, steps, eps=eps, inv_t=inv_t, grad=grad, return_state=return_state)
-    from .nmf_autograd import NMF2DFunction
-
     cdtype = torch.promote_types(x.dtype, torch.float32)
     bases0 = bases.to(cdtype).contiguous()
     if grad == "one_step" and steps > 0:
         bases0 = bases0.detach()  # the steps run under no_grad in this mode: B_K is a constant
-    save = torch.is_grad_enabled() and (x.requires_grad or bases0.requires_grad)
-    return NMF2DFunction.apply(x, bases0, steps, eps, inv_t, grad, return_state, save)
+    return nmf2d_fused(x, bases0, steps, eps, inv_t, grad, return_state)
 
 
 # ------------------------------------------------------------------------------------------------------ modules
@@ -190,20 +191,10 @@ class FusedNMF2D(NMF2D):
         fused.train(module.training)
         return fused
 
-    def forward(self, x: torch.Tensor, bases: Optional[torch.Tensor] = None) -> torch.Tensor:
-        B, C, H, W = x.shape
-        if C % self.S:
-            raise ValueError(f"channels {C} not divisible by MD_S={self.S}")
-        D = C // self.S
-        x = x.reshape(B * self.S, D, H * W)
-        if bases is None:
-            bases = self._build_bases(B, D, x.device)
-        elif tuple(bases.shape) != (B * self.S, D, self.R):
-            raise ValueError(f"bases must have shape {(B * self.S, D, self.R)}, got {tuple(bases.shape)}")
+    def _factorize(self, x: torch.Tensor, bases: torch.Tensor, steps: int) -> torch.Tensor:
+        """``NMF2D.forward``'s factorisation, run by ``segnext_kernels.nmf2d`` on this module's backend."""
         bases = bases.to(torch.promote_types(x.dtype, torch.float32))
-        steps = self.train_steps if self.training else self.eval_steps
-        out = nmf2d(x, bases, steps, grad=self.grad_mode, eps=self.eps, inv_t=self.inv_t, backend=self.backend)
-        return out.reshape(B, C, H, W)
+        return nmf2d(x, bases, steps, grad=self.grad_mode, eps=self.eps, inv_t=self.inv_t, backend=self.backend)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={self.backend!r}"
