@@ -11,7 +11,6 @@ Triton's interpreter (how CI tests them).
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import warnings
@@ -38,9 +37,13 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+#: Looked up once at import (find_spec does not import triton): a constant for torch.compile, which would warn about
+#: an lru_cache here and recompile after a lazily filled cache.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def _triton_importable() -> tuple[bool, str]:
-    if importlib.util.find_spec("triton") is None:
+    if not _TRITON_FOUND:
         return False, "the triton package is not installed (pip install triton)"
     return True, ""
 

@@ -60,7 +60,7 @@ def _hstrip(a_scr, h_scr, ws_ptr, bs_ptr, c_idx, cmask, lc, yh, inside_h, rh, ch
     """h = dw_1xK(a) + bias on the H-region (tile rows +-10, tile columns); zero outside the image."""
     P: tl.constexpr = K // 2
     acc = tl.zeros([BLOCK_C, PH], ACC)
-    for j in tl.static_range(K):
+    for j in range(K):
         w = tl.load(ws_ptr + c_idx * 78 + WOFF + j, mask=cmask, other=0.0).to(ACC)
         src = rh * AW + ch + (10 + j - P)
         acc += w[:, None] * tl.load(a_scr + lc[:, None] * PA + src[None, :], mask=inside_h[None, :], other=0.0)
@@ -87,7 +87,7 @@ def _stage_a_h(u_ptr, ub, c_idx, cmask, lc, w0_ptr, b0_ptr, ws_ptr, bs_ptr, a_sc
     xa = x0 - 10 + pa % AW
     va = pa < AH * AW
     acc = tl.zeros([BLOCK_C, PA], ACC)
-    for t in tl.static_range(25):
+    for t in range(25):
         w = tl.load(w0_ptr + c_idx * 25 + t, mask=cmask, other=0.0).to(ACC)
         acc += w[:, None] * _load_img(u_ptr, ub, c_off, cmask, ya + (t // 5 - 2), xa + (t % 5 - 2), va,
                                       H, W, sH, sW, ACC)
@@ -118,7 +118,7 @@ def _vstrip(h_scr, ws_ptr, bs_ptr, c_idx, cmask, lc, ro, co, vo,
     """v = dw_Kx1(h) + bias on the tile, h read from the H-region scratch."""
     P: tl.constexpr = K // 2
     acc = tl.zeros([BLOCK_C, PO], ACC)
-    for i in tl.static_range(K):
+    for i in range(K):
         w = tl.load(ws_ptr + c_idx * 78 + WOFF + i, mask=cmask, other=0.0).to(ACC)
         src = (ro + 10 + i - P) * TW + co
         acc += w[:, None] * tl.load(h_scr + lc[:, None] * PH + src[None, :], mask=vo[None, :], other=0.0)
@@ -318,7 +318,7 @@ def _dh_strip(ds_ptr, fb, c_off, cmask, lc, ws_ptr, bs_ptr, c_idx, dh_scr, ydh, 
     """d_h = dw_Kx1^T(d_s) on the DH-region, zero outside the image (d_s read from global, zero outside)."""
     P: tl.constexpr = K // 2
     acc = tl.zeros([BLOCK_C, PDH], ACC)
-    for i in tl.static_range(K):
+    for i in range(K):
         w = tl.load(ws_ptr + c_idx * 78 + WOFF + i, mask=cmask, other=0.0).to(ACC)
         acc += w[:, None] * _load_img(ds_ptr, fb, c_off, cmask, ydh - i + P, xdh, vdh, H, W, W, 1, ACC)
     dh = tl.where(inside_dh[None, :], acc, 0.0)
@@ -332,7 +332,7 @@ def _da_strip(dh_scr, ws_ptr, c_idx, cmask, lc, rda, cda, vda,
     """dw_1xK^T(d_h) on the DA-region, d_h read from the DH-region scratch."""
     P: tl.constexpr = K // 2
     acc = tl.zeros([BLOCK_C, PDA], ACC)
-    for j in tl.static_range(K):
+    for j in range(K):
         w = tl.load(ws_ptr + c_idx * 78 + WOFF + j, mask=cmask, other=0.0).to(ACC)
         src = rda * DHW + cda + (10 - j + P)
         acc += w[:, None] * tl.load(dh_scr + lc[:, None] * PDH + src[None, :], mask=vda[None, :], other=0.0)
@@ -349,7 +349,7 @@ def _strip_wgrad(part_ptr, c_idx, cmask, up, src_scr, src_base, vo, ACC: tl.cons
     and the tap shift moves along rows (SHIFT_ROWS, for kx1 convs) or columns (for 1xk convs).
     """
     P: tl.constexpr = K // 2
-    for j in tl.static_range(K):
+    for j in range(K):
         if SHIFT_ROWS:
             src = (ro + roff + j - P) * rowlen + co + coff
         else:
@@ -430,7 +430,7 @@ def _msca_bwd_dw_kernel(u_ptr, w0_ptr, b0_ptr, ws_ptr, bs_ptr, ds_ptr, dug_ptr, 
             du = _load_img(dug_ptr, fb, c_off, cmask, y, x, vpix, H, W, W, 1, ACC)
             da_t = tl.load(da_scr + lc[:, None] * PDA + ((ro + 2) * DAW + co + 2)[None, :],
                            mask=vpix[None, :], other=0.0)
-            for tap in tl.static_range(25):
+            for tap in range(25):
                 ky = tap // 5
                 kx = tap % 5
                 w = tl.load(w0_ptr + c_idx * 25 + tap, mask=cmask, other=0.0).to(ACC)
@@ -496,15 +496,21 @@ def _dtypes(dtype: torch.dtype):
 #: interpreter) and tuning. Empty in normal use.
 TILE_OVERRIDES: dict = {}
 
-#: The geometry used on a GPU.
-GPU_TILE = dict(TH=16, TW=32, BLOCK_C=4, BLOCK_K=32, num_warps=8)
+#: The geometry used on a GPU, per kernel (the backward kernels exchange data only through full-size global
+#: tensors, so their tiles are independent). Chosen from the sm_90 ptxas report of the AOT compile check
+#: (tests/triton_aot.py): the largest tiles with no register spills and no stack frame (Triton 3.9).
+GPU_TILES = {
+    "fwd": dict(TH=16, TW=32, BLOCK_C=4, BLOCK_K=16, num_warps=8),
+    "bwd_mix": dict(TH=16, TW=16, BLOCK_C=2, BLOCK_K=16, num_warps=8),
+    "bwd_dw": dict(TH=16, TW=32, BLOCK_C=2, BLOCK_K=16, num_warps=8),
+}
 
 
 class _TileConfig:
     """Tile geometry of the tile kernels. Under the interpreter its cost is (programs) x (ops per program), nearly
     independent of tile size, so tiles are large there; on a GPU they are sized for registers (see kernels.md)."""
 
-    def __init__(self, B: int, C: int, H: int, W: int, device: torch.device):
+    def __init__(self, B: int, C: int, H: int, W: int, device: torch.device, kernel: str = "fwd"):
         if INTERPRET:
             # interpreter cost is per op, not per element: few programs, wide channel blocks (<= 2^18 elements)
             self.TH, self.TW = min(H, 32), min(W, 32)
@@ -513,7 +519,7 @@ class _TileConfig:
             self.BLOCK_K = max(16, min(_next_pow2(C), 256))
             self.num_warps = 4
         else:
-            for k, v in GPU_TILE.items():
+            for k, v in GPU_TILES[kernel].items():
                 setattr(self, k, v)
         max_programs = None if INTERPRET or device.type != "cuda" else \
             4 * torch.cuda.get_device_properties(device).multi_processor_count
@@ -572,7 +578,7 @@ def msca_backward(grad_out, u, w0, b0, ws, bs, w3, b3, needs_input_grad):
         z = lambda *s: torch.zeros(*s, dtype=acc_t, device=dev)  # noqa: E731
         grads = (torch.zeros_like(u), z(C, 25), z(C), z(C, 78), z(C, 6), z(C, C), z(C))
         return tuple(g if n else None for g, n in zip(grads, needs_input_grad))
-    cfg = _TileConfig(B, C, H, W, dev)
+    cfg = _TileConfig(B, C, H, W, dev, "bwd_mix")
     S = _empty(B, C, H, W, dtype=acc_t, device=dev)
     DATT = _empty_like(S)
     DS = _empty_like(S)
@@ -610,6 +616,7 @@ def msca_backward(grad_out, u, w0, b0, ws, bs, w3, b3, needs_input_grad):
 
     du = dw0 = db0 = dws = dbs = None
     if need_du or need_w0 or need_b0 or need_ws or need_bs:
+        cfg = _TileConfig(B, C, H, W, dev, "bwd_dw")
         du = _empty_like(u)
         part = _empty(cfg.n_tiles, C, _NPART, dtype=acc_t, device=dev)
         scr = _empty(cfg.n_prog * cfg.BLOCK_C * (cfg.PA + 3 * cfg.PH + 3 * cfg.PDH + cfg.PDA),

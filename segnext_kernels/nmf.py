@@ -7,8 +7,8 @@ Decomposition?" (ICLR 2021); the project's eager oracle is ``segnext.ham_head.nm
 (spec ``reference_model.md`` section 2.4). Kernel design: ``segnext_kernels/nmf_triton.py``.
 
 Backends: "triton" (``nmf_triton`` behind the custom ops of ``nmf_autograd``), "reference" (eager
-``nmf2d_reference``), "auto" (Triton on CUDA tensors, the reference on CPU tensors) and "cuda" (reserved: the CUDA NMF kernel does not exist yet, so
-asking for it raises RuntimeError).
+``nmf2d_reference``), "auto" (Triton on CUDA tensors, the reference on CPU tensors) and "cuda" (reserved: the CUDA
+NMF kernel does not exist yet, so asking for it raises RuntimeError).
 """
 from __future__ import annotations
 

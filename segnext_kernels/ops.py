@@ -7,7 +7,7 @@ import torch
 
 from ._validate import check_msca_args
 from .backend import resolve_backend
-from .msca_autograd import MSCAFunction
+from .msca_autograd import msca_fused
 from .msca_reference import msca_reference
 
 _AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -36,7 +36,10 @@ def msca(
         strip_weights: 6 tensors, the official order conv0_1 (C, 1, 1, 7), conv0_2 (C, 1, 7, 1), conv1_1 (C, 1, 1, 11),
             conv1_2 (C, 1, 11, 1), conv2_1 (C, 1, 1, 21), conv2_2 (C, 1, 21, 1); strip_biases: 6 tensors (C,).
         conv3_weight: (C, C, 1, 1); conv3_bias: (C,). All weights in u's dtype and on u's device.
-        backend: "auto", "triton", "cuda" or "reference" (see ``segnext_kernels.backend``).
+        backend: "auto", "triton", "cuda" or "reference" (see ``segnext_kernels.backend``). "triton" and "cuda" run
+            the custom op ``torch.ops.segnext_kernels.msca_forward`` (``msca_autograd``): opaque to
+            ``torch.compile`` (fake implementations registered), autograd via ``torch.library.register_autograd``.
+            "reference" runs eager PyTorch ops (``msca_reference``).
 
     Under ``torch.autocast`` (fp32/fp16/bf16 inputs) u and the weights are cast to the autocast dtype first, as eager
     PyTorch casts them for each convolution of the module; the result is in that dtype.
@@ -65,5 +68,4 @@ def msca(
     name = resolve_backend(backend, u.device)
     if name == "reference":
         return msca_reference(u, conv0_weight, conv0_bias, strip_weights, strip_biases, conv3_weight, conv3_bias)
-    return MSCAFunction.apply(name, u, conv0_weight, conv0_bias, *strip_weights, *strip_biases,
-                              conv3_weight, conv3_bias)
+    return msca_fused(name, u, conv0_weight, conv0_bias, strip_weights, strip_biases, conv3_weight, conv3_bias)

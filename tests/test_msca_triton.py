@@ -173,13 +173,13 @@ def test_large_kernel_interior_identity():
     torch.testing.assert_close(out[:, :, 12:15, 12:15], expect, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("geometry", ["gpu", "small"])
+@pytest.mark.parametrize("geometry", ["fwd", "bwd_mix", "small"])
 def test_tile_geometry_seams_and_channel_tails(geometry, poison, monkeypatch):
-    # The GPU tile geometry (and a smaller one), run under the interpreter: ragged tiles in both directions,
+    # The GPU tile geometries (and a smaller one), run under the interpreter: ragged tiles in both directions,
     # several channel blocks with a ragged tail, the 1x1 mix over several K blocks, and persistent programs that
     # each loop over several tiles (max_programs).
-    if geometry == "gpu":
-        over = dict(msca_triton.GPU_TILE, max_programs=3)
+    if geometry != "small":   # a GPU geometry (msca_triton.GPU_TILES), applied to all three tile kernels
+        over = dict(msca_triton.GPU_TILES[geometry], max_programs=3)
         shape = (1, 6, 17, 33)
     else:
         over = dict(TH=8, TW=16, BLOCK_C=8, BLOCK_K=16, max_programs=3)
