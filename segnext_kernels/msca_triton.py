@@ -498,12 +498,16 @@ TILE_OVERRIDES: dict = {}
 
 #: The geometry used on a GPU, per kernel (the backward kernels exchange data only through full-size global
 #: tensors, so their tiles are independent). Chosen from the sm_90 ptxas report of the AOT compile check
-#: (tests/triton_aot.py): the largest tiles with no register spills and no stack frame (Triton 3.9).
+#: (tests/triton_aot.py): the largest tiles with no register spills and no stack frame for sm_90 and sm_80, fp32
+#: and bf16 (Triton 3.9). Not yet timed on a GPU: smaller backward tiles cost more halo recompute.
 GPU_TILES = {
     "fwd": dict(TH=16, TW=32, BLOCK_C=4, BLOCK_K=16, num_warps=8),
-    "bwd_mix": dict(TH=16, TW=16, BLOCK_C=2, BLOCK_K=16, num_warps=8),
-    "bwd_dw": dict(TH=16, TW=32, BLOCK_C=2, BLOCK_K=16, num_warps=8),
+    "bwd_mix": dict(TH=8, TW=16, BLOCK_C=2, BLOCK_K=16, num_warps=8),
+    "bwd_dw": dict(TH=16, TW=16, BLOCK_C=2, BLOCK_K=16, num_warps=8),
 }
+
+#: The dw3 split-K GEMM on a GPU (same AOT check).
+GPU_W3 = dict(BLOCK_MN=64, BLOCK_P=32, num_warps=8)
 
 
 class _TileConfig:
@@ -596,8 +600,8 @@ def msca_backward(grad_out, u, w0, b0, ws, bs, w3, b3, needs_input_grad):
             BM = BN = max(16, min(_next_pow2(C), 64))
             BP = max(16, min(_next_pow2(HW), 1024))
         else:
-            BM = BN = 64
-            BP = 64
+            BM = BN = GPU_W3["BLOCK_MN"]
+            BP = GPU_W3["BLOCK_P"]
         n_pchunks = triton.cdiv(HW, BP)
         n_work = B * n_pchunks
         tiles_mn = triton.cdiv(C, BM) * triton.cdiv(C, BN)
@@ -610,7 +614,8 @@ def msca_backward(grad_out, u, w0, b0, ws, bs, w3, b3, needs_input_grad):
         db3_part = _empty(split, C, dtype=acc_t, device=dev)
         _msca_bwd_w3_kernel[(triton.cdiv(C, BM), triton.cdiv(C, BN), split)](
             DATT, S, dw3_part, db3_part, C, HW, n_pchunks, n_work,
-            BLOCK_M=BM, BLOCK_N=BN, BLOCK_P=BP, ACC=ACC, DOT_PREC=PREC, num_warps=4)
+            BLOCK_M=BM, BLOCK_N=BN, BLOCK_P=BP, ACC=ACC, DOT_PREC=PREC,
+            num_warps=4 if INTERPRET else GPU_W3["num_warps"])
         dw3 = dw3_part.sum(0) if need_w3 else None
         db3 = db3_part.sum(0) if need_b3 else None
 

@@ -120,10 +120,13 @@ def launches_for(dtype) -> list:
     return out
 
 
-def compile_all(archs, dtypes, verbose=True) -> list:
+def compile_all(archs, dtypes, verbose=True, only=None) -> list:
+    """Compile the launched kernels (names containing ``only``, if given) for each arch and dtype."""
     seen, rows = set(), []
     for dname in dtypes:
         for kernel, args, kwargs in launches_for(DTYPES[dname]):
+            if only and only not in kernel.__name__:
+                continue
             sig, const, options = _spec(kernel, args, kwargs)
             key = (kernel.__name__, tuple(sig.items()), tuple(sorted((k, str(v)) for k, v in const.items())),
                    tuple(sorted(options.items())))
@@ -159,10 +162,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="90,80", help="compute capabilities, e.g. 90,80")
     ap.add_argument("--dtypes", default="bf16,fp32", help=f"subset of {','.join(DTYPES)}")
+    ap.add_argument("--kernels", default=None, help="only kernels whose name contains this, e.g. msca or nmf")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON on the last line")
     args = ap.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    rows = compile_all([int(a) for a in args.arch.split(",")], args.dtypes.split(","), verbose=not args.json)
+    rows = compile_all([int(a) for a in args.arch.split(",")], args.dtypes.split(","), verbose=not args.json,
+                       only=args.kernels)
     bad = failures(rows)
     if args.json:
         print(json.dumps(rows))
