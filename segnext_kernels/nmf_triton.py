@@ -357,14 +357,17 @@ def _dtypes(dtype: torch.dtype):
     return torch.float32, tl.float32, "tf32" if tf32 else "ieee"
 
 
-#: Force block geometry (keys BN, BD, P (programs per sample), BN_X, BD_X (g_X GEMM tile), num_warps; BN and P
-#: apply to the forward and the backward kernels alike): for tests (several N-tiles / D-chunks / persistent
-#: programs under the interpreter) and tuning. Empty in normal use.
+#: Force block geometry (keys BN, BD, P (programs per sample), BN_X, BD_X (g_X GEMM tile), num_warps,
+#: num_warps_BWD; BN and P apply to the forward and the backward kernels alike): for tests (several N-tiles /
+#: D-chunks / persistent programs under the interpreter) and tuning. Empty in normal use.
 BLOCK_OVERRIDES: dict = {}
 
-#: The geometry used on a GPU (not tuned on hardware yet). BN_BWD: N-tile of the backward kernel, which holds
-#: about twice as many (BN, R) fp32 tiles live as the forward one.
-GPU_BLOCKS = dict(BN=128, BN_BWD=64, BD=32, BN_X=64, BD_X=64, num_warps=8)
+#: The geometry used on a GPU (not timed on hardware yet). BN_BWD / num_warps_BWD: N-tile and warps of the backward
+#: kernel ``_nmf_bwd_kernel``, which holds about twice as many (BN, R) fp32 tiles live as the forward one; the other
+#: kernels use num_warps. Chosen from the ptxas report of tests/triton_aot.py (R = 16, sm_90 and sm_80, bf16 and
+#: fp32, Triton 3.9): no stack frame in any kernel. The fp32 FMA dots need BD = 16 (BD = 32 spills the coef kernel);
+#: the backward at 8 warps kept an 8-24 B stack frame (a save around the IEEE-division slow-path CALL) at every BN_BWD.
+GPU_BLOCKS = dict(BN=128, BN_BWD=32, BD=16, BN_X=64, BD_X=64, num_warps=8, num_warps_BWD=4)
 
 
 class _Config:
@@ -373,18 +376,23 @@ class _Config:
 
     def __init__(self, B: int, D: int, N: int, R: int, device: torch.device, backward: bool = False):
         self.RP = max(16, _next_pow2(R))
-        if INTERPRET or device.type != "cuda":
+        if INTERPRET:
             self.BN = min(max(16, _next_pow2(N)), 512)
             self.BD = min(max(16, _next_pow2(D)), 256)
             self.BN_X, self.BD_X = self.BN, self.BD
-            self.num_warps = 4
+            self.num_warps = self.num_warps_BWD = 4
             target = 2 * B
         else:
             for k, v in GPU_BLOCKS.items():
                 setattr(self, k, v)
             if backward:
                 self.BN = self.BN_BWD
-            target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+            # the (BN, RP) register tiles grow with RP: keep them at their RP = 16 size (what GPU_BLOCKS is tuned for)
+            self.BN = max(16, self.BN * 16 // self.RP)
+            # the GPU geometry also applies to non-CUDA tensors outside the interpreter, so that
+            # tests/triton_aot.py (which records launches on CPU tensors) compiles what a GPU would run
+            sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+            target = 2 * sms
         P = None
         for k, v in BLOCK_OVERRIDES.items():
             if k == "P":
@@ -485,7 +493,8 @@ def _launch_bwd(cfg, acc, x, gy, bases, ge, cnew, gcin, S, cprev, G, gcout, ga, 
         S if S is not None else dummy, cprev, G, gcout if gcout is not None else dummy,
         ga if ga is not None else dummy, pxg, pgy, pgg, sc, D, N, R, cfg.T, cfg.P,
         BN=cfg.BN, BD=cfg.BD, RP=cfg.RP, FINAL=final, HAS_GY=gy is not None, HAS_GCIN=gcin is not None,
-        INIT=init, STORE_GC=store_gc, STORE_GA=ga is not None, ACC=acc[1], PREC=acc[2], num_warps=cfg.num_warps)
+        INIT=init, STORE_GC=store_gc, STORE_GA=ga is not None, ACC=acc[1], PREC=acc[2],
+        num_warps=cfg.num_warps_BWD)
 
 
 def _pad_rr(m: torch.Tensor, RP: int) -> torch.Tensor:
