@@ -84,27 +84,3 @@ def pack_weights(conv0_weight, conv0_bias, strip_weights, strip_biases, conv3_we
     bs = torch.stack(list(strip_biases), dim=1).to(dtype).contiguous()
     w3 = conv3_weight.reshape(C, C).to(dtype).contiguous()
     return w0, conv0_bias.to(dtype).contiguous(), ws, bs, w3, conv3_bias.to(dtype).contiguous()
-
-
-def unpack_grads(grads, conv0_weight, strip_weights, conv3_weight):
-    """Turn packed gradients ``(du, dw0, db0, dws, dbs, dw3, db3)`` back into the nn.Conv2d shapes and dtypes.
-
-    Returns ``(du, dconv0_weight, dconv0_bias, [6 strip weight grads], [6 strip bias grads], dconv3_weight,
-    dconv3_bias)``; entries that were not computed stay None.
-    """
-    du, dw0, db0, dws, dbs, dw3, db3 = grads
-    dtype = conv0_weight.dtype
-    d_conv0 = None if dw0 is None else dw0.reshape(conv0_weight.shape).to(dtype)
-    d_conv0_b = None if db0 is None else db0.to(dtype)
-    d_strip_w = [None] * 6
-    d_strip_b = [None] * 6
-    if dws is not None:
-        for i, w in enumerate(strip_weights):
-            k = w.numel() // w.shape[0]
-            d_strip_w[i] = dws[:, STRIP_OFFSETS[i]:STRIP_OFFSETS[i] + k].reshape(w.shape).to(w.dtype)
-    if dbs is not None:
-        for i in range(6):
-            d_strip_b[i] = dbs[:, i].to(strip_weights[i].dtype)
-    d_conv3 = None if dw3 is None else dw3.reshape(conv3_weight.shape).to(conv3_weight.dtype)
-    d_conv3_b = None if db3 is None else db3.to(conv3_weight.dtype)
-    return du, d_conv0, d_conv0_b, d_strip_w, d_strip_b, d_conv3, d_conv3_b
