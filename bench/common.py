@@ -555,6 +555,23 @@ def decide_save(args, device: torch.device) -> bool:
     return bool(args.save) or device.type == "cuda"
 
 
+def add_timing_args(ap, warmup: str, rep: str, check: bool = True) -> None:
+    """``--warmup-ms`` / ``--rep-ms`` (do_bench times, ms; ``warmup`` / ``rep`` describe the defaults) and, with
+    ``check``, ``--no-check`` (skip the rel_err sanity check)."""
+    if check:
+        ap.add_argument("--no-check", action="store_true", help="skip the rel_err sanity check")
+    ap.add_argument("--warmup-ms", type=float, default=None, help=f"do_bench warm-up (ms; default {warmup})")
+    ap.add_argument("--rep-ms", type=float, default=None, help=f"do_bench measuring time (ms; default {rep})")
+
+
+def run_main(build_parser, body, argv=None) -> int:
+    """Parse ``argv``, pick the device (``--cpu``), set CPU threads, then ``body(args, argv, device)``."""
+    args = build_parser().parse_args(argv)
+    device = pick_device(args.cpu)
+    with cpu_threads(args.threads, device):
+        return body(args, argv, device)
+
+
 def add_common_args(ap) -> None:
     ap.add_argument("--out", default=str(RESULTS_DIR), help="directory for the CSV/JSON/PNG (default bench/results)")
     ap.add_argument("--save", action="store_true", help="write result files also on CPU (GPU runs always save)")

@@ -239,17 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--variants", default=None,
                     help="subset of eager,fused,compile,compile_fused (default all; compile is CUDA only)")
     ap.add_argument("--fuse-backend", default="auto", help="backend passed to fuse() (default auto)")
-    ap.add_argument("--warmup-ms", type=float, default=None, help="do_bench warm-up (ms; default 100, quick 50)")
-    ap.add_argument("--rep-ms", type=float, default=None, help="do_bench measuring time (ms; default 500, quick 200)")
+    common.add_timing_args(ap, "100, quick 50", "500, quick 200", check=False)
     common.add_common_args(ap)
     return ap
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    device = common.pick_device(args.cpu)
-    with common.cpu_threads(args.threads, device):
-        return _main(args, argv, device)
+    return common.run_main(build_parser, _main, argv)
 
 
 def _main(args, argv, device) -> int:

@@ -259,18 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--grad", default="unrolled", help="gradient mode(s) of fwdbwd: unrolled, one_step or both")
     ap.add_argument("--backends", default=None, help="subset of cuda,triton,reference (default: all that run here)")
     ap.add_argument("--baselines", default=None, help="subset of eager,compile,compile_max (default: all)")
-    ap.add_argument("--no-check", action="store_true", help="skip the rel_err sanity check")
-    ap.add_argument("--warmup-ms", type=float, default=None, help="do_bench warm-up (ms; default 25, quick 10)")
-    ap.add_argument("--rep-ms", type=float, default=None, help="do_bench measuring time (ms; default 100, quick 50)")
+    common.add_timing_args(ap, "25, quick 10", "100, quick 50")
     common.add_common_args(ap)
     return ap
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    device = common.pick_device(args.cpu)
-    with common.cpu_threads(args.threads, device):
-        return _main(args, argv, device)
+    return common.run_main(build_parser, _main, argv)
 
 
 def _main(args, argv, device) -> int:

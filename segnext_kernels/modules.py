@@ -86,10 +86,16 @@ def fuse_msca(model: nn.Module, backend: str = "auto") -> int:
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    return swap_modules(model, _is_msca, lambda m: FusedMSCA.from_module(m, backend=backend))
+
+
+def swap_modules(model: nn.Module, match, make) -> int:
+    """Replace, in place, every submodule ``m`` of ``model`` with ``match(m)`` true by ``make(m)``; returns the count.
+    (``model`` itself is never replaced.) Shared by ``fuse_msca`` and ``fuse_ham``."""
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if _is_msca(child):
-                setattr(parent, name, FusedMSCA.from_module(child, backend=backend))
+            if match(child):
+                setattr(parent, name, make(child))
                 swapped += 1
     return swapped

@@ -227,13 +227,9 @@ def fuse_ham(model: nn.Module, backend: str = "auto") -> int:
         RuntimeError: backend "cuda" (the CUDA NMF2D kernel does not exist yet); nothing is swapped then.
     """
     _check_module_backend(backend)
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if _is_nmf(child):
-                setattr(parent, name, FusedNMF2D.from_module(child, backend=backend))
-                swapped += 1
-    return swapped
+    from .modules import swap_modules
+
+    return swap_modules(model, _is_nmf, lambda m: FusedNMF2D.from_module(m, backend=backend))
 
 
 def fuse(model: nn.Module, backend: str = "auto") -> dict:
