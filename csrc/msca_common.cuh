@@ -1,63 +1,24 @@
-// Device building blocks shared by msca_fwd.cu and msca_bwd.cu: type helpers, tensor-core wrappers (mma.sync,
-// ldmatrix), the depthwise phases on a spatial tile, and the warp-level GEMMs of the 1x1 channel mix.
-//
-// Compiled by nvcc for the GPU, and by g++ with -DMSCA_EMU for the CPU emulation test (tests/emu/cuda_emu.h), which
-// replaces the few inline-PTX wrappers below by emulations with the documented fragment layouts.
+// Device building blocks shared by msca_fwd.cu and msca_bwd.cu: the depthwise phases on a spatial tile and the
+// warp-level GEMMs of the 1x1 channel mix. Generic helpers (dtype conversion, mma.sync / ldmatrix wrappers, warp
+// reductions, the emulation switch SEGNEXT_EMU) live in cuda_common.cuh.
 #pragma once
 
-#ifdef MSCA_EMU
-#include "cuda_emu.h"
-#else
-#include <cuda_runtime.h>
-#endif
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-#include <stdint.h>
-
+#include "cuda_common.cuh"
 #include "msca_params.h"
 
-#ifdef MSCA_EMU
-#define MSCA_DYN_SMEM(name) unsigned char* name = ::emu::dyn_smem()
-#define MSCA_LAUNCH(kernel, grid, block, smem, stream, ...) ::emu::launch(kernel, grid, block, smem, __VA_ARGS__)
-#define MSCA_SET_SMEM_ATTR(kernel, bytes) ((void)0)
-#else
-#define MSCA_DYN_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
-#define MSCA_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
-#define MSCA_SET_SMEM_ATTR(kernel, bytes) \
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)(bytes))
-#endif
-
-#define MSCA_DEV __device__ __forceinline__
+#define MSCA_DYN_SMEM SK_DYN_SMEM
+#define MSCA_LAUNCH SK_LAUNCH
+#define MSCA_SET_SMEM_ATTR SK_SET_SMEM_ATTR
+#define MSCA_DEV SK_DEV
 
 namespace msca {
 
+using namespace ::sk;
+
 // ------------------------------------------------------------------------------------------------------------------
-// Types. T: the tensor dtype. ST: the element type of s / d_att in shared memory (half types stay half, fp32 stays
-// fp32). GEMM mode: 0 = fp16/bf16 m16n8k16 tensor cores, 1 = TF32 m16n8k8 tensor cores, 2 = exact fp32 FMA.
+// ST: the element type of s / d_att in shared memory (half types stay half, fp32 stays fp32). GEMM mode: 0 =
+// fp16/bf16 m16n8k16 tensor cores, 1 = TF32 m16n8k8 tensor cores, 2 = exact fp32 FMA.
 // ------------------------------------------------------------------------------------------------------------------
-MSCA_DEV float to_f(float x) { return x; }
-MSCA_DEV float to_f(__half x) { return __half2float(x); }
-MSCA_DEV float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T> MSCA_DEV T from_f(float x);
-template <> MSCA_DEV float from_f<float>(float x) { return x; }
-template <> MSCA_DEV __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <> MSCA_DEV __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
-template <typename T> struct IsBF16 { static constexpr bool value = false; };
-template <> struct IsBF16<__nv_bfloat16> { static constexpr bool value = true; };
-
-MSCA_DEV uint32_t f32_to_tf32(float x) {
-#ifdef MSCA_EMU
-  return ::emu::cvt_rna_tf32(x);
-#else
-  uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
-  return r;
-#endif
-}
-MSCA_DEV float tf32_round(float x) { return __uint_as_float(f32_to_tf32(x)); }
-
 // Store a float into S / DATT: half types round to nearest even, fp32 rounds to TF32 when the GEMM runs on TF32.
 template <typename ST> MSCA_DEV ST to_st(float x, bool tf32);
 template <> MSCA_DEV float to_st<float>(float x, bool tf32) { return tf32 ? tf32_round(x) : x; }
@@ -69,93 +30,13 @@ template <> MSCA_DEV float st_zero<float>() { return 0.f; }
 template <> MSCA_DEV __half st_zero<__half>() { return __float2half_rn(0.f); }
 template <> MSCA_DEV __nv_bfloat16 st_zero<__nv_bfloat16>() { return __float2bfloat16_rn(0.f); }
 
-MSCA_DEV int lane_id() { return (int)(threadIdx.x & 31); }
-
-// ------------------------------------------------------------------------------------------------------------------
-// Tensor-core wrappers. Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16 / m16n8k8"), g = lane/4,
-// t = lane%4:
-//   m16n8k16 (.f16/.bf16): a[0] = A[g][2t,2t+1], a[1] = A[g+8][2t,2t+1], a[2] = A[g][2t+8,+9], a[3] = A[g+8][2t+8,+9]
-//                          b[0] = B[2t,2t+1][g], b[1] = B[2t+8,+9][g]          (lower k in the lower 16 bits)
-//   m16n8k8 (.tf32):       a[0] = A[g][t], a[1] = A[g+8][t], a[2] = A[g][t+4], a[3] = A[g+8][t+4]
-//                          b[0] = B[t][g], b[1] = B[t+4][g]
-//   D (f32, both):         d[0] = D[g][2t], d[1] = D[g][2t+1], d[2] = D[g+8][2t], d[3] = D[g+8][2t+1]
-// ------------------------------------------------------------------------------------------------------------------
-template <bool BF16>
-MSCA_DEV void mma_16816(float d[4], const uint32_t a[4], const uint32_t b[2]) {
-#ifdef MSCA_EMU
-  ::emu::mma_16816(d, a, b, d, BF16);
-#else
-  if (BF16) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-#endif
-}
-
-MSCA_DEV void mma_1688_tf32(float d[4], const uint32_t a[4], const uint32_t b[2]) {
-#ifdef MSCA_EMU
-  ::emu::mma_1688_tf32(d, a, b, d);
-#else
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-}
-
-// ldmatrix .x4: lane l gives the address of row (l & 7) of 8x8 matrix (l >> 3); r[i] receives matrix i.
-// Without .trans lane (g,t) gets M[g][2t,2t+1]; with .trans it gets M[2t][g], M[2t+1][g].
-template <bool TRANS>
-MSCA_DEV void ldmatrix_x4(uint32_t r[4], const void* row_ptr) {
-#ifdef MSCA_EMU
-  ::emu::ldmatrix_x4(r, row_ptr, TRANS);
-#else
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row_ptr));
-  if (TRANS) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-  } else {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-  }
-#endif
-}
-
-MSCA_DEV float shfl_xor(float v, int m) {
-#ifdef MSCA_EMU
-  return ::emu::shfl_xor(v, m);
-#else
-  return __shfl_xor_sync(0xffffffffu, v, m);
-#endif
-}
-
 // ------------------------------------------------------------------------------------------------------------------
 // Packed conv3 weight (the A operand of the channel-mix GEMMs), written by prep_w3_kernel, read with one 16-byte
 // load per lane and k-step. A[m][k] = transpose ? w3[k][m] : w3[m][k], zero outside [0,C)^2, padded to CP x CP.
-//   mode 0 (fp16/bf16): uint32 [CP/16 m-tiles][CP/16 k-tiles][32 lanes][4 regs], each reg two halves (see above)
+//   mode 0 (fp16/bf16): uint32 [CP/16 m-tiles][CP/16 k-tiles][32 lanes][4 regs], each reg two halves (fragment layouts: cuda_common.cuh)
 //   mode 1 (tf32):      float  [CP/16][CP/8][32][4] (rounded to TF32)
 //   mode 2 (fp32 FMA):  float  [CP/16][CP/4][16 rows][4 k]
 // ------------------------------------------------------------------------------------------------------------------
-template <typename HT>
-MSCA_DEV uint32_t pack2(float lo, float hi) {
-  HT l = from_f<HT>(lo), h = from_f<HT>(hi);
-  uint16_t lb, hb;
-  lb = *reinterpret_cast<uint16_t*>(&l);
-  hb = *reinterpret_cast<uint16_t*>(&h);
-  return (uint32_t)lb | ((uint32_t)hb << 16);
-}
 
 template <typename T, int MODE>
 __global__ void __launch_bounds__(256) prep_w3_kernel(const float* __restrict__ w3, int C, int CP, int transpose,
@@ -363,36 +244,6 @@ MSCA_DEV void gemm_smemMK_smemNK(float acc[2][4][4], const ST* As, int lda, int 
         }
     }
   }
-}
-
-// Warp "transpose" reduction of N = 16 or 32 per-lane values over the 32 lanes in 31 shuffles: afterwards lane L
-// holds the warp total of value index L % N. The summation order is fixed (deterministic).
-template <int W, int N>
-MSCA_DEV void tr_step(float (&v)[N], int lane) {
-  const bool up = (lane & W) != 0;
-#pragma unroll
-  for (int i = 0; i < W; ++i) {
-    const float send = up ? v[i] : v[i + W];
-    const float keep = up ? v[i + W] : v[i];
-    v[i] = keep + shfl_xor(send, W);
-  }
-}
-
-template <int N>
-MSCA_DEV float warp_transpose_reduce(float (&v)[N]) {
-  static_assert(N == 16 || N == 32, "N must be 16 or 32");
-  const int lane = lane_id();
-  if constexpr (N == 32) {
-    tr_step<16>(v, lane);
-  } else {
-#pragma unroll
-    for (int i = 0; i < 16; ++i) v[i] += shfl_xor(v[i], 16);
-  }
-  tr_step<8>(v, lane);
-  tr_step<4>(v, lane);
-  tr_step<2>(v, lane);
-  tr_step<1>(v, lane);
-  return v[0];
 }
 
 // ------------------------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ Loading (lazy; importing this module never builds anything):
 
 1. a prebuilt extension ``segnext_kernels._C`` (``SEGNEXT_KERNELS_FORCE_BUILD=1 pip install --no-build-isolation -e .``
    on a machine with nvcc, or a plain install there: setup.py builds it whenever torch has CUDA), else
-2. a JIT build with ``torch.utils.cpp_extension.load`` (ninja) of ``csrc/msca_fwd.cu``, ``csrc/msca_bwd.cu`` and
+2. a JIT build with ``torch.utils.cpp_extension.load`` (ninja) of ``csrc/*.cu`` (MSCA and NMF2D kernels) and
    ``csrc/binding.cpp`` into ``~/.cache/segnext_kernels/<torch version>-cu<cuda version>/`` (override with
    ``SEGNEXT_KERNELS_BUILD_DIR``), cached by ninja. ``TORCH_CUDA_ARCH_LIST`` selects the architectures as usual
    (default there: the visible GPU's).
@@ -38,8 +38,9 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BUILD_HINT = ("Build it on a machine with a CUDA GPU and nvcc: SEGNEXT_KERNELS_FORCE_BUILD=1 pip install "
               "--no-build-isolation -e .")
 _SRC_DIR = Path(__file__).resolve().parent.parent / "csrc"
-_SOURCES = ("msca_fwd.cu", "msca_bwd.cu", "binding.cpp")
-_HEADERS = ("msca_params.h", "msca_common.cuh")
+#: every kernel of the extension (MSCA and NMF2D: one extension, one build)
+_SOURCES = ("msca_fwd.cu", "msca_bwd.cu", "nmf_fwd.cu", "nmf_bwd.cu", "binding.cpp")
+_HEADERS = ("cuda_common.cuh", "msca_params.h", "msca_common.cuh", "nmf_params.h")
 
 _lock = threading.Lock()
 _ext = None            # the loaded extension module

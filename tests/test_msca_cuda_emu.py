@@ -1,6 +1,6 @@
 """The CUDA MSCA kernels (csrc/*.cu) run on the CPU through a fiber-based CUDA emulator (tests/emu/cuda_emu.h).
 
-The very kernel sources the GPU runs are compiled with g++ (-DMSCA_EMU): every CUDA thread of a block becomes a
+The very kernel sources the GPU runs are compiled with g++ (-DSEGNEXT_EMU): every CUDA thread of a block becomes a
 cooperative fiber, __syncthreads/shuffles/ldmatrix/mma.sync are emulated with the PTX fragment layouts. This checks
 the index arithmetic, halos, zero padding, shared-memory layouts (with a canary after the dynamic size), the tensor-
 core fragment bookkeeping and the barrier placement (results must not depend on the fiber scheduling order) without
@@ -116,7 +116,7 @@ class Emu:
 @pytest.fixture(scope="session")
 def emu(tmp_path_factory):
     out = tmp_path_factory.mktemp("msca_emu") / "msca_emu.so"
-    cmd = ["g++", "-std=c++17", "-O1", "-DMSCA_EMU", "-shared", "-fPIC", f"-I{CSRC}", f"-I{EMU}",
+    cmd = ["g++", "-std=c++17", "-O1", "-DSEGNEXT_EMU", "-shared", "-fPIC", f"-I{CSRC}", f"-I{EMU}",
            f"-I{_cuda_include()}", "-x", "c++", str(CSRC / "msca_fwd.cu"), "-x", "c++", str(CSRC / "msca_bwd.cu"),
            "-x", "c++", str(EMU / "emu_main.cpp"), "-o", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

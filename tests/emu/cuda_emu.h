@@ -1,6 +1,6 @@
 // Minimal single-OS-thread CUDA emulator used only by tests/test_msca_cuda_emu.py.
 //
-// It compiles the real kernel sources (csrc/*.cu) as host C++ (g++ -x c++ -DMSCA_EMU) and
+// It compiles the real kernel sources (csrc/*.cu) as host C++ (g++ -x c++ -DSEGNEXT_EMU) and
 // runs every CUDA thread of a block as a cooperative fiber (ucontext).  __syncthreads(),
 // warp shuffles, ldmatrix and mma.sync are emulated with the documented PTX fragment layouts,
 // so the index arithmetic, shared-memory layouts, halos, zero padding, barrier placement and
