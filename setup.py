@@ -1,7 +1,8 @@
 """Build script of segnext-kernels.
 
 Package metadata and the list of packages (segnext, segnext_kernels, bench) live in pyproject.toml; this file only
-adds the optional CUDA extension ``segnext_kernels._C`` (csrc/msca_fwd.cu, csrc/msca_bwd.cu, csrc/binding.cpp).
+adds the optional CUDA extension ``segnext_kernels._C`` (csrc/msca_fwd.cu, csrc/msca_bwd.cu, csrc/nmf_fwd.cu,
+csrc/nmf_bwd.cu, csrc/binding.cpp).
 
 The extension is built when the torch found at build time has CUDA (``torch.version.cuda is not None``) and nvcc is
 available, or always when ``SEGNEXT_KERNELS_FORCE_BUILD=1`` (then a missing toolkit is an error). Otherwise the
@@ -51,7 +52,7 @@ def _extension_kwargs():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     nvcc_threads = os.environ.get("NVCC_THREADS", "2")
     csrc = os.path.join("csrc")
-    sources = [os.path.join(csrc, f) for f in ("msca_fwd.cu", "msca_bwd.cu", "binding.cpp")]
+    sources = [os.path.join(csrc, f) for f in ("msca_fwd.cu", "msca_bwd.cu", "nmf_fwd.cu", "nmf_bwd.cu", "binding.cpp")]
     ext = cpp_extension.CUDAExtension(
         name="segnext_kernels._C",
         sources=sources,

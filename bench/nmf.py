@@ -16,8 +16,8 @@ SegNeXt / mmseg, default) or "one_step" (Hamburger paper). Inputs: x = torch.ran
 torch.rand normalised over D (the official draw, done once outside the timing), x rotated over enough copies to
 exceed twice the L2.
 
-Implementations: backends "triton" and "reference" through ``segnext_kernels.nmf2d(..., backend=)`` ("cuda" is
-listed and reported unavailable until a CUDA NMF kernel exists); baselines "eager" (``nmf2d_reference`` called
+Implementations: backends "cuda", "triton" and "reference" through ``segnext_kernels.nmf2d(..., backend=)`` (each
+reported unavailable, with the reason, where it cannot run); baselines "eager" (``nmf2d_reference`` called
 directly), "compile" / "compile_max" (``torch.compile(nmf2d_reference)``, default / max-autotune, CUDA only).
 
 Byte model (a fused implementation streaming x once per pass; bases and coef, at most R/D of x, not counted),

@@ -1,11 +1,13 @@
-// PyTorch binding of the hand-written CUDA MSCA kernels: the only file that includes <torch/extension.h>.
+// PyTorch binding of the hand-written CUDA kernels (MSCA and NMF2D): the only file that includes <torch/extension.h>.
 //
 // Registers the custom ops
 //   segnext::msca_forward(Tensor u, Tensor w0, Tensor b0, Tensor ws, Tensor bs, Tensor w3, Tensor b3) -> Tensor
 //   segnext::msca_backward(Tensor grad_out, Tensor u, Tensor w0, Tensor b0, Tensor ws, Tensor bs, Tensor w3,
 //                          Tensor b3, bool[7] needs_input_grad) -> (Tensor x 7)
-// with CUDA kernels. Their fake (meta) implementations live in Python (segnext_kernels/msca_cuda.py, registered as
-// soon as this library is loaded through that module; set_python_module below tells torch where to find them).
+// with CUDA kernels, and the pybind11 functions nmf_geom / nmf_bases / nmf_coef / nmf_bwd_stage / nmf_gx (the NMF2D
+// launchers, see the NMF2D section below). The ops' fake (meta) implementations live in Python
+// (segnext_kernels/msca_cuda.py, registered as soon as this library is loaded through that module;
+// set_python_module below tells torch where to find them).
 //
 // Environment knobs read at every call (cheap getenv):
 //   SEGNEXT_MSCA_CUDA_TILE / SEGNEXT_MSCA_CUDA_TILE_BWD  force a tile configuration (0..4, see msca_fwd.cu)
@@ -22,12 +24,14 @@
 #include <array>
 #include <cstdlib>
 #include <limits>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <tuple>
 #include <vector>
 
 #include "msca_params.h"
+#include "nmf_params.h"
 
 namespace {
 
@@ -227,6 +231,215 @@ Grads msca_backward_cuda(const at::Tensor& grad_out, const at::Tensor& u, const 
   return Grads(du, dw0, db0, dws, dbs, dw3, db3);
 }
 
+// ------------------------------------------------------------------------------------------------------------------
+// NMF2D launchers (csrc/nmf_params.h). Internal entry points of the "cuda" NMF2D backend, called by
+// segnext_kernels/nmf_cuda.py from inside the custom ops segnext_kernels::nmf2d_forward / nmf2d_backward (which own
+// the fakes and the autograd registration), with buffers allocated by segnext_kernels/nmf_driver.py. They check
+// devices, dtypes, shapes and contiguity (a mismatch is a bug in the driver, reported instead of a wrong answer).
+// ------------------------------------------------------------------------------------------------------------------
+using OptT = std::optional<at::Tensor>;
+
+int nmf_dtype_code(const at::Tensor& x, const char* name) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return NMF_F32;
+    case at::kHalf: return NMF_F16;
+    case at::kBFloat16: return NMF_BF16;
+    default:
+      TORCH_CHECK(false, name, ": the cuda NMF2D backend supports float32, float16 and bfloat16, got ", x.scalar_type(),
+                  " (use backend='triton' or 'reference' for other dtypes)");
+  }
+  return -1;
+}
+
+void nmf_check_x(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.is_cuda(), name, ": expected a CUDA tensor, got one on ", x.device());
+  TORCH_CHECK(x.dim() == 3, name, ": expected a 3-D tensor (B, D, N), got shape ", x.sizes());
+  nmf_dtype_code(x, name);
+}
+
+// fp32, contiguous, on `like`'s device, with `numel` elements (shape checked by element count: the driver passes
+// views of histories such as (K+1, B, D, R)[k]).
+const float* nmf_small(const at::Tensor& t, const char* name, const at::Tensor& like, int64_t numel) {
+  TORCH_CHECK(t.device() == like.device(), name, ": expected a tensor on ", like.device(), ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, ": expected float32, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor");
+  TORCH_CHECK(t.numel() == numel, name, ": expected ", numel, " elements, got shape ", t.sizes());
+  return t.data_ptr<float>();
+}
+float* nmf_small_mut(const at::Tensor& t, const char* name, const at::Tensor& like, int64_t numel) {
+  return const_cast<float*>(nmf_small(t, name, like, numel));
+}
+const float* nmf_opt(const OptT& t, const char* name, const at::Tensor& like, int64_t numel, bool needed) {
+  if (!needed) return nullptr;
+  TORCH_CHECK(t.has_value(), name, ": required by this launch but not given");
+  return nmf_small(*t, name, like, numel);
+}
+float* nmf_opt_mut(const OptT& t, const char* name, const at::Tensor& like, int64_t numel, bool needed) {
+  return const_cast<float*>(nmf_opt(t, name, like, numel, needed));
+}
+
+int nmf_num_sms(const at::Tensor& like) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, like.get_device()));
+  return sms;
+}
+
+int nmf_rp(int R) {
+  int rp = 16;
+  while (rp < R) rp *= 2;
+  return rp;
+}
+
+// (RP, BN, T, P, work_floats) of nmf_make_geom for a problem on the current device.
+std::vector<int64_t> nmf_geom(int64_t B, int64_t D, int64_t N, int64_t R, const at::Tensor& x, bool backward) {
+  nmf_check_x(x, "x");
+  TORCH_CHECK(R >= 1, "R: expected R >= 1, got ", R);
+  const c10::cuda::CUDAGuard guard(x.device());
+  NmfGeom g{};
+  try {
+    g = nmf_make_geom(B, D, N, (int)R, nmf_dtype_code(x, "x"), backward ? 1 : 0, nmf_num_sms(x));
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "nmf2d (cuda backend): ", e.what());
+  }
+  return {g.RP, g.BN, g.T, g.P, (int64_t)g.work_floats};
+}
+
+void nmf_bases(const at::Tensor& bin, const OptT& bout, const at::Tensor& G, const OptT& pxc, const OptT& pcc,
+               const OptT& E, const OptT& H, const OptT& work, double eps, int64_t P, int64_t work_floats,
+               bool update, bool store_eh) {
+  TORCH_CHECK(bin.is_cuda() && bin.dim() == 3, "bases: expected a 3-D CUDA tensor (B, D, R), got ", bin.sizes());
+  const int64_t B = bin.size(0), D = bin.size(1), R = bin.size(2);
+  const int RP = nmf_rp((int)R);
+  const c10::cuda::CUDAGuard guard(bin.device());
+  NmfBasesParams p{};
+  p.bin = nmf_small(bin, "bases", bin, B * D * R);
+  p.bout = nmf_opt_mut(bout, "bases_out", bin, B * D * R, update);
+  p.G = nmf_small_mut(G, "G", bin, B * RP * RP);
+  p.pxc = nmf_opt(pxc, "pxc", bin, B * P * D * RP, update);
+  p.pcc = nmf_opt(pcc, "pcc", bin, B * P * RP * RP, update);
+  p.E = nmf_opt_mut(E, "E", bin, B * D * R, update && store_eh);
+  p.H = nmf_opt_mut(H, "H", bin, B * RP * RP, update && store_eh);
+  p.work = nmf_opt_mut(work, "work", bin, work_floats, update && work_floats > 0);
+  p.B = B; p.D = D; p.R = (int)R; p.RP = RP; p.P = (int)P;
+  p.eps = (float)eps;
+  p.update = update; p.store_eh = store_eh;
+  try {
+    nmf_bases_launch(p, c10::cuda::getCurrentCUDAStream().stream());
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "nmf2d bases update (cuda backend): ", e.what());
+  }
+  check_launch("nmf2d bases update");
+}
+
+void nmf_coef(const at::Tensor& x, const at::Tensor& bases, const at::Tensor& G, const OptT& cin,
+              const at::Tensor& cout, const OptT& c0, const OptT& pxc, const OptT& pcc, const OptT& y, double eps,
+              double inv_t, int64_t P, int64_t BN, bool init, bool store_c0, bool accum, bool recon) {
+  nmf_check_x(x, "x");
+  const int64_t B = x.size(0), D = x.size(1), N = x.size(2), R = bases.size(-1);
+  const int RP = nmf_rp((int)R);
+  const c10::cuda::CUDAGuard guard(x.device());
+  NmfCoefParams p{};
+  p.x = x.data_ptr();
+  p.x_sB = x.stride(0); p.x_sD = x.stride(1); p.x_sN = x.stride(2);
+  p.bases = nmf_small(bases, "bases", x, B * D * R);
+  p.G = nmf_small(G, "G", x, B * RP * RP);
+  p.cin = nmf_opt(cin, "cin", x, B * N * R, !init);
+  p.cout = nmf_small_mut(cout, "cout", x, B * N * R);
+  p.c0 = nmf_opt_mut(c0, "c0", x, B * N * R, init && store_c0);
+  p.pxc = nmf_opt_mut(pxc, "pxc", x, B * P * D * RP, accum);
+  p.pcc = nmf_opt_mut(pcc, "pcc", x, B * P * RP * RP, accum);
+  if (recon) {
+    TORCH_CHECK(y.has_value(), "y: required by the reconstruction but not given");
+    TORCH_CHECK(y->sizes() == x.sizes() && y->scalar_type() == x.scalar_type() && y->device() == x.device(),
+                "y: expected a tensor like x ", x.sizes(), " ", x.scalar_type(), ", got ", y->sizes(), " ",
+                y->scalar_type());
+    p.y = y->data_ptr();
+    p.y_sB = y->stride(0); p.y_sD = y->stride(1); p.y_sN = y->stride(2);
+  }
+  p.B = B; p.D = D; p.N = N; p.R = (int)R; p.RP = RP; p.P = (int)P; p.BN = (int)BN;
+  p.eps = (float)eps; p.inv_t = (float)inv_t;
+  p.dtype = nmf_dtype_code(x, "x");
+  p.allow_tf32 = at::globalContext().allowTF32CuBLAS() ? 1 : 0;
+  p.init = init; p.store_c0 = store_c0; p.accum = accum; p.recon = recon;
+  try {
+    nmf_coef_launch(p, c10::cuda::getCurrentCUDAStream().stream());
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "nmf2d coef pass (cuda backend): ", e.what());
+  }
+  check_launch("nmf2d coef pass");
+}
+
+void nmf_bwd_stage(const at::Tensor& x, const OptT& gy, const at::Tensor& bases, const OptT& ge,
+                   const at::Tensor& cnew, const OptT& gcin, const OptT& S, const at::Tensor& cprev,
+                   const at::Tensor& G, const OptT& gcout, const OptT& ga, const at::Tensor& pxg, const OptT& pgy,
+                   const at::Tensor& pgg, double eps, double inv_t, int64_t P, int64_t BN, bool final_stage, bool init,
+                   bool store_gc, bool store_ga) {
+  nmf_check_x(x, "x");
+  const int64_t B = x.size(0), D = x.size(1), N = x.size(2), R = bases.size(-1);
+  const int RP = nmf_rp((int)R);
+  const c10::cuda::CUDAGuard guard(x.device());
+  NmfBwdStageParams p{};
+  p.x = x.data_ptr();
+  p.x_sB = x.stride(0); p.x_sD = x.stride(1); p.x_sN = x.stride(2);
+  const bool has_gy = final_stage && gy.has_value();
+  if (has_gy) {
+    TORCH_CHECK(gy->sizes() == x.sizes() && gy->scalar_type() == x.scalar_type() && gy->device() == x.device(),
+                "grad_y: expected a tensor like x ", x.sizes(), " ", x.scalar_type(), ", got ", gy->sizes(), " ",
+                gy->scalar_type());
+    p.gy = gy->data_ptr();
+    p.gy_sB = gy->stride(0); p.gy_sD = gy->stride(1); p.gy_sN = gy->stride(2);
+  }
+  p.bases = nmf_small(bases, "bases", x, B * D * R);
+  p.ge = nmf_opt(ge, "ge", x, B * D * R, !final_stage);
+  p.cnew = nmf_small(cnew, "cnew", x, B * N * R);
+  p.gcin = nmf_opt(gcin, "gcin", x, B * N * R, gcin.has_value());
+  p.S = nmf_opt(S, "S", x, B * RP * RP, !final_stage);
+  p.cprev = nmf_small(cprev, "cprev", x, B * N * R);
+  p.G = nmf_small(G, "G", x, B * RP * RP);
+  p.gcout = nmf_opt_mut(gcout, "gcout", x, B * N * R, store_gc);
+  p.ga = nmf_opt_mut(ga, "ga", x, B * N * R, store_ga);
+  p.pxg = nmf_small_mut(pxg, "pxg", x, B * P * D * RP);
+  p.pgy = nmf_opt_mut(pgy, "pgy", x, B * P * D * RP, has_gy);
+  p.pgg = nmf_small_mut(pgg, "pgg", x, B * P * RP * RP);
+  p.B = B; p.D = D; p.N = N; p.R = (int)R; p.RP = RP; p.P = (int)P; p.BN = (int)BN;
+  p.eps = (float)eps; p.inv_t = (float)inv_t;
+  p.dtype = nmf_dtype_code(x, "x");
+  p.allow_tf32 = at::globalContext().allowTF32CuBLAS() ? 1 : 0;
+  p.final_stage = final_stage; p.has_gy = has_gy; p.has_gcin = gcin.has_value(); p.init = init;
+  p.store_gc = store_gc; p.store_ga = store_ga;
+  try {
+    nmf_bwd_stage_launch(p, c10::cuda::getCurrentCUDAStream().stream());
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "nmf2d backward stage (cuda backend): ", e.what());
+  }
+  check_launch("nmf2d backward stage");
+}
+
+void nmf_gx(const at::Tensor& l1, const at::Tensor& r1, int64_t m1, const OptT& l2, const OptT& r2, int64_t m2,
+            const at::Tensor& gx) {
+  nmf_check_x(gx, "grad_x");
+  const int64_t B = gx.size(0), D = gx.size(1), N = gx.size(2), R = l1.size(-1);
+  const c10::cuda::CUDAGuard guard(gx.device());
+  NmfGxParams p{};
+  p.l1 = nmf_small(l1.narrow(0, 0, m1), "l1", gx, m1 * B * D * R);
+  p.r1 = nmf_small(r1.narrow(0, 0, m1), "r1", gx, m1 * B * N * R);
+  p.M1 = (int)m1;
+  p.l2 = nmf_opt(l2, "l2", gx, m2 * B * D * R, m2 > 0);
+  p.r2 = nmf_opt(r2, "r2", gx, m2 * B * N * R, m2 > 0);
+  p.M2 = (int)m2;
+  p.gx = gx.data_ptr();
+  p.gx_sB = gx.stride(0); p.gx_sD = gx.stride(1); p.gx_sN = gx.stride(2);
+  p.B = B; p.D = D; p.N = N; p.R = (int)R;
+  p.dtype = nmf_dtype_code(gx, "grad_x");
+  p.allow_tf32 = at::globalContext().allowTF32CuBLAS() ? 1 : 0;
+  try {
+    nmf_gx_launch(p, c10::cuda::getCurrentCUDAStream().stream());
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "nmf2d grad_x (cuda backend): ", e.what());
+  }
+  check_launch("nmf2d grad_x");
+}
+
 // Tile table for tuning scripts: list of (TH, TW, G, RV).
 std::vector<std::vector<int64_t>> tile_table() {
   std::vector<std::vector<int64_t>> r;
@@ -251,7 +464,13 @@ TORCH_LIBRARY_IMPL(segnext, CUDA, m) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "segnext-kernels CUDA extension: registers torch.ops.segnext.msca_forward / msca_backward";
+  m.doc() = "segnext-kernels CUDA extension: registers torch.ops.segnext.msca_forward / msca_backward and the NMF2D launchers";
   m.attr("__version__") = "0.1.0";
   m.def("tile_table", &tile_table, "Tile configurations (TH, TW, G, RV) of the MSCA kernels, index = tile config");
+  // NMF2D launchers (internal: called by segnext_kernels/nmf_cuda.py, see nmf_params.h for their semantics)
+  m.def("nmf_geom", &nmf_geom, "NMF2D geometry (RP, BN, T, P, work_floats)");
+  m.def("nmf_bases", &nmf_bases, "NMF2D Gram matrix / bases update");
+  m.def("nmf_coef", &nmf_coef, "NMF2D coef update pass over x");
+  m.def("nmf_bwd_stage", &nmf_bwd_stage, "NMF2D backward of one coef update");
+  m.def("nmf_gx", &nmf_gx, "NMF2D gradient of x");
 }

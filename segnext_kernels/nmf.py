@@ -6,9 +6,10 @@ Visual-Attention-Network/SegNeXt and mmsegmentation), Geng et al., "Is Attention
 Decomposition?" (ICLR 2021); the project's eager oracle is ``segnext.ham_head.nmf2d_reference``
 (spec ``reference_model.md`` section 2.4). Kernel design: ``segnext_kernels/nmf_triton.py``.
 
-Backends: "triton" (``nmf_triton`` behind the custom ops of ``nmf_autograd``), "reference" (eager
-``nmf2d_reference``), "auto" (Triton on CUDA tensors, the reference on CPU tensors) and "cuda" (reserved: the CUDA
-NMF kernel does not exist yet, so asking for it raises RuntimeError).
+Backends: "cuda" (hand-written CUDA kernels, ``nmf_cuda``) and "triton" (``nmf_triton``), both driven by
+``nmf_driver`` behind the custom ops of ``nmf_autograd``; "reference" (eager ``nmf2d_reference``); "auto" (decided by
+``backend.resolve_backend``, the one place that decides: the reference on CPU tensors, on CUDA tensors Triton -- and
+the CUDA kernels first once they have passed the GPU tests, ``backend.AUTO_PREFERS_CUDA``).
 """
 from __future__ import annotations
 
@@ -30,23 +31,24 @@ GRAD_MODES = ("unrolled", "one_step")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def resolve_nmf_backend(backend: str, device: torch.device) -> str:
-    """The backend that runs NMF2D on ``device``: "triton" or "reference".
+def resolve_nmf_backend(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+    """The backend that runs NMF2D on ``device`` for inputs of ``dtype``: "cuda", "triton" or "reference"
+    (``backend.resolve_backend`` decides; float64 inputs, which the CUDA kernels do not take, make "auto" use Triton).
 
     Raises:
         ValueError: unknown backend name.
-        RuntimeError: ``backend="cuda"`` (no CUDA NMF kernel exists yet), or ``backend="triton"`` where Triton
-            cannot run (the message says why).
+        RuntimeError: ``backend="cuda"`` or ``"triton"`` where it cannot run (the message says why and how to fix it).
+        TypeError: ``backend="cuda"`` with float64 inputs.
     """
-    if backend == "cuda":
-        raise RuntimeError("backend='cuda': the CUDA NMF2D kernel does not exist yet; use backend='triton' "
-                           "(CUDA tensors) or 'reference' (or 'auto')")
     name = resolve_backend(backend, device)
-    if name == "cuda":  # "auto" may prefer the CUDA extension for MSCA; NMF has only the Triton kernel
+    if name == "cuda" and dtype == torch.float64:
+        if backend == "cuda":
+            raise TypeError("x: the cuda NMF2D backend supports float32, float16 and bfloat16, got torch.float64; "
+                            "use backend='triton' or 'reference' for it")
         ok, why = triton_status(device)
         if ok:
             return "triton"
-        _warn_once(f"segnext_kernels: NMF2D backend 'auto' falls back to the eager reference ({why})")
+        _warn_once(f"segnext_kernels: NMF2D backend 'auto' falls back to the eager reference for float64 ({why})")
         return "reference"
     return name
 
@@ -116,11 +118,12 @@ def nmf2d(x: torch.Tensor, bases: torch.Tensor, steps: int, *, grad: str = "unro
         eps: the ``+ eps`` of both denominators, finite and > 0 (it keeps all-zero rows/columns of x finite).
         inv_t: softmax inverse temperature of the init (official NMF2D forces 1).
         return_state: also return the final bases (B, D, R) and coef (B, N, R), in the compute dtype.
-        backend: "auto" (Triton on CUDA tensors, eager reference on CPU tensors), "triton", "reference";
-            "cuda" raises (no CUDA NMF kernel yet). With TRITON_INTERPRET=1 "triton" runs on CPU tensors.
-            "triton" runs the custom op ``torch.ops.segnext_kernels.nmf2d_forward`` (``nmf_autograd``): opaque to
-            ``torch.compile`` (fake implementations registered), autograd via ``torch.library.register_autograd``;
-            "reference" runs eager PyTorch ops.
+        backend: "auto" (Triton on CUDA tensors, eager reference on CPU tensors; see ``resolve_nmf_backend``),
+            "cuda" (CUDA extension; float16/bfloat16/float32), "triton", "reference". With TRITON_INTERPRET=1
+            "triton" runs on CPU tensors. "cuda" and "triton" run the custom op
+            ``torch.ops.segnext_kernels.nmf2d_forward`` (``nmf_autograd``): opaque to ``torch.compile`` (fake
+            implementations registered), autograd via ``torch.library.register_autograd``; "reference" runs eager
+            PyTorch ops.
 
     Returns:
         the reconstruction (B, D, N) in x's dtype (contiguous), or ``(recon, bases, coef)`` with return_state.
@@ -132,10 +135,11 @@ def nmf2d(x: torch.Tensor, bases: torch.Tensor, steps: int, *, grad: str = "unro
             compute dtype, non-int steps, non-real eps/inv_t, non-bool return_state.
         ValueError: wrong rank, B or D of bases not matching x, R < 1, steps < 0, eps <= 0 or non-finite,
             non-finite inv_t, unknown grad mode or backend.
-        RuntimeError: bases on another device than x; backend "cuda"; backend "triton" where it cannot run.
+        RuntimeError: bases on another device than x; backend "cuda" or "triton" where it cannot run (no GPU, no
+            Triton, the extension not built and not buildable: the message says which and how to fix it).
     """
     _check_nmf_args(x, bases, steps, grad, eps, inv_t, return_state)
-    name = resolve_nmf_backend(backend, x.device)
+    name = resolve_nmf_backend(backend, x.device, x.dtype)
     steps, eps, inv_t = int(steps), float(eps), float(inv_t)
     if name == "reference" or x.numel() == 0:
         # empty inputs (B, D or N = 0) have nothing to fuse: the eager reference handles them (and their grads)
@@ -144,7 +148,7 @@ def nmf2d(x: torch.Tensor, bases: torch.Tensor, steps: int, *, grad: str = "unro
     bases0 = bases.to(cdtype).contiguous()
     if grad == "one_step" and steps > 0:
         bases0 = bases0.detach()  # the steps run under no_grad in this mode: B_K is a constant
-    return nmf2d_fused(x, bases0, steps, eps, inv_t, grad, return_state)
+    return nmf2d_fused(x, bases0, steps, eps, inv_t, grad, return_state, name)
 
 
 # ------------------------------------------------------------------------------------------------------ modules
@@ -203,9 +207,6 @@ class FusedNMF2D(NMF2D):
 def _check_module_backend(backend) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if backend == "cuda":
-        raise RuntimeError("backend='cuda': the CUDA NMF2D kernel does not exist yet; use 'auto', 'triton' or "
-                           "'reference'")
 
 
 def _is_nmf(module: nn.Module) -> bool:
@@ -223,8 +224,8 @@ def fuse_ham(model: nn.Module, backend: str = "auto") -> int:
         use ``FusedNMF2D.from_module``).
 
     Raises:
-        ValueError: unknown backend.
-        RuntimeError: backend "cuda" (the CUDA NMF2D kernel does not exist yet); nothing is swapped then.
+        ValueError: unknown backend (nothing is swapped then). Availability is checked at the first forward, on the
+            input's device (as for ``fuse_msca``).
     """
     _check_module_backend(backend)
     from .modules import swap_modules
@@ -234,8 +235,7 @@ def fuse_ham(model: nn.Module, backend: str = "auto") -> int:
 
 def fuse(model: nn.Module, backend: str = "auto") -> dict:
     """Apply every fusion of this package to ``model`` in place: ``fuse_msca`` (MSCA attention) and ``fuse_ham``
-    (NMF2D). ``state_dict`` is unchanged. With ``backend="cuda"`` the MSCA modules use the CUDA extension and the
-    NMF2D modules "auto" (Triton on CUDA tensors), as no CUDA NMF2D kernel exists yet.
+    (NMF2D), both with ``backend``. ``state_dict`` is unchanged.
 
     Returns:
         ``{"msca": n_msca_swapped, "ham": n_nmf_swapped}``.
@@ -247,5 +247,4 @@ def fuse(model: nn.Module, backend: str = "auto") -> dict:
 
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    ham_backend = "auto" if backend == "cuda" else backend
-    return {"msca": fuse_msca(model, backend=backend), "ham": fuse_ham(model, backend=ham_backend)}
+    return {"msca": fuse_msca(model, backend=backend), "ham": fuse_ham(model, backend=backend)}

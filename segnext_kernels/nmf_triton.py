@@ -405,195 +405,109 @@ class _Config:
         self.P = max(1, min(self.T, P))
 
 
-def _launch_coef(cfg, acc, x, bases, G, cin, cout, c0, pxc, pcc, y, sc, *, init, store_c0, accum, recon):
-    B, D, N = x.shape
-    R = bases.shape[-1]
-    ys = y.stride() if recon else (0, 0, 0)
-    _nmf_coef_kernel[(B, cfg.P)](
-        x, *x.stride(), bases, G, cin, cout, c0, pxc, pcc, y, *ys, sc, D, N, R, cfg.T, cfg.P,
-        BN=cfg.BN, BD=cfg.BD, RP=cfg.RP, INIT=init, STORE_C0=store_c0, ACCUM=accum, RECON=recon,
-        BF16_RNE=_bf16_rne(x.dtype), ACC=acc[1], PREC=acc[2], num_warps=cfg.num_warps)
+class TritonKernels:
+    """The Triton backend's kernels object for ``nmf_driver`` (see its docstring for the methods' semantics).
+
+    Kernels and ``_empty`` are looked up in this module at call time, so tests can wrap or poison them."""
+
+    name = "triton"
+
+    @staticmethod
+    def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+        return _dtypes(dtype)[0]
+
+    @staticmethod
+    def empty(*shape, dtype, device):
+        return _empty(*shape, dtype=dtype, device=device)
+
+    @staticmethod
+    def config(B, D, N, R, device, dtype, backward):
+        cfg = _Config(B, D, N, R, device, backward=backward)
+        cfg.acc = _dtypes(dtype)
+        cfg.work_floats = 0
+        cfg.sc = {}
+        return cfg
+
+    @staticmethod
+    def _sc(cfg, eps, inv_t, device):
+        """The (eps, inv_t) scalars as a device tensor in the compute dtype (a Python float argument would reach the
+        kernel as fp32, too coarse for the fp64 path). Filled by kernels, not copied from the host, so that the launch
+        sequence can be captured in a CUDA graph."""
+        key = (eps, inv_t)
+        if key not in cfg.sc:
+            sc = torch.empty(2, dtype=cfg.acc[0], device=device)
+            sc[0].fill_(eps)
+            sc[1].fill_(inv_t)
+            cfg.sc[key] = sc
+        return cfg.sc[key]
+
+    @staticmethod
+    def gram(cfg, bases, G):
+        B, D, R = bases.shape
+        _nmf_bases_kernel[(B,)](bases, bases, G, G, G, G, G, G, D, R, 1,
+                                BD=cfg.BD, RP=cfg.RP, UPDATE=False, STORE_EH=False, ACC=cfg.acc[1],
+                                PREC=cfg.acc[2], num_warps=cfg.num_warps)
+
+    @classmethod
+    def bases_update(cls, cfg, bin, bout, G, pxc, pcc, E, H, eps, store_eh, work):
+        B, D, R = bin.shape
+        sc = cls._sc(cfg, eps, 1.0, bin.device)
+        _nmf_bases_kernel[(B,)](bin, bout, G, pxc, pcc, E if store_eh else sc, H if store_eh else sc, sc, D, R,
+                                cfg.P, BD=cfg.BD, RP=cfg.RP, UPDATE=True, STORE_EH=bool(store_eh),
+                                ACC=cfg.acc[1], PREC=cfg.acc[2], num_warps=cfg.num_warps)
+
+    @classmethod
+    def coef(cls, cfg, x, bases, G, cin, cout, c0, pxc, pcc, y, eps, inv_t, *, init, store_c0, accum, recon):
+        B, D, N = x.shape
+        R = bases.shape[-1]
+        sc = cls._sc(cfg, eps, inv_t, x.device)
+        ys = y.stride() if recon else (0, 0, 0)
+        d = lambda t: sc if t is None else t  # noqa: E731  (unused pointer arguments)
+        _nmf_coef_kernel[(B, cfg.P)](
+            x, *x.stride(), bases, G, d(cin), cout, d(c0), d(pxc), d(pcc), d(y), *ys, sc, D, N, R, cfg.T, cfg.P,
+            BN=cfg.BN, BD=cfg.BD, RP=cfg.RP, INIT=init, STORE_C0=store_c0, ACCUM=accum, RECON=recon,
+            BF16_RNE=_bf16_rne(x.dtype), ACC=cfg.acc[1], PREC=cfg.acc[2], num_warps=cfg.num_warps)
+
+    @classmethod
+    def bwd_stage(cls, cfg, x, gy, bases, ge, cnew, gcin, S, cprev, G, gcout, ga, pxg, pgy, pgg, eps, inv_t, *,
+                  final, init, store_gc, store_ga):
+        B, D, N = x.shape
+        R = bases.shape[-1]
+        sc = cls._sc(cfg, eps, inv_t, x.device)
+        gys = gy.stride() if gy is not None else (0, 0, 0)
+        d = lambda t: sc if t is None else t  # noqa: E731
+        _nmf_bwd_kernel[(B, cfg.P)](
+            x, *x.stride(), d(gy), *gys, bases, d(ge), cnew, d(gcin), d(S), cprev, G, d(gcout), d(ga),
+            pxg, d(pgy), pgg, sc, D, N, R, cfg.T, cfg.P,
+            BN=cfg.BN, BD=cfg.BD, RP=cfg.RP, FINAL=final, HAS_GY=gy is not None, HAS_GCIN=gcin is not None,
+            INIT=init, STORE_GC=store_gc, STORE_GA=store_ga, ACC=cfg.acc[1], PREC=cfg.acc[2],
+            num_warps=cfg.num_warps_BWD)
+
+    @staticmethod
+    def gx(cfg, l1, r1, m1, l2, r2, m2, gx):
+        B, D, N = gx.shape
+        R = l1.shape[-1]
+        if l2 is None:
+            l2, r2, m2 = l1, r1, 0
+        _nmf_gx_kernel[(triton.cdiv(D, cfg.BD_X), triton.cdiv(N, cfg.BN_X), B)](
+            l1, r1, m1, l2, r2, m2, gx, *gx.stride(), B, D, N, R,
+            BD=cfg.BD_X, BN=cfg.BN_X, RP=cfg.RP, BF16_RNE=_bf16_rne(gx.dtype), ACC=cfg.acc[1], PREC=cfg.acc[2],
+            num_warps=cfg.num_warps)
+
+
+KERNELS = TritonKernels()
 
 
 def nmf_forward(x: torch.Tensor, bases0: torch.Tensor, steps: int, eps: float, inv_t: float, save=None):
-    """Fused NMF2D forward.
+    """Fused NMF2D forward on the Triton kernels: ``nmf_driver.nmf_forward`` (see there). x may also be float64."""
+    from .nmf_driver import nmf_forward as drive
 
-    Args:
-        x: (B, D, N) float16/bfloat16/float32/float64, any strides, B, D, N >= 1.
-        bases0: (B, D, R) contiguous, in the compute dtype (float32; float64 for float64 x), on x's device.
-        steps: K >= 0. eps > 0. inv_t: softmax inverse temperature.
-        save: None, "one_step" or "unrolled": what the backward of that grad mode needs.
-
-    Returns:
-        (y (B, D, N) in x's dtype, contiguous; bases_K (B, D, R); coef_F (B, N, R); saved: dict of tensors for
-        ``nmf_backward`` (empty when ``save`` is None)).
-    """
-    B, D, N = x.shape
-    R = bases0.shape[-1]
-    K = int(steps)
-    dev = x.device
-    acc = _dtypes(x.dtype)
-    acc_t = acc[0]
-    cfg = _Config(B, D, N, R, dev)
-    RP = cfg.RP
-    unrolled = save == "unrolled"
-    sc = torch.tensor([eps, inv_t], dtype=acc_t, device=dev)
-
-    bases_h = _empty(K + 1, B, D, R, dtype=acc_t, device=dev)
-    bases_h[0].copy_(bases0)
-    G_h = _empty(K + 1, B, RP, RP, dtype=acc_t, device=dev)
-    if unrolled:
-        C_h = _empty(K + 2, B, N, R, dtype=acc_t, device=dev)
-        cslot = lambda i: C_h[i]  # noqa: E731
-        coef_f = C_h[K + 1]
-        E_h = _empty(max(K, 1), B, D, R, dtype=acc_t, device=dev)
-        H_h = _empty(max(K, 1), B, RP, RP, dtype=acc_t, device=dev)
-    else:
-        pp = [_empty(B, N, R, dtype=acc_t, device=dev) for _ in range(2 if K > 0 else 1)]
-        cslot = lambda i: pp[i % len(pp)]  # noqa: E731
-        coef_f = _empty(B, N, R, dtype=acc_t, device=dev)
-        E_h = H_h = sc  # unused
-    y = _empty(B, D, N, dtype=x.dtype, device=dev)
-    if K > 0:
-        pxc = _empty(B, cfg.P, D, RP, dtype=acc_t, device=dev)
-        pcc = _empty(B, cfg.P, RP, RP, dtype=acc_t, device=dev)
-    else:
-        pxc = pcc = sc  # unused
-
-    _nmf_bases_kernel[(B,)](bases_h[0], bases_h[0], G_h[0], sc, sc, sc, sc, sc, D, R, 1,
-                            BD=cfg.BD, RP=RP, UPDATE=False, STORE_EH=False, ACC=acc[1], PREC=acc[2],
-                            num_warps=cfg.num_warps)
-    for k in range(K):
-        _launch_coef(cfg, acc, x, bases_h[k], G_h[k], cslot(k), cslot(k + 1), cslot(0), pxc, pcc, y, sc,
-                     init=k == 0, store_c0=unrolled and k == 0, accum=True, recon=False)
-        _nmf_bases_kernel[(B,)](bases_h[k], bases_h[k + 1], G_h[k + 1], pxc, pcc,
-                                E_h[k] if unrolled else sc, H_h[k] if unrolled else sc, sc, D, R, cfg.P,
-                                BD=cfg.BD, RP=RP, UPDATE=True, STORE_EH=unrolled, ACC=acc[1], PREC=acc[2],
-                                num_warps=cfg.num_warps)
-    _launch_coef(cfg, acc, x, bases_h[K], G_h[K], cslot(K), coef_f, cslot(0), sc, sc, y, sc,
-                 init=K == 0, store_c0=K == 0 and save is not None, accum=False, recon=True)
-
-    saved = {}
-    if unrolled:
-        saved = dict(bases=bases_h, G=G_h, C=C_h, E=E_h[:K], H=H_h[:K])
-    elif save == "one_step":
-        saved = dict(bases=bases_h[K:], G=G_h[K:], C=torch.stack([cslot(K), coef_f]))
-    return y, bases_h[K], coef_f, saved
-
-
-def _launch_bwd(cfg, acc, x, gy, bases, ge, cnew, gcin, S, cprev, G, gcout, ga, pxg, pgy, pgg, sc, *,
-                final, init, store_gc):
-    B, D, N = x.shape
-    R = bases.shape[-1]
-    gys = gy.stride() if gy is not None else (0, 0, 0)
-    dummy = sc
-    _nmf_bwd_kernel[(B, cfg.P)](
-        x, *x.stride(), gy if gy is not None else dummy, *gys,
-        bases, ge if ge is not None else dummy, cnew, gcin if gcin is not None else dummy,
-        S if S is not None else dummy, cprev, G, gcout if gcout is not None else dummy,
-        ga if ga is not None else dummy, pxg, pgy, pgg, sc, D, N, R, cfg.T, cfg.P,
-        BN=cfg.BN, BD=cfg.BD, RP=cfg.RP, FINAL=final, HAS_GY=gy is not None, HAS_GCIN=gcin is not None,
-        INIT=init, STORE_GC=store_gc, STORE_GA=ga is not None, ACC=acc[1], PREC=acc[2],
-        num_warps=cfg.num_warps_BWD)
-
-
-def _pad_rr(m: torch.Tensor, RP: int) -> torch.Tensor:
-    R = m.shape[-1]
-    return torch.nn.functional.pad(m, (0, RP - R, 0, RP - R)).contiguous()
+    return drive(KERNELS, x, bases0, steps, eps, inv_t, save=save)
 
 
 def nmf_backward(grad_y, grad_bases, grad_coef, x, saved, mode: str, steps: int, eps: float, inv_t: float,
                  need_x: bool, need_bases: bool):
-    """Fused NMF2D backward.
+    """Fused NMF2D backward on the Triton kernels: ``nmf_driver.nmf_backward`` (see there)."""
+    from .nmf_driver import nmf_backward as drive
 
-    Args:
-        grad_y: (B, D, N) gradient of the reconstruction in x's dtype, any strides, or None (zero).
-        grad_bases: (B, D, R) gradient of the returned final bases, or None. grad_coef: (B, N, R) of the returned
-            final coef, or None.
-        x: the forward's x. saved: ``nmf_forward``'s ``saved`` for the same ``mode`` ("unrolled" or "one_step").
-        need_x / need_bases: which gradients to return.
-
-    Returns:
-        (g_x (B, D, N) in x's dtype or None, g_bases0 (B, D, R) in the compute dtype or None). In "one_step" mode
-        g_bases0 is None unless steps == 0 (the K steps are constants there).
-    """
-    B, D, N = x.shape
-    bases_h, G_h, C_h = saved["bases"], saved["G"], saved["C"]
-    R = bases_h.shape[-1]
-    K = int(steps)
-    dev = x.device
-    acc = _dtypes(x.dtype)
-    acc_t = acc[0]
-    cfg = _Config(B, D, N, R, dev, backward=True)
-    RP = cfg.RP
-    sc = torch.tensor([eps, inv_t], dtype=acc_t, device=dev)
-    unrolled = mode == "unrolled"
-    chain = unrolled and K > 0 and (need_x or need_bases)
-    want_b = need_bases and (unrolled or K == 0)
-    if not (need_x or want_b):
-        return None, None
-
-    n_stage = K + 1 if unrolled else 1
-    gA_h = _empty(n_stage, B, N, R, dtype=acc_t, device=dev) if need_x else None
-    gE_h = _empty(K, B, D, R, dtype=acc_t, device=dev) if (need_x and unrolled and K > 0) else None
-    pxg = _empty(B, cfg.P, D, RP, dtype=acc_t, device=dev)
-    pgy = _empty(B, cfg.P, D, RP, dtype=acc_t, device=dev) if grad_y is not None else sc
-    pgg = _empty(B, cfg.P, RP, RP, dtype=acc_t, device=dev)
-    gcs = [_empty(B, N, R, dtype=acc_t, device=dev) for _ in range(2)] if chain else [None, None]
-    if grad_coef is not None:
-        grad_coef = grad_coef.to(acc_t).contiguous()
-
-    def partial_sum(part):
-        return part.sum(1)[..., :R]
-
-    def bases_grad_tail(bk, extra):
-        gG = partial_sum(pgg)[:, :R, :]
-        g = partial_sum(pxg) + torch.bmm(bk, gG + gG.transpose(1, 2))
-        return g if extra is None else g + extra
-
-    # final stage: C_F = C_K A_K / (C_K G_K + eps), Y = B_K C_F^T
-    iK = K if unrolled else 0
-    bK, GK, cK, cF = bases_h[iK], G_h[iK], C_h[iK], C_h[iK + 1]
-    _launch_bwd(cfg, acc, x, grad_y, bK, None, cF, grad_coef, None, cK, GK, gcs[0],
-                gA_h[n_stage - 1] if need_x else None, pxg, pgy, pgg, sc,
-                final=True, init=unrolled and K == 0, store_gc=chain)
-    gB = None
-    if chain or want_b:
-        extra = partial_sum(pgy) if grad_y is not None else None
-        if grad_bases is not None and (unrolled or K == 0):
-            gbk = grad_bases.to(acc_t)
-            extra = gbk if extra is None else extra + gbk
-        gB = bases_grad_tail(bK, extra)
-
-    if chain:
-        for j in range(K - 1, -1, -1):
-            b, bn, e, H = bases_h[j], bases_h[j + 1], saved["E"][j], saved["H"][j][:, :R, :R]
-            # bases update B_{j+1} = b * e / (b H + eps): its backward on the small (D, R) / (R, R) tensors
-            pden = torch.bmm(b, H) + eps
-            ge = gB * b / pden
-            gp = -gB * bn / pden
-            gb_direct = gB * e / pden + torch.bmm(gp, H.transpose(1, 2))
-            gH = torch.bmm(b.transpose(1, 2), gp)
-            S = _pad_rr(gH + gH.transpose(1, 2), RP)
-            ge = ge.contiguous()
-            if gE_h is not None:
-                gE_h[j].copy_(ge)
-            _launch_bwd(cfg, acc, x, None, b, ge, C_h[j + 1], gcs[(K - 1 - j) % 2], S, C_h[j], G_h[j],
-                        gcs[(K - j) % 2] if j > 0 else None, gA_h[j] if need_x else None, pxg, pgy, pgg, sc,
-                        final=False, init=j == 0, store_gc=j > 0)
-            gB = bases_grad_tail(b, gb_direct)
-
-    gx = None
-    if need_x:
-        gx = _empty(B, D, N, dtype=x.dtype, device=dev)
-        if unrolled:
-            l1, r1, m1 = bases_h, gA_h, K + 1
-            l2, r2, m2 = (gE_h, C_h[1:K + 1], K) if K > 0 else (bases_h, gA_h, 0)
-        else:
-            l1, r1, m1 = bases_h, gA_h, 1
-            l2, r2, m2 = bases_h, gA_h, 0
-        _nmf_gx_kernel[(triton.cdiv(D, cfg.BD_X), triton.cdiv(N, cfg.BN_X), B)](
-            l1, r1, m1, l2, r2, m2, gx, *gx.stride(), B, D, N, R,
-            BD=cfg.BD_X, BN=cfg.BN_X, RP=RP, BF16_RNE=_bf16_rne(x.dtype), ACC=acc[1], PREC=acc[2],
-            num_warps=cfg.num_warps)
-    return gx, (gB if want_b else None)
+    return drive(KERNELS, grad_y, grad_bases, grad_coef, x, saved, mode, steps, eps, inv_t, need_x, need_bases)

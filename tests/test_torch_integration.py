@@ -54,13 +54,14 @@ def test_opcheck_msca_ops():
 def test_opcheck_nmf_ops(mode):
     x, b = _nmf_inputs(B=1, D=4, N=6, R=3)
     K = 1
-    fwd = [x.requires_grad_(), b.requires_grad_(), K, 1e-6, 1.0, mode, True]
+    fwd = [x.requires_grad_(), b.requires_grad_(), K, 1e-6, 1.0, mode, True, "triton"]
     torch.library.opcheck(OPS.nmf2d_forward, fwd, test_utils=_OPCHECK_TESTS)
-    torch.library.opcheck(OPS.nmf2d_forward, [x.detach(), b.detach(), K, 1e-6, 1.0, "none", False],
+    torch.library.opcheck(OPS.nmf2d_forward, [x.detach(), b.detach(), K, 1e-6, 1.0, "none", False, "triton"],
                           test_utils=("test_schema", "test_faketensor"))
     with torch.no_grad():
-        y, bk, cf, saved = OPS.nmf2d_forward(x, b, K, 1e-6, 1.0, mode, True)
-    bwd = [torch.rand_like(y), torch.rand_like(bk), None, x.detach(), list(saved), mode, K, 1e-6, 1.0, True, True]
+        y, bk, cf, saved = OPS.nmf2d_forward(x, b, K, 1e-6, 1.0, mode, True, "triton")
+    bwd = [torch.rand_like(y), torch.rand_like(bk), None, x.detach(), list(saved), mode, K, 1e-6, 1.0, True, True,
+           "triton"]
     torch.library.opcheck(OPS.nmf2d_backward, bwd, test_utils=("test_schema", "test_faketensor"))
 
 
