@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# One-shot check of the CUDA MSCA backend on a GPU machine (no network needed). Run from the repository root:
+# One-shot check of the CUDA backend (MSCA and NMF2D kernels) on a GPU machine (no network needed). Run from the repository root:
 #
 #     bash bench/gpu_check.sh
 #
 # 1. builds segnext_kernels._C in place (SEGNEXT_KERNELS_FORCE_BUILD=1 python3 setup.py build_ext --inplace) for the
 #    local GPU's architecture (override with TORCH_CUDA_ARCH_LIST),
 # 2. prints the ptxas report (registers / spills / stack, sm_80 and sm_90) of every kernel,
-# 3. runs the CUDA backend's GPU tests, then the rest of the suite (python3 -m pytest tests -x -q),
+# 3. runs the CUDA backend's GPU tests (tests/test_msca_cuda.py, tests/test_nmf_cuda.py), then the Triton, module and
+#    production (CUDA graphs, autocast, opcheck, memory) GPU tests,
 # 4. runs the quick benchmarks (python3 -m bench.msca --quick, python3 -m bench.nmf --quick: bf16, SegNeXt stage
 #    shapes; cuda, triton, eager NCHW, eager channels_last, torch.compile), each within a time budget,
 # and writes everything to bench/results/ (log, build log, junit xml, CSV), copied to $OUT after every step when $OUT
@@ -76,13 +77,14 @@ step "ptxas report (nvcc -Xptxas -v, sm_80 and sm_90)"
 timeout "$(cap 90 220)" python3 tests/test_cuda_compile.py || fail "ptxas report" $?
 
 step "GPU tests of the cuda backend"
-timeout "$(cap 240 130)" python3 -m pytest tests/test_msca_cuda.py -q -rs -p no:cacheprovider \
+timeout "$(cap 240 130)" python3 -m pytest tests/test_msca_cuda.py tests/test_nmf_cuda.py -q -rs -p no:cacheprovider \
   --junitxml="$RES/pytest_cuda_$STAMP.xml" || fail "cuda backend tests" $?
 save
 
-step "GPU tests of the Triton kernels and fused modules (MSCA, NMF)"
+step "GPU tests of the Triton kernels, fused modules and production behaviour (MSCA, NMF)"
+PROD=$(ls tests/test_production_gpu.py 2>/dev/null)
 timeout "$(cap 180 100)" python3 -m pytest tests/test_msca_triton.py tests/test_msca_modules.py \
-  tests/test_nmf_triton.py tests/test_nmf_modules.py -x -q -p no:cacheprovider || fail "triton tests" $?
+  tests/test_nmf_triton.py tests/test_nmf_modules.py $PROD -q -rs -p no:cacheprovider || fail "triton tests" $?
 save
 
 step "quick benchmarks (bf16)"
