@@ -12,9 +12,8 @@ NMF2D with 6 steps), the single-GPU batch of mmseg's 1x16 ADE20K recipe. On CPU:
 (inference and one training step), fp32.
 
 Variants: "eager" (the reference model), "fused" (``segnext_kernels.fuse(model)``: MSCA and NMF2D swapped in place,
-same parameters; falls back to ``fuse_msca`` and says so while ``fuse`` is not importable), "compile" and
-"compile_fused" (``torch.compile`` of each, default mode, CUDA only; compile time excluded: one call before timing,
-caches reset per case). Precision "fp32" runs the fp32 model; "fp16" / "bf16" run it under
+same parameters), "compile" and "compile_fused" (``torch.compile`` of each, default mode, CUDA only; compile time
+excluded: one call before timing, caches reset per case). Precision "fp32" runs the fp32 model; "fp16" / "bf16" run it under
 ``torch.autocast(dtype=...)`` (weights stay fp32, as in mixed-precision training).
 
 Columns: median / p20 / p80 ms per call (a batch, or one training step); img/s = batch / median; ``vs eager`` /
@@ -58,24 +57,10 @@ NUM_CLASSES = 150
 
 
 def resolve_fuse():
-    """``(fuse_fn, description)``: ``segnext_kernels.fuse`` (MSCA + NMF2D) when importable, else
-    ``segnext_kernels.nmf.fuse`` (same function, not yet exported), else ``fuse_msca`` (MSCA only)."""
-    try:
-        from segnext_kernels import fuse
+    """``(fuse_fn, description)``: ``segnext_kernels.fuse`` (MSCA and NMF2D swapped in place)."""
+    from segnext_kernels import fuse
 
-        return fuse, "segnext_kernels.fuse (MSCA + NMF2D)"
-    except ImportError:
-        pass
-    try:
-        from segnext_kernels.nmf import fuse
-
-        return fuse, ("segnext_kernels.nmf.fuse (MSCA + NMF2D; segnext_kernels.fuse is not exported yet, the same "
-                      "function is used from segnext_kernels.nmf)")
-    except ImportError:
-        pass
-    from segnext_kernels import fuse_msca
-
-    return fuse_msca, "segnext_kernels.fuse is not importable yet: using fuse_msca (MSCA only, NMF2D stays eager)"
+    return fuse, "segnext_kernels.fuse (MSCA + NMF2D)"
 
 
 def build_model(variant_letter: str, device: torch.device):
