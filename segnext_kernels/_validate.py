@@ -29,7 +29,8 @@ def check_msca_args(u, conv0_weight, conv0_bias, strip_weights, strip_biases, co
 
     Raises:
         TypeError: a non-tensor, a non-floating or unsupported dtype, or a dtype different from u's.
-        ValueError: wrong rank or shape (the message gives the expected shape), wrong number of strip tensors.
+        ValueError: wrong rank or shape (the message gives the expected shape), C, H or W < 1, wrong number of strip
+            tensors.
         RuntimeError: a tensor on another device than u.
     """
     _tensor("u", u)
@@ -40,6 +41,9 @@ def check_msca_args(u, conv0_weight, conv0_bias, strip_weights, strip_biases, co
     C = u.shape[1]
     if C < 1:
         raise ValueError(f"u: expected at least one channel (C >= 1), got shape {tuple(u.shape)}")
+    if u.shape[2] < 1 or u.shape[3] < 1:
+        raise ValueError(f"u: expected H, W >= 1 (an empty image has nothing to convolve; B = 0 is fine), got shape "
+                         f"{tuple(u.shape)}")
     _check_like("conv0_weight", conv0_weight, (C, 1, 5, 5), u)
     _check_like("conv0_bias", conv0_bias, (C,), u)
     for name, seq in (("strip_weights", strip_weights), ("strip_biases", strip_biases)):

@@ -13,11 +13,14 @@ the CUDA kernels first once they have passed the GPU tests, ``backend.AUTO_PREFE
 """
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
+import weakref
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from segnext.ham_head import NMF2D, nmf2d_reference
@@ -53,6 +56,17 @@ def resolve_nmf_backend(backend: str, device: torch.device, dtype: Optional[torc
     return name
 
 
+def _check_eps_inv_t(eps, inv_t) -> None:
+    """eps and inv_t: real, finite; eps > 0 (shared by ``nmf2d`` and the ``FusedNMF2D`` constructor)."""
+    for name, v in (("eps", eps), ("inv_t", inv_t)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"{name}: expected a real number, got {type(v).__name__}")
+        if not math.isfinite(v):
+            raise ValueError(f"{name}: expected a finite number{' > 0' if name == 'eps' else ''}, got {v}")
+    if eps <= 0:
+        raise ValueError(f"eps: expected eps > 0 (it keeps the update denominators positive), got {eps}")
+
+
 def _check_nmf_args(x, bases, steps, grad, eps, inv_t, return_state) -> None:
     for name, t in (("x", x), ("bases", bases)):
         if not isinstance(t, torch.Tensor):
@@ -61,17 +75,11 @@ def _check_nmf_args(x, bases, steps, grad, eps, inv_t, return_state) -> None:
         raise ValueError(f"x: expected a 3-D tensor (B, D, N), got {x.dim()}-D with shape {tuple(x.shape)}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x: expected dtype float16, bfloat16, float32 or float64, got {x.dtype}")
-    if bases.dim() != 3:
-        raise ValueError(f"bases: expected a 3-D tensor (B, D, R), got {bases.dim()}-D with shape "
-                         f"{tuple(bases.shape)}")
-    if bases.shape[0] != x.shape[0]:
-        raise ValueError(f"bases: batch size {bases.shape[0]} does not match x's {x.shape[0]} "
-                         f"(x {tuple(x.shape)}, bases {tuple(bases.shape)})")
-    if bases.shape[1] != x.shape[1]:
-        raise ValueError(f"bases: D = {bases.shape[1]} does not match x's D = {x.shape[1]} "
-                         f"(x {tuple(x.shape)}, bases {tuple(bases.shape)})")
-    if bases.shape[2] < 1:
-        raise ValueError(f"bases: expected rank R >= 1, got shape {tuple(bases.shape)}")
+    if bases.dim() != 3 or bases.shape[:2] != x.shape[:2] or bases.shape[2] < 1:
+        got = f"shape {tuple(bases.shape)}" if bases.dim() == 3 else \
+            f"a {bases.dim()}-D tensor of shape {tuple(bases.shape)}"
+        raise ValueError(f"bases: expected a 3-D tensor of shape ({x.shape[0]}, {x.shape[1]}, R) with R >= 1 "
+                         f"(B and D of x {tuple(x.shape)}), got {got}")
     cdtype = torch.promote_types(x.dtype, torch.float32)
     if bases.dtype not in (x.dtype, cdtype):
         allowed = x.dtype if x.dtype == cdtype else f"{x.dtype} or {cdtype}"
@@ -84,13 +92,16 @@ def _check_nmf_args(x, bases, steps, grad, eps, inv_t, return_state) -> None:
         raise ValueError(f"steps: expected steps >= 0, got {steps}")
     if grad not in GRAD_MODES:
         raise ValueError(f"grad: expected one of {GRAD_MODES}, got {grad!r}")
-    for name, v in (("eps", eps), ("inv_t", inv_t)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise TypeError(f"{name}: expected a real number, got {type(v).__name__}")
-        if not math.isfinite(v):
-            raise ValueError(f"{name}: expected a finite number, got {v}")
-    if eps <= 0:
-        raise ValueError(f"eps: expected eps > 0 (it keeps the update denominators positive), got {eps}")
+    _check_eps_inv_t(eps, inv_t)
+    # the updates run in cdtype: an eps that is not a normal number there rounds (or flushes) to 0 and an
+    # all-zero row/column of x then gives 0/0 = NaN; an |inv_t| beyond its range makes the softmax init NaN
+    fi = torch.finfo(cdtype)
+    if eps < fi.tiny:
+        raise ValueError(f"eps: expected eps >= {fi.tiny:.6g} (the smallest normal {cdtype}, the compute dtype; a "
+                         f"smaller eps rounds to 0 there and all-zero rows/columns of x give NaN), got {eps}")
+    if abs(inv_t) > fi.max:
+        raise ValueError(f"inv_t: expected |inv_t| <= {fi.max:.6g} (finite in {cdtype}, the compute dtype), "
+                         f"got {inv_t}")
     if not isinstance(return_state, bool):
         raise TypeError(f"return_state: expected a bool, got {type(return_state).__name__}")
 
@@ -115,8 +126,10 @@ def nmf2d(x: torch.Tensor, bases: torch.Tensor, steps: int, *, grad: str = "unro
         grad: "unrolled" (back-prop through every step; official SegNeXt / mmseg) or "one_step" (only the final
             coef update and the reconstruction are differentiated; Hamburger paper, Enjoy-Hamburger, JSeg: the
             initial bases then get no gradient unless steps == 0). Forward values are identical.
-        eps: the ``+ eps`` of both denominators, finite and > 0 (it keeps all-zero rows/columns of x finite).
-        inv_t: softmax inverse temperature of the init (official NMF2D forces 1).
+        eps: the ``+ eps`` of both denominators, finite and > 0 (it keeps all-zero rows/columns of x finite), and
+            at least the smallest normal number of the compute dtype (float32: 1.18e-38), which a smaller eps
+            would round or flush to 0.
+        inv_t: softmax inverse temperature of the init (official NMF2D forces 1); finite in the compute dtype.
         return_state: also return the final bases (B, D, R) and coef (B, N, R), in the compute dtype.
         backend: "auto" (Triton on CUDA tensors, eager reference on CPU tensors; see ``resolve_nmf_backend``),
             "cuda" (CUDA extension; float16/bfloat16/float32), "triton", "reference". With TRITON_INTERPRET=1
@@ -133,8 +146,9 @@ def nmf2d(x: torch.Tensor, bases: torch.Tensor, steps: int, *, grad: str = "unro
     Raises:
         TypeError: a non-tensor x/bases, non-floating or unsupported dtype, a bases dtype other than x's or the
             compute dtype, non-int steps, non-real eps/inv_t, non-bool return_state.
-        ValueError: wrong rank, B or D of bases not matching x, R < 1, steps < 0, eps <= 0 or non-finite,
-            non-finite inv_t, unknown grad mode or backend.
+        ValueError: wrong rank, B or D of bases not matching x, R < 1 (the message gives the expected shape),
+            steps < 0, eps <= 0, non-finite or below the compute dtype's smallest normal number, inv_t not finite in
+            the compute dtype, unknown grad mode or backend.
         RuntimeError: bases on another device than x; backend "cuda" or "triton" where it cannot run (no GPU, no
             Triton, the extension not built and not buildable: the message says which and how to fix it).
     """
@@ -152,6 +166,42 @@ def nmf2d(x: torch.Tensor, bases: torch.Tensor, steps: int, *, grad: str = "unro
 
 
 # ------------------------------------------------------------------------------------------------------ modules
+#: The generators of FusedNMF2D modules, by key. torch.compile cannot trace ``torch.rand(..., generator=g)`` (dynamo
+#: has no variable type for a torch.Generator: "Failed to convert args/kwargs to proxy", a graph break), so a
+#: FusedNMF2D with a generator draws its bases in the custom op below, which looks the generator up by an int key:
+#: a compiled graph holds only the key (a constant) and the opaque op, and the draw stays bit-identical to eager.
+_GENERATORS: "weakref.WeakValueDictionary[int, torch.Generator]" = weakref.WeakValueDictionary()
+_GENERATOR_KEYS = itertools.count()
+
+
+@torch.library.custom_op("segnext_kernels::nmf_rand_bases", mutates_args=(),
+                         tags=(torch.Tag.nondeterministic_seeded,))
+def _nmf_rand_bases(generator_key: int, batch: int, D: int, R: int, device: torch.device) -> torch.Tensor:
+    """``torch.rand((batch, D, R), generator=g, dtype=float32, device=g.device).to(device)`` for the generator g
+    registered under ``generator_key``: exactly the draw of ``NMF2D._build_bases`` before its normalisation."""
+    gen = _GENERATORS.get(generator_key)
+    if gen is None:
+        raise RuntimeError(f"segnext_kernels::nmf_rand_bases: no live generator has key {generator_key}")
+    return torch.rand((batch, D, R), generator=gen, dtype=torch.float32, device=gen.device).to(device)
+
+
+@_nmf_rand_bases.register_fake
+def _nmf_rand_bases_fake(generator_key, batch, D, R, device):
+    return torch.empty((batch, D, R), dtype=torch.float32, device=device)
+
+
+def _check_module_options(MD_S, MD_R, train_steps, eval_steps, inv_t, eps, generator) -> None:
+    for name, v, low in (("MD_S", MD_S, 1), ("MD_R", MD_R, 1), ("train_steps", train_steps, 0),
+                         ("eval_steps", eval_steps, 0)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+        if v < low:
+            raise ValueError(f"{name}: expected {name} >= {low}, got {v}")
+    _check_eps_inv_t(eps, inv_t)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+
+
 class FusedNMF2D(NMF2D):
     """Drop-in for ``segnext.NMF2D`` (official ``NMF2D``, ``SPATIAL=True, RAND_INIT=True``) running
     ``segnext_kernels.nmf2d``.
@@ -164,14 +214,23 @@ class FusedNMF2D(NMF2D):
     forward(x, bases=None): x (B, C, H, W) non-negative, any floating dtype -> (B, C, H, W) same dtype;
     ``bases`` (B*S, D, R) overrides the random draw.
 
+    torch.compile(fullgraph=True) traces it with or without ``generator``: the draw from a generator runs in the
+    custom op ``segnext_kernels::nmf_rand_bases`` (dynamo cannot trace ``torch.rand(..., generator=g)`` itself; the
+    reference ``segnext.NMF2D(generator=g)`` breaks the graph there), with the same numbers as eager.
+    ``generator`` may be reassigned later; a deep copy or unpickled copy draws from its own copy of the generator.
+
     Raises:
-        ValueError: C not divisible by S, bad ``grad_mode``, ``bases`` of the wrong shape, unknown backend; and
-            whatever ``nmf2d`` raises.
+        TypeError: a non-int MD_S / MD_R / train_steps / eval_steps, a non-real inv_t / eps, a generator that is
+            not a torch.Generator.
+        ValueError: MD_S or MD_R < 1, negative steps, eps <= 0 or non-finite, non-finite inv_t, bad ``grad_mode``,
+            unknown backend; at forward: x not a 4-D tensor (TypeError for a non-tensor), C not divisible by S,
+            ``bases`` of the wrong shape, and whatever ``nmf2d`` raises (e.g. an eps too small for the compute dtype).
     """
 
     def __init__(self, MD_S: int = 1, MD_R: int = 64, train_steps: int = 6, eval_steps: int = 7,
                  inv_t: float = 1, eps: float = 1e-6, grad_mode: str = "unrolled",
                  generator: Optional[torch.Generator] = None, backend: str = "auto"):
+        _check_module_options(MD_S, MD_R, train_steps, eval_steps, inv_t, eps, generator)
         super().__init__(MD_S=MD_S, MD_R=MD_R, train_steps=train_steps, eval_steps=eval_steps, inv_t=inv_t,
                          eps=eps, grad_mode=grad_mode, generator=generator)
         _check_module_backend(backend)
@@ -194,6 +253,40 @@ class FusedNMF2D(NMF2D):
                     generator=getattr(module, "generator", None), backend=backend)
         fused.train(module.training)
         return fused
+
+    @property
+    def generator(self) -> Optional[torch.Generator]:
+        return self._generator
+
+    @generator.setter
+    def generator(self, gen: Optional[torch.Generator]) -> None:
+        if gen is not None and not isinstance(gen, torch.Generator):
+            raise TypeError(f"generator: expected a torch.Generator or None, got {type(gen).__name__}")
+        self._generator = gen
+        self._generator_key = None
+        if gen is not None:
+            self._generator_key = next(_GENERATOR_KEYS)
+            _GENERATORS[self._generator_key] = gen
+
+    def __setstate__(self, state):
+        # deepcopy / unpickling restore __dict__ with a copy of the generator: register the copy under a key of its own
+        super().__setstate__(state)
+        self.generator = self.__dict__.get("_generator")
+
+    def _build_bases(self, B: int, D: int, device) -> torch.Tensor:
+        """``NMF2D._build_bases`` (same numbers); with a generator, the draw runs in a custom op (see the class
+        docstring) so that torch.compile traces it."""
+        if self._generator_key is None:
+            return super()._build_bases(B, D, device)
+        bases = torch.ops.segnext_kernels.nmf_rand_bases(self._generator_key, B * self.S, D, self.R, device)
+        return F.normalize(bases, dim=1)
+
+    def forward(self, x: torch.Tensor, bases: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"x: expected a 4-D tensor (B, C, H, W), got {x.dim()}-D with shape {tuple(x.shape)}")
+        return super().forward(x, bases)
 
     def _factorize(self, x: torch.Tensor, bases: torch.Tensor, steps: int) -> torch.Tensor:
         """``NMF2D.forward``'s factorisation, run by ``segnext_kernels.nmf2d`` on this module's backend."""

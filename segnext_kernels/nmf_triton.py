@@ -307,9 +307,10 @@ def _nmf_gx_kernel(l1_ptr, r1_ptr, M1, l2_ptr, r2_ptr, M2, gx_ptr, sgb, sgd, sgn
                    BD: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr, BF16_RNE: tl.constexpr, ACC: tl.constexpr,
                    PREC: tl.constexpr):
     """g_X[b] = sum_m L1[m, b] R1[m, b]^T + sum_m L2[m, b] R2[m, b]^T; L (M, B, D, R), R (M, B, N, R) contiguous.
-    grid (cdiv(D, BD), cdiv(N, BN), B); g_X written once in its own dtype and strides."""
-    pd = tl.program_id(0)
-    pn = tl.program_id(1)
+    grid (cdiv(N, BN), cdiv(D, BD), B): N on axis 0, the only one not limited to 65535 programs on CUDA (N is H*W);
+    g_X written once in its own dtype and strides."""
+    pn = tl.program_id(0)
+    pd = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     rr = tl.arange(0, RP)
     rm = rr < R
@@ -489,7 +490,7 @@ class TritonKernels:
         R = l1.shape[-1]
         if l2 is None:
             l2, r2, m2 = l1, r1, 0
-        _nmf_gx_kernel[(triton.cdiv(D, cfg.BD_X), triton.cdiv(N, cfg.BN_X), B)](
+        _nmf_gx_kernel[(triton.cdiv(N, cfg.BN_X), triton.cdiv(D, cfg.BD_X), B)](
             l1, r1, m1, l2, r2, m2, gx, *gx.stride(), B, D, N, R,
             BD=cfg.BD_X, BN=cfg.BN_X, RP=cfg.RP, BF16_RNE=_bf16_rne(gx.dtype), ACC=cfg.acc[1], PREC=cfg.acc[2],
             num_warps=cfg.num_warps)

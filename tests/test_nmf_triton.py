@@ -318,7 +318,7 @@ def test_bases_dtype_and_half_input(poison):
     torch.testing.assert_close(y2, nmf2d_reference(x, bases.half(), 2), rtol=2e-3, atol=1e-3)
 
 
-# ------------------------------------------------------------------------------------------- backends, bad input
+# ------------------------------------------------------------------------------------------------------ backends
 def test_backend_selection():
     x, bases = make(1, 6, 10, 2, dtype=torch.float32)
     if DEVICE.type == "cpu":
@@ -337,42 +337,4 @@ def test_backend_selection():
     assert nmf_mod.resolve_nmf_backend("reference", DEVICE) == "reference"
 
 
-def _bad_inputs():
-    x = torch.rand(2, 6, 10)
-    b = torch.rand(2, 6, 3)
-    return [
-        (dict(x=x.numpy()), TypeError, "x: expected a torch.Tensor"),
-        (dict(bases=[1.0]), TypeError, "bases: expected a torch.Tensor"),
-        (dict(x=x[0]), ValueError, "x: expected a 3-D"),
-        (dict(bases=b[0]), ValueError, "bases: expected a 3-D"),
-        (dict(x=x.to(torch.int32)), TypeError, "x: expected dtype"),
-        (dict(x=x.to(torch.complex64)), TypeError, "x: expected dtype"),
-        (dict(bases=b[:1]), ValueError, "bases: batch size"),
-        (dict(bases=b[:, :5]), ValueError, "bases: D = 5"),
-        (dict(bases=b[:, :, :0]), ValueError, "bases: expected rank R >= 1"),
-        (dict(bases=b.double()), TypeError, "bases: expected dtype"),
-        (dict(bases=b.to(torch.int64)), TypeError, "bases: expected dtype"),
-        (dict(bases=b.to("meta")), RuntimeError, "bases: expected a tensor on"),
-        (dict(steps=-1), ValueError, "steps: expected steps >= 0"),
-        (dict(steps=2.0), TypeError, "steps: expected an int"),
-        (dict(steps=True), TypeError, "steps: expected an int"),
-        (dict(grad="full"), ValueError, "grad: expected one of"),
-        (dict(eps=0.0), ValueError, "eps: expected eps > 0"),
-        (dict(eps=-1e-6), ValueError, "eps: expected eps > 0"),
-        (dict(eps=math.inf), ValueError, "eps: expected a finite"),
-        (dict(eps=math.nan), ValueError, "eps: expected a finite"),
-        (dict(eps="1e-6"), TypeError, "eps: expected a real"),
-        (dict(inv_t=math.nan), ValueError, "inv_t: expected a finite"),
-        (dict(return_state=1), TypeError, "return_state: expected a bool"),
-    ]
-
-
-@pytest.mark.parametrize("bad,exc,msg", _bad_inputs())
-def test_bad_inputs(bad, exc, msg):
-    args = dict(x=torch.rand(2, 6, 10), bases=torch.rand(2, 6, 3), steps=2, grad="unrolled", eps=1e-6,
-                inv_t=1.0, return_state=False)
-    args.update(bad)
-    x, bases, steps = args.pop("x"), args.pop("bases"), args.pop("steps")
-    for backend in ("triton", "reference"):
-        with pytest.raises(exc, match=msg):
-            nmf2d(x, bases, steps, backend=backend, **args)
+# bad input (argument checks of nmf2d and FusedNMF2D): tests/test_nmf_bad_input.py

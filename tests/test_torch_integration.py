@@ -120,6 +120,41 @@ def test_compile_fused_nmf2d_fullgraph(mode):
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_compile_fused_nmf2d_with_generator_fullgraph(backend):
+    """FusedNMF2D(generator=g) compiles with fullgraph=True (the draw from g runs in the custom op
+    segnext_kernels::nmf_rand_bases, as dynamo cannot trace torch.rand(..., generator=g)), draws the same bases as
+    eager call after call (g advances alike), and does not touch the global RNG; a deep copy draws from its own copy
+    of g; reassigning the generator recompiles (the graph holds the generator's key as a constant)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    opts = dict(MD_S=2, MD_R=3, eval_steps=2, backend=backend)
+    x = torch.rand(2, 8, 4, 5, device=DEVICE)
+    eager = FusedNMF2D(**opts, generator=torch.Generator().manual_seed(5)).eval()
+    compiled_module = FusedNMF2D(**opts, generator=torch.Generator().manual_seed(5)).eval()
+    ref = segnext.NMF2D(**{k: v for k, v in opts.items() if k != "backend"},
+                        generator=torch.Generator().manual_seed(5)).eval()
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    cm = torch.compile(compiled_module, backend=counter, fullgraph=True)
+    rng = torch.get_rng_state()
+    for _ in range(2):
+        out_c, out_e, out_r = cm(x), eager(x), ref(x)
+        torch.testing.assert_close(out_c, out_e, rtol=0, atol=0)
+        torch.testing.assert_close(out_e, out_r, rtol=0 if backend == "reference" else 1e-5, atol=1e-6)
+    assert counter.frame_count == 1
+    assert torch.equal(torch.get_rng_state(), rng)
+    twin = copy.deepcopy(eager)
+    assert twin.generator is not eager.generator
+    torch.testing.assert_close(twin(x), eager(x), rtol=0, atol=0)
+    compiled_module.generator = torch.Generator().manual_seed(5)
+    eager.generator = torch.Generator().manual_seed(5)
+    torch.testing.assert_close(cm(x), eager(x), rtol=0, atol=0)
+    assert counter.frame_count == 2
+    torch.library.opcheck(torch.ops.segnext_kernels.nmf_rand_bases,
+                          (eager._generator_key, 4, 3, 2, x.device), test_utils=("test_schema", "test_faketensor"))
+
+
 def test_compile_small_fused_segnext_t_fullgraph():
     torch.manual_seed(0)
     model = segnext.segnext_t(num_classes=5, embed_dims=(8, 16, 16, 16), depths=(1, 1, 1, 1), drop_path_rate=0.0,
