@@ -22,9 +22,13 @@ ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 ARCHS = ("80", "90")
 #: kernels whose stack frame must be 0 bytes (the hot loops); every kernel must be spill-free
-HOT_KERNELS = ("msca_fwd_kernel", "msca_bwd_mix_kernel", "msca_bwd_dw_kernel")
-#: the tile kernels run 256 threads with __launch_bounds__(256, 2): at most 128 registers
-MAX_HOT_REGISTERS = 128
+HOT_KERNELS = ("msca_fwd_kernel", "msca_bwd_mix_kernel", "msca_bwd_dw_kernel",
+               "nmf_coef_kernel", "nmf_bwd_kernel", "nmf_gx_kernel")
+#: register ceiling per hot-kernel family, from its launch bounds: the MSCA tile kernels run 256 threads with
+#: __launch_bounds__(256, 2) (at most 128 registers); the NMF pass / g_X kernels 256 threads with
+#: __launch_bounds__(256, 1) (one CTA per SM by their shared memory anyway: at most 255 registers)
+MAX_HOT_REGISTERS = {"msca_fwd_kernel": 128, "msca_bwd_mix_kernel": 128, "msca_bwd_dw_kernel": 128,
+                     "nmf_coef_kernel": 255, "nmf_bwd_kernel": 255, "nmf_gx_kernel": 255}
 
 
 def find_nvcc() -> str | None:
@@ -114,7 +118,7 @@ needs_nvcc = pytest.mark.skipif(find_nvcc() is None, reason="nvcc not found (set
 @needs_nvcc
 def test_sources_exist():
     names = {p.name for p in cu_sources()}
-    assert {"msca_fwd.cu", "msca_bwd.cu"} <= names, names
+    assert {"msca_fwd.cu", "msca_bwd.cu", "nmf_fwd.cu", "nmf_bwd.cu"} <= names, names
 
 
 @needs_nvcc
@@ -142,9 +146,10 @@ def test_compiles_without_spills():
             if hot and e["stack"]:
                 problems.append(f"{src.name} {e['arch']}: hot kernel {short_name(e['name'])} has a "
                                 f"{e['stack']}-byte stack frame")
-            if hot and e["registers"] > MAX_HOT_REGISTERS:
+            limit = MAX_HOT_REGISTERS[next(h for h in HOT_KERNELS if h in e["name"])] if hot else None
+            if hot and e["registers"] > limit:
                 problems.append(f"{src.name} {e['arch']}: hot kernel {short_name(e['name'])} uses {e['registers']} "
-                                f"registers (> {MAX_HOT_REGISTERS})")
+                                f"registers (> {limit})")
     for h in HOT_KERNELS:
         for arch in ARCHS:
             if (h, arch) not in seen_hot:

@@ -324,3 +324,7 @@ inline uint32_t cvt_rna_tf32(float x) {
 template <typename T> inline T __ldg(const T* p) { return *p; }
 inline unsigned int __float_as_uint(float x) { unsigned int u; std::memcpy(&u, &x, 4); return u; }
 inline float __uint_as_float(unsigned int u) { float x; std::memcpy(&x, &u, 4); return x; }
+// round-to-nearest fp32 arithmetic that the device compiler never contracts into an FMA (host x86-64: plain ops)
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
