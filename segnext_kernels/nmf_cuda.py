@@ -8,9 +8,11 @@ by ``msca_cuda.load_extension``); importing this module builds nothing. The exte
 and the autograd registration, so ``torch.compile`` never sees them.
 
 Dtypes: x in float32, float16 or bfloat16 (updates in fp32); float64 is not supported here (use "triton" or
-"reference"). Products with x run on tensor cores (fp16/bf16 x: x's type with the fp32 operand split in two halves;
-fp32 x: TF32 only when ``torch.backends.cuda.matmul.allow_tf32`` allows it). Deterministic: per-CTA partials reduced
-in a fixed order.
+"reference"). The products with x (and the R x R products of the pass kernels) run on bf16 tensor cores over split
+"pieces" (``csrc/nmf_common.cuh``): bf16 x is one exact piece and the fp32 operand two (2 mma, relative error about
+2^-17); fp16 x is two exact bf16 pieces (3 mma); fp32 x three pieces each (6 mma, about fp32 accuracy), or two when
+``torch.backends.cuda.matmul.allow_tf32`` is set (3 mma, about 2^-17: more accurate than TF32). Deterministic:
+per-CTA partials reduced in a fixed order.
 """
 from __future__ import annotations
 
