@@ -6,7 +6,7 @@ csrc/nmf_bwd.cu, csrc/binding.cpp).
 
 The extension is built when the torch found at build time has CUDA (``torch.version.cuda is not None``) and nvcc is
 available, or always when ``SEGNEXT_KERNELS_FORCE_BUILD=1`` (then a missing toolkit is an error). Otherwise the
-install is pure Python and the CUDA backend can still be JIT-built on first use (segnext_kernels/msca_cuda.py).
+install is pure Python and the CUDA backend can still be JIT-built on first use (segnext_kernels/cuda_extension.py).
 
 torch must be importable here, so install without build isolation::
 

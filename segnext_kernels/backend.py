@@ -64,14 +64,12 @@ def triton_status(device: torch.device) -> tuple[bool, str]:
 def cuda_status(device: torch.device) -> tuple[bool, str]:
     """Whether the CUDA extension backend can run on tensors of ``device``; (False, reason) otherwise.
 
-    Does not build anything: building happens on first use (``msca_cuda.load_extension``)."""
+    Does not build anything: building happens on first use (``cuda_extension.load_extension``)."""
     if device.type != "cuda":
         return False, f"the CUDA backend needs CUDA tensors (got {device.type} tensors)"
-    if importlib.util.find_spec("segnext_kernels.msca_cuda") is None:
-        return False, "this install has no CUDA backend module"
-    from . import msca_cuda
+    from . import cuda_extension
 
-    return msca_cuda.cuda_status()
+    return cuda_extension.cuda_status()
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

@@ -2,7 +2,7 @@
 ``csrc/nmf_params.h``) driven by ``nmf_driver`` exactly as the Triton kernels are.
 
 The kernels live in the same extension as the CUDA MSCA kernels (``segnext_kernels._C``, loaded or JIT-built lazily
-by ``msca_cuda.load_extension``); importing this module builds nothing. The extension's launchers (``nmf_geom``,
+by ``cuda_extension.load_extension``); importing this module builds nothing. The extension's launchers (``nmf_geom``,
 ``nmf_bases``, ``nmf_coef``, ``nmf_bwd_stage``, ``nmf_gx``) are internal: they run inside the custom ops
 ``torch.ops.segnext_kernels.nmf2d_forward / nmf2d_backward`` (``nmf_autograd``), which own the fake implementations
 and the autograd registration, so ``torch.compile`` never sees them.
@@ -31,7 +31,7 @@ def _empty(*shape, dtype, device):
 
 
 def _ext():
-    from .msca_cuda import load_extension
+    from .cuda_extension import load_extension
 
     return load_extension()
 
