@@ -9,7 +9,8 @@ Forward (``_msca_fwd_kernel``), one program per spatial tile (TH x TW pixels of 
     a   = dw5x5(u) on the tile grown by 10 pixels (zero outside the image)      -> per-program scratch
     h_k = dw_1xk(a) on the tile rows grown by 10 (zero outside the image)       -> per-program scratch
     s   = a + sum_k dw_kx1(h_k) on the tile                                     -> per-program scratch (all C)
-  phase B: out[co] = (sum_ci w3[co, ci] s[ci] + b3[co]) * u[co] as tl.dot over channel blocks.
+  phase B: out[co] = (sum_ci w3[co, ci] s[ci] + b3[co]) * u[co] as tl.dot over channel blocks, BLOCK_P pixels of
+    the tile at a time.
   u is read from global memory (halo re-reads hit L1/L2) and out is written once. Triton cannot shift a register
   tile, so the chained depthwise convs stage their intermediates in a small per-program scratch buffer behind
   ``tl.debug_barrier()`` (kernels.md section 7).
@@ -45,22 +46,43 @@ _DW0, _DWS, _DB0, _DBS, _NPART = 0, 25, 103, 104, 110
 # Shared device helpers
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _load_img(ptr, base, c_off, cmask, y, x, valid, H, W, sH, sW, ACC: tl.constexpr):
-    """Load ptr[base + c_off + y*sH + x*sW] for a [BLOCK_C, P] tile, zero outside the image."""
+def _load_img(ptr, base, c_off, y, x, valid, H, W, sH, sW, ACC: tl.constexpr):
+    """Load ptr[base + c_off + y*sH + x*sW] for a [BLOCK_C, P] tile, zero outside the image.
+
+    c_off must address existing channels: callers clamp the channel index to C - 1 (``_clamp_c``) instead of masking
+    it, and never store the rows of channels >= C. The mask is then per pixel, shared by the BLOCK_C rows: a 2-D
+    mask costs one predicate per element (32 per thread for a [4, 2048] tile), registers and instructions."""
     m = valid & (y >= 0) & (y < H) & (x >= 0) & (x < W)
     off = y.to(tl.int64) * sH + x.to(tl.int64) * sW
-    return tl.load(ptr + base + c_off[:, None] + off[None, :], mask=cmask[:, None] & m[None, :], other=0.0).to(ACC)
+    return tl.load(ptr + base + c_off[:, None] + off[None, :], mask=m[None, :], other=0.0).to(ACC)
 
 
 @triton.jit
-def _hstrip(a_scr, h_scr, ws_ptr, bs_ptr, c_idx, cmask, lc, yh, inside_h, rh, ch,
+def _clamp_c(c_idx, C):
+    """Channel indices clamped to C - 1, as int64 (for ``_load_img`` offsets)."""
+    return tl.minimum(c_idx, C - 1).to(tl.int64)
+
+
+@triton.jit
+def _opaque_zero(v):
+    """0 for any v >= 0 (an image size), as a value the compilers cannot fold to a constant. Added to the trip count
+    of a short tap loop it keeps ptxas from unrolling the loop completely and issuing the loads of every tap at
+    once (it then unrolls by 4 with a remainder loop): fully unrolled, the vertical-strip taps of ``_stage_s`` held
+    150+ registers of loads and weights in the forward (and the horizontal ones, on the small [2, 512] tiles of the
+    backward, likewise), and ptxas spilled the long-lived values around them. (v may be a constexpr: the JIT turns
+    an argument equal to 1 into one; the loops are then simply unrolled.)"""
+    return ((tl.zeros((), tl.int32) + v) < 0).to(tl.int32)
+
+
+@triton.jit
+def _hstrip(a_scr, h_scr, ws_ptr, bs_ptr, c_idx, cmask, lc, yh, inside_h, rh, ch, nz,
             K: tl.constexpr, WOFF: tl.constexpr, BIDX: tl.constexpr,
             TW: tl.constexpr, AW: tl.constexpr, PA: tl.constexpr, PH: tl.constexpr, BLOCK_C: tl.constexpr,
             ACC: tl.constexpr):
     """h = dw_1xK(a) + bias on the H-region (tile rows +-10, tile columns); zero outside the image."""
     P: tl.constexpr = K // 2
     acc = tl.zeros([BLOCK_C, PH], ACC)
-    for j in range(K):
+    for j in range(K + nz):
         w = tl.load(ws_ptr + c_idx * 78 + WOFF + j, mask=cmask, other=0.0).to(ACC)
         src = rh * AW + ch + (10 + j - P)
         acc += w[:, None] * tl.load(a_scr + lc[:, None] * PA + src[None, :], mask=inside_h[None, :], other=0.0)
@@ -71,7 +93,7 @@ def _hstrip(a_scr, h_scr, ws_ptr, bs_ptr, c_idx, cmask, lc, yh, inside_h, rh, ch
 
 @triton.jit
 def _stage_a_h(u_ptr, ub, c_idx, cmask, lc, w0_ptr, b0_ptr, ws_ptr, bs_ptr, a_scr, h_scr,
-               y0, x0, H, W, sC, sH, sW,
+               y0, x0, C, H, W, sC, sH, sW,
                TH: tl.constexpr, TW: tl.constexpr, PA: tl.constexpr, PH: tl.constexpr, BLOCK_C: tl.constexpr,
                ACC: tl.constexpr):
     """Phase A, first half: a on the A-region and the three h_k on the H-region, into scratch.
@@ -81,7 +103,7 @@ def _stage_a_h(u_ptr, ub, c_idx, cmask, lc, w0_ptr, b0_ptr, ws_ptr, bs_ptr, a_sc
     """
     AW: tl.constexpr = TW + 20
     AH: tl.constexpr = TH + 20
-    c_off = c_idx.to(tl.int64) * sC
+    c_off = _clamp_c(c_idx, C) * sC
     pa = tl.arange(0, PA)
     ya = y0 - 10 + pa // AW
     xa = x0 - 10 + pa % AW
@@ -89,7 +111,7 @@ def _stage_a_h(u_ptr, ub, c_idx, cmask, lc, w0_ptr, b0_ptr, ws_ptr, bs_ptr, a_sc
     acc = tl.zeros([BLOCK_C, PA], ACC)
     for t in range(25):
         w = tl.load(w0_ptr + c_idx * 25 + t, mask=cmask, other=0.0).to(ACC)
-        acc += w[:, None] * _load_img(u_ptr, ub, c_off, cmask, ya + (t // 5 - 2), xa + (t % 5 - 2), va,
+        acc += w[:, None] * _load_img(u_ptr, ub, c_off, ya + (t // 5 - 2), xa + (t % 5 - 2), va,
                                       H, W, sH, sW, ACC)
     b = tl.load(b0_ptr + c_idx, mask=cmask, other=0.0).to(ACC)
     inside_a = va & (ya >= 0) & (ya < H) & (xa >= 0) & (xa < W)
@@ -103,22 +125,23 @@ def _stage_a_h(u_ptr, ub, c_idx, cmask, lc, w0_ptr, b0_ptr, ws_ptr, bs_ptr, a_sc
     yh = y0 - 10 + rh
     xh = x0 + ch
     inside_h = (ph < AH * TW) & (yh >= 0) & (yh < H) & (xh < W)
-    _hstrip(a_scr, h_scr, ws_ptr, bs_ptr, c_idx, cmask, lc, yh, inside_h, rh, ch,
+    nz = _opaque_zero(H)
+    _hstrip(a_scr, h_scr, ws_ptr, bs_ptr, c_idx, cmask, lc, yh, inside_h, rh, ch, nz,
             7, 0, 0, TW, AW, PA, PH, BLOCK_C, ACC)
-    _hstrip(a_scr, h_scr + BLOCK_C * PH, ws_ptr, bs_ptr, c_idx, cmask, lc, yh, inside_h, rh, ch,
+    _hstrip(a_scr, h_scr + BLOCK_C * PH, ws_ptr, bs_ptr, c_idx, cmask, lc, yh, inside_h, rh, ch, nz,
             11, 14, 2, TW, AW, PA, PH, BLOCK_C, ACC)
-    _hstrip(a_scr, h_scr + 2 * BLOCK_C * PH, ws_ptr, bs_ptr, c_idx, cmask, lc, yh, inside_h, rh, ch,
+    _hstrip(a_scr, h_scr + 2 * BLOCK_C * PH, ws_ptr, bs_ptr, c_idx, cmask, lc, yh, inside_h, rh, ch, nz,
             21, 36, 4, TW, AW, PA, PH, BLOCK_C, ACC)
 
 
 @triton.jit
-def _vstrip(h_scr, ws_ptr, bs_ptr, c_idx, cmask, lc, ro, co, vo,
+def _vstrip(h_scr, ws_ptr, bs_ptr, c_idx, cmask, lc, ro, co, vo, nz,
             K: tl.constexpr, WOFF: tl.constexpr, BIDX: tl.constexpr,
             TW: tl.constexpr, PH: tl.constexpr, PO: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
-    """v = dw_Kx1(h) + bias on the tile, h read from the H-region scratch."""
+    """v = dw_Kx1(h) + bias on the tile, h read from the H-region scratch. nz: an ``_opaque_zero``."""
     P: tl.constexpr = K // 2
     acc = tl.zeros([BLOCK_C, PO], ACC)
-    for i in range(K):
+    for i in range(K + nz):
         w = tl.load(ws_ptr + c_idx * 78 + WOFF + i, mask=cmask, other=0.0).to(ACC)
         src = (ro + 10 + i - P) * TW + co
         acc += w[:, None] * tl.load(h_scr + lc[:, None] * PH + src[None, :], mask=vo[None, :], other=0.0)
@@ -127,7 +150,7 @@ def _vstrip(h_scr, ws_ptr, bs_ptr, c_idx, cmask, lc, ro, co, vo,
 
 
 @triton.jit
-def _stage_s(a_scr, h_scr, ws_ptr, bs_ptr, c_idx, cmask, lc,
+def _stage_s(a_scr, h_scr, ws_ptr, bs_ptr, c_idx, cmask, lc, nz,
              TH: tl.constexpr, TW: tl.constexpr, PA: tl.constexpr, PH: tl.constexpr, PO: tl.constexpr,
              BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     """Phase A, second half: s = a + v_7 + v_11 + v_21 on the TH x TW tile, as a [BLOCK_C, PO] tensor."""
@@ -137,10 +160,10 @@ def _stage_s(a_scr, h_scr, ws_ptr, bs_ptr, c_idx, cmask, lc,
     co = po % TW
     vo = po < TH * TW
     s = tl.load(a_scr + lc[:, None] * PA + ((ro + 10) * AW + co + 10)[None, :], mask=vo[None, :], other=0.0)
-    s += _vstrip(h_scr, ws_ptr, bs_ptr, c_idx, cmask, lc, ro, co, vo, 7, 7, 1, TW, PH, PO, BLOCK_C, ACC)
-    s += _vstrip(h_scr + BLOCK_C * PH, ws_ptr, bs_ptr, c_idx, cmask, lc, ro, co, vo, 11, 25, 3,
+    s += _vstrip(h_scr, ws_ptr, bs_ptr, c_idx, cmask, lc, ro, co, vo, nz, 7, 7, 1, TW, PH, PO, BLOCK_C, ACC)
+    s += _vstrip(h_scr + BLOCK_C * PH, ws_ptr, bs_ptr, c_idx, cmask, lc, ro, co, vo, nz, 11, 25, 3,
                  TW, PH, PO, BLOCK_C, ACC)
-    s += _vstrip(h_scr + 2 * BLOCK_C * PH, ws_ptr, bs_ptr, c_idx, cmask, lc, ro, co, vo, 21, 57, 5,
+    s += _vstrip(h_scr + 2 * BLOCK_C * PH, ws_ptr, bs_ptr, c_idx, cmask, lc, ro, co, vo, nz, 21, 57, 5,
                  TW, PH, PO, BLOCK_C, ACC)
     return s
 
@@ -152,13 +175,16 @@ def _phase_s(u_ptr, ub, w0_ptr, b0_ptr, ws_ptr, bs_ptr, a_scr, h_scr, dst_ptr, d
              BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     """Phase A for every channel of a tile: s -> dst[c * dst_cstride + dst_pix], in blocks of BLOCK_C channels."""
     lc = tl.arange(0, BLOCK_C)
-    for c0 in range(0, C, BLOCK_C):
+    # disable_licm: the region index vectors, masks and scratch pointers, the same for every channel block, are
+    # recomputed per block (a few integer instructions per pixel, next to 103 taps) instead of being hoisted out of
+    # this loop and held in registers through the whole tile, phase B included
+    for c0 in tl.range(0, C, BLOCK_C, disable_licm=True):
         c_idx = c0 + lc
         cmask = c_idx < C
         _stage_a_h(u_ptr, ub, c_idx, cmask, lc, w0_ptr, b0_ptr, ws_ptr, bs_ptr, a_scr, h_scr,
-                   y0, x0, H, W, sC, sH, sW, TH, TW, PA, PH, BLOCK_C, ACC)
+                   y0, x0, C, H, W, sC, sH, sW, TH, TW, PA, PH, BLOCK_C, ACC)
         tl.debug_barrier()
-        s = _stage_s(a_scr, h_scr, ws_ptr, bs_ptr, c_idx, cmask, lc, TH, TW, PA, PH, PO, BLOCK_C, ACC)
+        s = _stage_s(a_scr, h_scr, ws_ptr, bs_ptr, c_idx, cmask, lc, _opaque_zero(H), TH, TW, PA, PH, PO, BLOCK_C, ACC)
         tl.store(dst_ptr + c_idx.to(tl.int64)[:, None] * dst_cstride + dst_pix[None, :], s,
                  mask=cmask[:, None] & dst_mask[None, :])
         tl.debug_barrier()
@@ -199,7 +225,7 @@ def _tile_coords(t, n_ty, n_tx, TH: tl.constexpr, TW: tl.constexpr):
 def _msca_fwd_kernel(u_ptr, out_ptr, w0_ptr, b0_ptr, ws_ptr, bs_ptr, w3_ptr, b3_ptr, scr_ptr, sscr_ptr,
                      C, H, W, sB, sC, sH, sW, oB, oC, oH, oW, n_ty, n_tx, n_tiles,
                      TH: tl.constexpr, TW: tl.constexpr, PA: tl.constexpr, PH: tl.constexpr, PO: tl.constexpr,
-                     BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
                      DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -208,7 +234,10 @@ def _msca_fwd_kernel(u_ptr, out_ptr, w0_ptr, b0_ptr, ws_ptr, bs_ptr, w3_ptr, b3_
     s_scr = sscr_ptr + pid.to(tl.int64) * C * PO
     po = tl.arange(0, PO)
     kk = tl.arange(0, BLOCK_K)
-    for t in range(pid, n_tiles, nprog):
+    # disable_licm (also on the channel loop of _phase_s): what does not depend on the tile (index vectors, masks and
+    # pointers of the regions) is recomputed per tile, a few instructions, rather than hoisted out of the loop and
+    # held in registers across both phases (these long-lived values were what ptxas spilled)
+    for t in tl.range(pid, n_tiles, nprog, disable_licm=True):
         b, y0, x0 = _tile_coords(t, n_ty, n_tx, TH, TW)
         ub = b.to(tl.int64) * sB
         y = y0 + po // TW
@@ -217,17 +246,22 @@ def _msca_fwd_kernel(u_ptr, out_ptr, w0_ptr, b0_ptr, ws_ptr, bs_ptr, w3_ptr, b3_
         # phase A: s for every channel of the tile, into the per-program scratch
         _phase_s(u_ptr, ub, w0_ptr, b0_ptr, ws_ptr, bs_ptr, a_scr, h_scr, s_scr, PO, po, vpix,
                  C, y0, x0, H, W, sC, sH, sW, TH, TW, PA, PH, PO, BLOCK_C, ACC)
-        # phase B: 1x1 channel mix, bias, gating by u
-        for o0 in range(0, C, BLOCK_K):
-            co = o0 + kk
-            com = co < C
-            acc = _mix(w3_ptr, s_scr, PO, po, vpix, co, com, C, False, BLOCK_K, PO, ACC, DOT_DTYPE, DOT_PREC)
-            bias = tl.load(b3_ptr + co, mask=com, other=0.0).to(ACC)
-            uv = _load_img(u_ptr, ub, co.to(tl.int64) * sC, com, y, x, vpix, H, W, sH, sW, ACC)
-            res = (acc + bias[:, None]) * uv
-            optr = out_ptr + b.to(tl.int64) * oB + co.to(tl.int64)[:, None] * oC \
-                + (y.to(tl.int64) * oH + x.to(tl.int64) * oW)[None, :]
-            tl.store(optr, res.to(out_ptr.dtype.element_ty), mask=com[:, None] & vpix[None, :])
+        # phase B: 1x1 channel mix, bias, gating by u, BLOCK_P pixels of the tile at a time
+        for p0 in range(0, PO, BLOCK_P):
+            pp = p0 + tl.arange(0, BLOCK_P)
+            yp = y0 + pp // TW
+            xp = x0 + pp % TW
+            vp = (pp < TH * TW) & (yp < H) & (xp < W)
+            pix = (yp.to(tl.int64) * oH + xp.to(tl.int64) * oW)[None, :]
+            for o0 in range(0, C, BLOCK_K):
+                co = o0 + kk
+                com = co < C
+                acc = _mix(w3_ptr, s_scr, PO, pp, vp, co, com, C, False, BLOCK_K, BLOCK_P, ACC, DOT_DTYPE, DOT_PREC)
+                bias = tl.load(b3_ptr + co, mask=com, other=0.0).to(ACC)
+                uv = _load_img(u_ptr, ub, _clamp_c(co, C) * sC, yp, xp, vp, H, W, sH, sW, ACC)
+                res = (acc + bias[:, None]) * uv
+                optr = out_ptr + b.to(tl.int64) * oB + co.to(tl.int64)[:, None] * oC + pix
+                tl.store(optr, res.to(out_ptr.dtype.element_ty), mask=com[:, None] & vp[None, :])
         tl.debug_barrier()
 
 
@@ -249,7 +283,7 @@ def _msca_bwd_mix_kernel(u_ptr, g_ptr, w0_ptr, b0_ptr, ws_ptr, bs_ptr, w3_ptr, b
     po = tl.arange(0, PO)
     kk = tl.arange(0, BLOCK_K)
     HW = H * W
-    for t in range(pid, n_tiles, nprog):
+    for t in tl.range(pid, n_tiles, nprog, disable_licm=True):   # (as in the forward)
         b, y0, x0 = _tile_coords(t, n_ty, n_tx, TH, TW)
         ub = b.to(tl.int64) * sB
         fb = b.to(tl.int64) * C * HW
@@ -264,8 +298,9 @@ def _msca_bwd_mix_kernel(u_ptr, g_ptr, w0_ptr, b0_ptr, ws_ptr, bs_ptr, w3_ptr, b
             com = co < C
             acc = _mix(w3_ptr, s_ptr + fb, HW, fpix, vpix, co, com, C, False, BLOCK_K, PO, ACC, DOT_DTYPE, DOT_PREC)
             att = acc + tl.load(b3_ptr + co, mask=com, other=0.0).to(ACC)[:, None]
-            uv = _load_img(u_ptr, ub, co.to(tl.int64) * sC, com, y, x, vpix, H, W, sH, sW, ACC)
-            gv = _load_img(g_ptr, b.to(tl.int64) * gB, co.to(tl.int64) * gC, com, y, x, vpix, H, W, gH, gW, ACC)
+            co_ld = _clamp_c(co, C)
+            uv = _load_img(u_ptr, ub, co_ld * sC, y, x, vpix, H, W, sH, sW, ACC)
+            gv = _load_img(g_ptr, b.to(tl.int64) * gB, co_ld * gC, y, x, vpix, H, W, gH, gW, ACC)
             m2 = com[:, None] & vpix[None, :]
             dst = fb + co.to(tl.int64)[:, None] * HW + fpix[None, :]
             tl.store(datt_ptr + dst, gv * uv, mask=m2)
@@ -320,7 +355,7 @@ def _dh_strip(ds_ptr, fb, c_off, cmask, lc, ws_ptr, bs_ptr, c_idx, dh_scr, ydh, 
     acc = tl.zeros([BLOCK_C, PDH], ACC)
     for i in range(K):
         w = tl.load(ws_ptr + c_idx * 78 + WOFF + i, mask=cmask, other=0.0).to(ACC)
-        acc += w[:, None] * _load_img(ds_ptr, fb, c_off, cmask, ydh - i + P, xdh, vdh, H, W, W, 1, ACC)
+        acc += w[:, None] * _load_img(ds_ptr, fb, c_off, ydh - i + P, xdh, vdh, H, W, W, 1, ACC)
     dh = tl.where(inside_dh[None, :], acc, 0.0)
     tl.store(dh_scr + lc[:, None] * PDH + tl.arange(0, PDH)[None, :], dh)
 
@@ -404,10 +439,11 @@ def _msca_bwd_dw_kernel(u_ptr, w0_ptr, b0_ptr, ws_ptr, bs_ptr, ds_ptr, dug_ptr, 
         for c0 in range(0, C, BLOCK_C):
             c_idx = c0 + lc
             cmask = c_idx < C
-            c_off = c_idx.to(tl.int64) * HW
+            c_ld = _clamp_c(c_idx, C)
+            c_off = c_ld * HW
             # forward recompute: a (A-region) and h_k (H-region) into scratch
             _stage_a_h(u_ptr, ub, c_idx, cmask, lc, w0_ptr, b0_ptr, ws_ptr, bs_ptr, a_scr, h_scr,
-                       y0, x0, H, W, sC, sH, sW, TH, TW, PA, PH, BLOCK_C, ACC)
+                       y0, x0, C, H, W, sC, sH, sW, TH, TW, PA, PH, BLOCK_C, ACC)
             # d_h_k on the DH-region
             _dh_strip(ds_ptr, fb, c_off, cmask, lc, ws_ptr, bs_ptr, c_idx, dh_scr, ydh, xdh, vdh, inside_dh,
                       H, W, 7, 7, PDH, BLOCK_C, ACC)
@@ -417,7 +453,7 @@ def _msca_bwd_dw_kernel(u_ptr, w0_ptr, b0_ptr, ws_ptr, bs_ptr, ds_ptr, dug_ptr, 
                       vdh, inside_dh, H, W, 21, 57, PDH, BLOCK_C, ACC)
             tl.debug_barrier()
             # d_a on the DA-region
-            da = _load_img(ds_ptr, fb, c_off, cmask, yda, xda, vda, H, W, W, 1, ACC)
+            da = _load_img(ds_ptr, fb, c_off, yda, xda, vda, H, W, W, 1, ACC)
             da += _da_strip(dh_scr, ws_ptr, c_idx, cmask, lc, rda, cda, vda, 7, 0, DHW, PDH, PDA, BLOCK_C, ACC)
             da += _da_strip(dh_scr + BLOCK_C * PDH, ws_ptr, c_idx, cmask, lc, rda, cda, vda, 11, 14,
                             DHW, PDH, PDA, BLOCK_C, ACC)
@@ -427,7 +463,7 @@ def _msca_bwd_dw_kernel(u_ptr, w0_ptr, b0_ptr, ws_ptr, bs_ptr, ds_ptr, dug_ptr, 
             tl.store(da_scr + lc[:, None] * PDA + pda[None, :], da)
             tl.debug_barrier()
             # du = du_gate + dw5x5^T(d_a) on the tile, and the conv0 weight/bias partials
-            du = _load_img(dug_ptr, fb, c_off, cmask, y, x, vpix, H, W, W, 1, ACC)
+            du = _load_img(dug_ptr, fb, c_off, y, x, vpix, H, W, W, 1, ACC)
             da_t = tl.load(da_scr + lc[:, None] * PDA + ((ro + 2) * DAW + co + 2)[None, :],
                            mask=vpix[None, :], other=0.0)
             for tap in range(25):
@@ -436,7 +472,7 @@ def _msca_bwd_dw_kernel(u_ptr, w0_ptr, b0_ptr, ws_ptr, bs_ptr, ds_ptr, dug_ptr, 
                 w = tl.load(w0_ptr + c_idx * 25 + tap, mask=cmask, other=0.0).to(ACC)
                 src = (ro + 4 - ky) * DAW + co + 4 - kx
                 du += w[:, None] * tl.load(da_scr + lc[:, None] * PDA + src[None, :], mask=vpix[None, :], other=0.0)
-                uv = _load_img(u_ptr, ub, c_idx.to(tl.int64) * sC, cmask, y + ky - 2, x + kx - 2, vpix,
+                uv = _load_img(u_ptr, ub, c_ld * sC, y + ky - 2, x + kx - 2, vpix,
                                H, W, sH, sW, ACC)
                 tl.store(part + c_idx * 110 + tap, tl.sum(da_t * uv, axis=1), mask=cmask)
             tl.store(part + c_idx * 110 + 103, tl.sum(da_t, axis=1), mask=cmask)
@@ -444,7 +480,7 @@ def _msca_bwd_dw_kernel(u_ptr, w0_ptr, b0_ptr, ws_ptr, bs_ptr, ds_ptr, dug_ptr, 
                 + (y.to(tl.int64) * dH + x.to(tl.int64) * dW)[None, :]
             tl.store(dptr, du.to(du_ptr.dtype.element_ty), mask=cmask[:, None] & vpix[None, :])
             # strip-conv partials. kx1 convs: upstream d_s, input h_k (H-region, tile at row offset 10).
-            ds_t = _load_img(ds_ptr, fb, c_off, cmask, y, x, vpix, H, W, W, 1, ACC)
+            ds_t = _load_img(ds_ptr, fb, c_off, y, x, vpix, H, W, W, 1, ACC)
             hp = lc[:, None] * PH
             _strip_wgrad(part, c_idx, cmask, ds_t, h_scr, hp, vpix, ACC, 7, 7, 1, True, TW, ro, co, 10, 0)
             _strip_wgrad(part, c_idx, cmask, ds_t, h_scr + BLOCK_C * PH, hp, vpix, ACC, 11, 25, 3, True, TW,
@@ -492,22 +528,37 @@ def _dtypes(dtype: torch.dtype):
     return torch.float32, tl.float32, (tl.float16 if dtype == torch.float16 else tl.bfloat16), "ieee"
 
 
-#: Force tile geometry (keys TH, TW, BLOCK_C, BLOCK_K, num_warps, max_programs): for tests (e.g. the GPU geometry under the
-#: interpreter) and tuning. Empty in normal use.
+#: Force tile geometry (keys TH, TW, BLOCK_C, BLOCK_K, BLOCK_P, num_warps, num_stages, max_programs): for tests (e.g.
+#: the GPU geometry under the interpreter) and tuning. Empty in normal use.
 TILE_OVERRIDES: dict = {}
 
 #: The geometry used on a GPU, per kernel (the backward kernels exchange data only through full-size global
-#: tensors, so their tiles are independent). Chosen from the sm_90 ptxas report of the AOT compile check
-#: (tests/triton_aot.py): the largest tiles with no register spills and no stack frame for sm_90 and sm_80, fp32
-#: and bf16 (Triton 3.9). Not yet timed on a GPU: smaller backward tiles cost more halo recompute.
+#: tensors, so their tiles are independent). Chosen from the ptxas report of the AOT compile check
+#: (tests/triton_aot.py, specialised at both --msca-shape and generic): the largest tiles with no register spills and
+#: no stack frame for sm_90 and sm_80, fp32 and bf16 (Triton 3.9). Not yet timed on a GPU: smaller backward tiles
+#: cost more halo recompute.
+#: fwd: phase B (1x1 mix, bias, gating, store) runs on BLOCK_P = 256 of the 512 tile pixels at a time: with all 512
+#: at once its [16, 512] accumulator and operands plus the 64-bit addresses of the unvectorised epilogue (odd and
+#: generic strides) reached 255 registers by themselves and spilled. Same loads, MACs and stores; the cost is one
+#: w3-tile load per K step and chunk instead of per K step (about +1% of the kernel's instructions at C = 64).
+#: bwd_mix: num_stages=1, no software pipelining of its two tl.dot loops: the cp.async addresses and masks of the
+#: pipelined S / DATT / w3 tiles took about 100 registers in the odd and generic builds (255 registers, 48-72 B of
+#: spills) and pushed the segnext builds just past 128. Unpipelined it needs 80-128 registers, i.e. 2-3 CTAs (16-24
+#: warps) per SM instead of 1, whose warps hide the latency of those L2-resident reads; the mix is a small part of
+#: this kernel next to the phase-A recompute. (Larger bwd_mix tiles, e.g. 16 x 16, still spill in the odd and generic
+#: builds.)
 GPU_TILES = {
-    "fwd": dict(TH=16, TW=32, BLOCK_C=4, BLOCK_K=16, num_warps=8),
-    "bwd_mix": dict(TH=8, TW=16, BLOCK_C=2, BLOCK_K=16, num_warps=8),
+    "fwd": dict(TH=16, TW=32, BLOCK_C=4, BLOCK_K=16, BLOCK_P=256, num_warps=8),
+    "bwd_mix": dict(TH=8, TW=16, BLOCK_C=2, BLOCK_K=16, num_warps=8, num_stages=1),
     "bwd_dw": dict(TH=16, TW=16, BLOCK_C=2, BLOCK_K=16, num_warps=8),
 }
 
-#: The dw3 split-K GEMM on a GPU (same AOT check).
-GPU_W3 = dict(BLOCK_MN=64, BLOCK_P=32, num_warps=8)
+#: The dw3 split-K GEMM on a GPU (same AOT check). 64 x 64 output tiles (the reads of DATT and S scale with C / 64);
+#: K steps of BLOCK_P = 16 pixels: with 32, ptxas (13.x, and 12.9 for sm_80, under Triton's --regAllocOptLevel=2)
+#: aimed at 80 / 64 registers (3 / 4 CTAs per SM) and spilled 8-16 B of loop-invariant values to reach that, an
+#: allocator artifact (the same PTX given .maxnreg 80 compiles without spills). Same loads and MACs, half the shared
+#: memory per pipeline stage.
+GPU_W3 = dict(BLOCK_MN=64, BLOCK_P=16, num_warps=8)
 
 
 class _TileConfig:
@@ -522,7 +573,11 @@ class _TileConfig:
             self.BLOCK_C = min(_next_pow2(C), max(16, (1 << 18) // pa))
             self.BLOCK_K = max(16, min(_next_pow2(C), 256))
             self.num_warps = 4
+            self.BLOCK_P = 1 << 30   # phase B on the whole tile at once
+            self.num_stages = None
         else:
+            self.BLOCK_P = 1 << 30     # (fwd phase B) all pixels of the tile at once unless GPU_TILES says otherwise
+            self.num_stages = None     # Triton's default software pipelining of the tl.dot loops
             for k, v in GPU_TILES[kernel].items():
                 setattr(self, k, v)
         max_programs = None if INTERPRET or device.type != "cuda" else \
@@ -547,6 +602,12 @@ class _TileConfig:
     def consts(self):
         return dict(TH=self.TH, TW=self.TW, PA=self.PA, PH=self.PH, PO=self.PO, BLOCK_C=self.BLOCK_C)
 
+    def launch_opts(self):
+        opts = dict(num_warps=self.num_warps)
+        if self.num_stages is not None:
+            opts["num_stages"] = self.num_stages
+        return opts
+
 
 def msca_forward(u, w0, b0, ws, bs, w3, b3):
     """Fused MSCA forward (Triton). u: (B, C, H, W) fp16/bf16/fp32/fp64, any strides; packed weights as
@@ -562,7 +623,8 @@ def msca_forward(u, w0, b0, ws, bs, w3, b3):
     _msca_fwd_kernel[(cfg.n_prog,)](
         u, out, w0, b0, ws, bs, w3, b3, scr, sscr,
         C, H, W, *u.stride(), *out.stride(), cfg.n_ty, cfg.n_tx, cfg.n_tiles,
-        BLOCK_K=cfg.BLOCK_K, ACC=ACC, DOT_DTYPE=DOT, DOT_PREC=PREC, num_warps=cfg.num_warps, **cfg.consts())
+        BLOCK_K=cfg.BLOCK_K, BLOCK_P=min(cfg.BLOCK_P, cfg.PO), ACC=ACC, DOT_DTYPE=DOT, DOT_PREC=PREC,
+        **cfg.launch_opts(), **cfg.consts())
     return out
 
 
@@ -591,7 +653,7 @@ def msca_backward(grad_out, u, w0, b0, ws, bs, w3, b3, needs_input_grad):
     _msca_bwd_mix_kernel[(cfg.n_prog,)](
         u, grad_out, w0, b0, ws, bs, w3, b3, scr, S, DATT, DS, DUG,
         C, H, W, *u.stride(), *grad_out.stride(), cfg.n_ty, cfg.n_tx, cfg.n_tiles,
-        BLOCK_K=cfg.BLOCK_K, ACC=ACC, DOT_DTYPE=DOT, DOT_PREC=PREC, num_warps=cfg.num_warps, **cfg.consts())
+        BLOCK_K=cfg.BLOCK_K, ACC=ACC, DOT_DTYPE=DOT, DOT_PREC=PREC, **cfg.launch_opts(), **cfg.consts())
 
     dw3 = db3 = None
     if need_w3 or need_b3:
@@ -629,7 +691,7 @@ def msca_backward(grad_out, u, w0, b0, ws, bs, w3, b3, needs_input_grad):
         _msca_bwd_dw_kernel[(cfg.n_prog,)](
             u, w0, b0, ws, bs, DS, DUG, du, scr, part,
             C, H, W, *u.stride(), *du.stride(), cfg.n_ty, cfg.n_tx, cfg.n_tiles,
-            PDH=cfg.PDH, PDA=cfg.PDA, ACC=ACC, num_warps=cfg.num_warps, **cfg.consts())
+            PDH=cfg.PDH, PDA=cfg.PDA, ACC=ACC, **cfg.launch_opts(), **cfg.consts())
         tot = part.sum(0)
         dw0 = tot[:, _DW0:_DWS].contiguous() if need_w0 else None
         dws = tot[:, _DWS:_DB0].contiguous() if need_ws else None
