@@ -5,7 +5,8 @@
 #
 # 1. builds segnext_kernels._C in place (SEGNEXT_KERNELS_FORCE_BUILD=1 python3 setup.py build_ext --inplace) for the
 #    local GPU's architecture (override with TORCH_CUDA_ARCH_LIST),
-# 2. prints the ptxas report (registers / spills / stack, sm_80 and sm_90) of every kernel,
+# 2. prints the ptxas report (registers / spills / stack, sm_80 and sm_90) of every CUDA kernel, and the Triton
+#    kernels' frames as this machine's Triton compiles them,
 # 3. runs the CUDA backend's GPU tests (tests/test_msca_cuda.py, tests/test_nmf_cuda.py), then the Triton, module and
 #    production (CUDA graphs, autocast, opcheck, memory) GPU tests,
 # 4. runs the quick benchmarks (python3 -m bench.msca --quick, python3 -m bench.nmf --quick: bf16, SegNeXt stage
@@ -75,6 +76,12 @@ save
 
 step "ptxas report (nvcc -Xptxas -v, sm_80 and sm_90)"
 timeout "$(cap 90 220)" python3 tests/test_cuda_compile.py || fail "ptxas report" $?
+
+step "Triton kernels' registers / stack on this machine's Triton (specialised as the JIT does; tests/triton_aot.py)"
+for a in "--kernels msca --msca-shape segnext" "--kernels msca --msca-shape odd" "--kernels nmf --ranks 16,64"; do
+  timeout "$(cap 40 200)" python3 tests/triton_aot.py --arch 90 --dtypes bf16,fp32 --specialize $a 2>&1 | grep -E "FAIL|stack +[1-9]|Error" \
+    || echo "no stack frame ($a)"
+done
 
 step "GPU tests of the cuda backend"
 timeout "$(cap 240 130)" python3 -m pytest tests/test_msca_cuda.py tests/test_nmf_cuda.py -q -rs -p no:cacheprovider \

@@ -55,6 +55,11 @@ Products run on fp32 operands with input_precision="ieee" (TF32 only for fp32 in
 with zero columns (excluded from the softmax), so tl.dot shapes are legal for any R >= 1. eps > 0 keeps every
 denominator positive for non-negative inputs, so all-zero rows/columns of x give zeros, not NaN.
 
+Divisions: Triton compiles an fp32 ``/`` to PTX ``div.full.f32`` (approximate, error at most 2 ulp, no IEEE slow-path
+subroutine call; fp64 keeps ``div.rn.f64``). The backward divides once per element, U / Q, and multiplies that by
+C_prev, C_new and A instead of forming three quotients: the results differ from U C_prev / Q etc. by rounding only
+(about 1 ulp more), far inside the fp32 tolerances of the tests against fp64.
+
 All partial sums are per program and reduced in a fixed order: results are bitwise deterministic. Under
 TRITON_INTERPRET=1 the same kernels run on CPU tensors (the tests do that). The launchers here assume validated
 arguments (``segnext_kernels.nmf.nmf2d`` validates; out-of-bounds reads are silent in the interpreter).
@@ -153,7 +158,8 @@ def _nmf_coef_kernel(x_ptr, sxb, sxd, sxn, bases_ptr, g_ptr, cin_ptr, cout_ptr, 
                      y_ptr, syb, syd, syn, sc_ptr, D, N, R, T, P,
                      BN: tl.constexpr, BD: tl.constexpr, RP: tl.constexpr,
                      INIT: tl.constexpr, STORE_C0: tl.constexpr, ACCUM: tl.constexpr, RECON: tl.constexpr,
-                     BF16_RNE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+                     BF16_RNE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                     NS1: tl.constexpr, NS2: tl.constexpr, NS3: tl.constexpr):
     """One coef update over N-tiles (see the module docstring). grid (B, P); program p handles tiles p, p+P, ...
 
     INIT: the incoming coef is softmax(inv_t x^T B) (stored to c0 when STORE_C0), else it is read from cin.
@@ -178,7 +184,7 @@ def _nmf_coef_kernel(x_ptr, sxb, sxd, sxn, bases_ptr, g_ptr, cin_ptr, cout_ptr, 
         n = t * BN + nn
         nm = n < N
         a = tl.zeros([BN, RP], ACC)
-        for d0 in range(0, D, BD):
+        for d0 in tl.range(0, D, BD, num_stages=NS1):
             d = d0 + dd
             dm = d < D
             xt = _load_x(xb, d, dm, n, nm, sxd, sxn, ACC)
@@ -199,7 +205,7 @@ def _nmf_coef_kernel(x_ptr, sxb, sxd, sxn, bases_ptr, g_ptr, cin_ptr, cout_ptr, 
         tl.store(cout_ptr + coff, cn, mask=cm)
         if ACCUM:
             cc += tl.dot(tl.trans(cn), cn, input_precision=PREC, out_dtype=ACC)
-            for d0 in range(0, D, BD):
+            for d0 in tl.range(0, D, BD, num_stages=NS2):
                 d = d0 + dd
                 dm = d < D
                 xt = _load_x(xb, d, dm, n, nm, sxd, sxn, ACC)
@@ -207,7 +213,7 @@ def _nmf_coef_kernel(x_ptr, sxb, sxd, sxn, bases_ptr, g_ptr, cin_ptr, cout_ptr, 
                 _rmw_partial(pbase, d, dm, rr, part, t, p, RP)
         if RECON:
             yb = y_ptr + b * syb
-            for d0 in range(0, D, BD):
+            for d0 in tl.range(0, D, BD, num_stages=NS3):
                 d = d0 + dd
                 dm = d < D
                 bt = _load_dr(bb, d, dm, rr, rm, R)
@@ -224,7 +230,8 @@ def _nmf_bwd_kernel(x_ptr, sxb, sxd, sxn, gy_ptr, sgb, sgd, sgn,
                     gcout_ptr, ga_ptr, pxg_ptr, pgy_ptr, pgg_ptr, sc_ptr, D, N, R, T, P,
                     BN: tl.constexpr, BD: tl.constexpr, RP: tl.constexpr,
                     FINAL: tl.constexpr, HAS_GY: tl.constexpr, HAS_GCIN: tl.constexpr, INIT: tl.constexpr,
-                    STORE_GC: tl.constexpr, STORE_GA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+                    STORE_GC: tl.constexpr, STORE_GA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                    NS1: tl.constexpr, NS2: tl.constexpr):
     """Backward of one coef update C_new = C_prev * A / (C_prev G + eps), A = x^T B, over N-tiles; grid (B, P).
 
     U (the gradient reaching C_new on the tile):
@@ -259,11 +266,11 @@ def _nmf_bwd_kernel(x_ptr, sxb, sxd, sxn, gy_ptr, sgb, sgd, sgn,
         nm = n < N
         cm = nm[:, None] & rm[None, :]
         coff = b * N * R + n[:, None].to(tl.int64) * R + rr[None, :]
-        cnew = tl.load(cnew_ptr + coff, mask=cm, other=0.0)
-        cprev = tl.load(cprev_ptr + coff, mask=cm, other=0.0)
+        if FINAL:
+            cnew = tl.load(cnew_ptr + coff, mask=cm, other=0.0)  # sweep 1 needs it (g_Y C_F)
         a = tl.zeros([BN, RP], ACC)
         u = tl.zeros([BN, RP], ACC)
-        for d0 in range(0, D, BD):
+        for d0 in tl.range(0, D, BD, num_stages=NS1):
             d = d0 + dd
             dm = d < D
             xt = _load_x(xb, d, dm, n, nm, sxd, sxn, ACC)
@@ -278,14 +285,18 @@ def _nmf_bwd_kernel(x_ptr, sxb, sxd, sxn, gy_ptr, sgb, sgd, sgn,
             else:
                 get = _load_dr(geb, d, dm, rr, rm, R)
                 u += tl.dot(tl.trans(xt), get, input_precision=PREC, out_dtype=ACC)
+        # the (BN, RP) tiles not needed by sweep 1 are loaded after it (shorter live ranges)
         if HAS_GCIN:
             u += tl.load(gcin_ptr + coff, mask=cm, other=0.0)
         if not FINAL:
+            cnew = tl.load(cnew_ptr + coff, mask=cm, other=0.0)
             u += tl.dot(cnew, S, input_precision=PREC, out_dtype=ACC)
-        q = tl.dot(cprev, G, input_precision=PREC, out_dtype=ACC) + eps
-        ga = u * cprev / q
-        gq = -u * cnew / q
-        gc = u * a / q + tl.dot(gq, tl.trans(G), input_precision=PREC, out_dtype=ACC)
+        cprev = tl.load(cprev_ptr + coff, mask=cm, other=0.0)
+        # one division U / Q for the three quotients
+        uq = u / (tl.dot(cprev, G, input_precision=PREC, out_dtype=ACC) + eps)
+        ga = uq * cprev
+        gq = -uq * cnew
+        gc = uq * a + tl.dot(gq, tl.trans(G), input_precision=PREC, out_dtype=ACC)
         gG += tl.dot(tl.trans(cprev), gq, input_precision=PREC, out_dtype=ACC)
         if INIT:
             ga += inv_t * cprev * (gc - tl.sum(gc * cprev, axis=1)[:, None])
@@ -293,7 +304,7 @@ def _nmf_bwd_kernel(x_ptr, sxb, sxd, sxn, gy_ptr, sgb, sgd, sgn,
             tl.store(gcout_ptr + coff, gc, mask=cm)
         if STORE_GA:
             tl.store(ga_ptr + coff, ga, mask=cm)
-        for d0 in range(0, D, BD):
+        for d0 in tl.range(0, D, BD, num_stages=NS2):
             d = d0 + dd
             dm = d < D
             xt = _load_x(xb, d, dm, n, nm, sxd, sxn, ACC)
@@ -303,30 +314,38 @@ def _nmf_bwd_kernel(x_ptr, sxb, sxd, sxn, gy_ptr, sgb, sgd, sgn,
 
 
 @triton.jit
-def _nmf_gx_kernel(l1_ptr, r1_ptr, M1, l2_ptr, r2_ptr, M2, gx_ptr, sgb, sgd, sgn, B, D, N, R,
-                   BD: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr, BF16_RNE: tl.constexpr, ACC: tl.constexpr,
+def _gx_accumulate(acc, l_ptr, r_ptr, M, B, b, D, N, R, d, dm, n, nm, rk, RK: tl.constexpr, ACC: tl.constexpr,
                    PREC: tl.constexpr):
+    """acc += sum_m L[m, b][d] R[m, b][n]^T, L (M, B, D, R), R (M, B, N, R) contiguous, RK columns of R at a time."""
+    for m in range(0, M):
+        for r0 in range(0, R, RK):
+            rr = r0 + rk
+            rm = rr < R
+            lt = _load_dr(l_ptr + (m * B + b) * D * R, d, dm, rr, rm, R)
+            rt = _load_dr(r_ptr + (m * B + b) * N * R, n, nm, rr, rm, R)
+            acc += tl.dot(lt, tl.trans(rt), input_precision=PREC, out_dtype=ACC)
+    return acc
+
+
+@triton.jit
+def _nmf_gx_kernel(l1_ptr, r1_ptr, M1, l2_ptr, r2_ptr, M2, gx_ptr, sgb, sgd, sgn, B, D, N, R,
+                   BD: tl.constexpr, BN: tl.constexpr, RK: tl.constexpr, BF16_RNE: tl.constexpr,
+                   ACC: tl.constexpr, PREC: tl.constexpr):
     """g_X[b] = sum_m L1[m, b] R1[m, b]^T + sum_m L2[m, b] R2[m, b]^T; L (M, B, D, R), R (M, B, N, R) contiguous.
     grid (cdiv(N, BN), cdiv(D, BD), B): N on axis 0, the only one not limited to 65535 programs on CUDA (N is H*W);
-    g_X written once in its own dtype and strides."""
+    g_X written once in its own dtype and strides. The inner dimension R of each factor pair is taken RK columns
+    at a time (the FMA-lowered fp32 dot holds its operands' K-slices in registers, so RK bounds its register use)."""
     pn = tl.program_id(0)
     pd = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    rr = tl.arange(0, RP)
-    rm = rr < R
+    rk = tl.arange(0, RK)
     d = pd * BD + tl.arange(0, BD)
     dm = d < D
     n = pn * BN + tl.arange(0, BN)
     nm = n < N
     acc = tl.zeros([BD, BN], ACC)
-    for m in range(0, M1):
-        lt = _load_dr(l1_ptr + (m * B + b) * D * R, d, dm, rr, rm, R)
-        rt = _load_dr(r1_ptr + (m * B + b) * N * R, n, nm, rr, rm, R)
-        acc += tl.dot(lt, tl.trans(rt), input_precision=PREC, out_dtype=ACC)
-    for m in range(0, M2):
-        lt = _load_dr(l2_ptr + (m * B + b) * D * R, d, dm, rr, rm, R)
-        rt = _load_dr(r2_ptr + (m * B + b) * N * R, n, nm, rr, rm, R)
-        acc += tl.dot(lt, tl.trans(rt), input_precision=PREC, out_dtype=ACC)
+    acc = _gx_accumulate(acc, l1_ptr, r1_ptr, M1, B, b, D, N, R, d, dm, n, nm, rk, RK, ACC, PREC)
+    acc = _gx_accumulate(acc, l2_ptr, r2_ptr, M2, B, b, D, N, R, d, dm, n, nm, rk, RK, ACC, PREC)
     off = b * sgb + d[:, None].to(tl.int64) * sgd + n[None, :].to(tl.int64) * sgn
     tl.store(gx_ptr + off, _to_out(acc, gx_ptr, BF16_RNE), mask=dm[:, None] & nm[None, :])
 
@@ -358,17 +377,49 @@ def _dtypes(dtype: torch.dtype):
     return torch.float32, tl.float32, "tf32" if tf32 else "ieee"
 
 
-#: Force block geometry (keys BN, BD, P (programs per sample), BN_X, BD_X (g_X GEMM tile), num_warps,
-#: num_warps_BWD; BN and P apply to the forward and the backward kernels alike): for tests (several N-tiles /
-#: D-chunks / persistent programs under the interpreter) and tuning. Empty in normal use.
+#: Force block geometry (any key of GPU_BLOCKS, plus P (programs per sample); BN and P apply to the forward and the
+#: backward kernels alike): for tests (several N-tiles / D-chunks / persistent programs under the interpreter) and
+#: tuning. Empty in normal use.
 BLOCK_OVERRIDES: dict = {}
 
-#: The geometry used on a GPU (not timed on hardware yet). BN_BWD / num_warps_BWD: N-tile and warps of the backward
-#: kernel ``_nmf_bwd_kernel``, which holds about twice as many (BN, R) fp32 tiles live as the forward one; the other
-#: kernels use num_warps. Chosen from the ptxas report of tests/triton_aot.py (R = 16, sm_90 and sm_80, bf16 and
-#: fp32, Triton 3.9): no stack frame in any kernel. The fp32 FMA dots need BD = 16 (BD = 32 spills the coef kernel);
-#: the backward at 8 warps kept an 8-24 B stack frame (a save around the IEEE-division slow-path CALL) at every BN_BWD.
-GPU_BLOCKS = dict(BN=128, BN_BWD=32, BD=16, BN_X=64, BD_X=64, num_warps=8, num_warps_BWD=4)
+#: The geometry used on a GPU (not timed on hardware yet) for RP = 16 (R <= 16, SegNeXt-T/S); GPU_BLOCKS_RP replaces
+#: entries per padded rank RP (an RP not listed there keeps these with BN and BN_BWD scaled by 16 / RP). BN, BD,
+#: num_warps: the coef kernel's N-tile, D-chunk and warps (the bases kernels use BD and num_warps); num_stages: software
+#: pipelining stages of its three D-loops (sweep 1, sweep 2 when ACCUM, the reconstruction when RECON). *_BWD: the same
+#: for ``_nmf_bwd_kernel`` (stages of its two sweeps). BN_X x BD_X: the g_X tile, RK_X: columns of R per g_X product.
+#:
+#: Chosen from the ptxas report of tests/triton_aot.py (Triton 3.9 / ptxas 12.9 and 13.4; sm_90 and sm_80; bf16 and
+#: fp32; R = 16 and 64; arguments specialised as the JIT does): no stack frame in any kernel, and none with generic
+#: arguments either except the R = 64 backward (below). Every product is an fp32 "ieee" dot lowered to FMAs, so the
+#: kernels are FMA/issue-bound and registers, not bandwidth, bound the tiles; BN is kept as large as registers allow
+#: because the (D, RP) partials cost 2 x D x RP x 4 bytes of L2 traffic per N-tile. What cost registers:
+#:  - Triton's default 3-stage pipelining of every D-loop (cp.async buffers plus the addresses of the loads in flight):
+#:    it put the backward at 255 registers with 100-180 B frames and the R = 64 reconstruction at 80 B. Stages are set
+#:    per loop; a loop is pipelined where that fits without spilling (fewer stages also means fewer instructions).
+#:  - an FMA dot keeps a K-slice of both operands per thread: K = R = 64 in the g_X GEMM took 255 registers on sm_80
+#:    (hence RK_X = 16); K = BD in the sweeps (BD = 16 in the forward; 32 spills the coef kernel).
+#:  - The 8-24 B frames at 64-168 registers were not division slow paths (fp32 "/" is div.full.f32, no CALL; the
+#:    CALL.REL.NOINC in the SASS is ptxas's loop construct) but ptxas's occupancy-driven register target spilling one
+#:    or two loop-invariant values: they come and go with any code change, so each setting below was checked.
+#: Per kernel (instruction counts: static SASS of the loops, per N-column of x, against the former geometry):
+#:  - coef, R = 16: BN = 128, BD = 16, 8 warps, stages (2, 1, 1): 60-166 registers, 0..-5 % instructions.
+#:    R = 64: BN = 32 (BN = 64 spills hundreds of bytes at any warps / stages), stages (1, 3, 1): 102-170 registers,
+#:    -3..-10 %.
+#:  - backward, R = 16: BN_BWD = 64, BD_BWD = 32, 8 warps, both sweeps 2-stage pipelined: half the partials' L2
+#:    traffic of BN_BWD = 32 and -7..-12 % instructions; 80-186 registers (8-24 warps per SM, was 8-16).
+#:    R = 64: BN_BWD = 16, BD_BWD = 16, 4 warps, no pipelining: 166-218 registers, -5..-8 %. BN_BWD = 32 needs 8 warps
+#:    and then runs one CTA per SM (up to 255 registers) with its D-loops unpipelined; 8 warps at BN_BWD = 16 has no
+#:    frame with generic arguments either but executes ~13 % more instructions, so the generic-argument R = 64
+#:    backward keeps its 100-850 B frames (reloads mostly outside the D-loops, ~1 % of its instructions;
+#:    SegNeXt-B/L training shapes compile specialised).
+#:  - g_X: 128 x 64 tile, 8 warps (4 x 8 outputs per thread), RK_X = 16, 2 stages: ~1.18 instructions per FMA in
+#:    the loop, was 1.2-1.34 at 64 x 64; 117-128 registers.
+GPU_BLOCKS = dict(BN=128, BD=16, num_warps=8, num_stages=(2, 1, 1),
+                  BN_BWD=64, BD_BWD=32, num_warps_BWD=8, num_stages_BWD=(2, 2),
+                  BN_X=128, BD_X=64, RK_X=16, num_warps_X=8, num_stages_X=2)
+
+#: Per padded rank RP: entries replacing GPU_BLOCKS' (RP = 64: SegNeXt-B/L, R = 64); see the comment above.
+GPU_BLOCKS_RP = {64: dict(BN=32, num_stages=(1, 3, 1), BN_BWD=16, BD_BWD=16, num_warps_BWD=4, num_stages_BWD=(1, 1))}
 
 
 class _Config:
@@ -380,16 +431,23 @@ class _Config:
         if INTERPRET:
             self.BN = min(max(16, _next_pow2(N)), 512)
             self.BD = min(max(16, _next_pow2(D)), 256)
-            self.BN_X, self.BD_X = self.BN, self.BD
-            self.num_warps = self.num_warps_BWD = 4
+            self.BN_X, self.BD_X, self.RK_X = self.BN, self.BD, self.RP
+            self.num_warps = self.num_warps_BWD = self.num_warps_X = 4
+            self.num_stages_X = 1
+            self.num_stages = (1, 1, 1)
+            self.num_stages_BWD = (1, 1)
             target = 2 * B
         else:
             for k, v in GPU_BLOCKS.items():
                 setattr(self, k, v)
+            wide = GPU_BLOCKS_RP.get(self.RP)
+            for k, v in (wide or {}).items():
+                setattr(self, k, v)
             if backward:
-                self.BN = self.BN_BWD
-            # the (BN, RP) register tiles grow with RP: keep them at their RP = 16 size (what GPU_BLOCKS is tuned for)
-            self.BN = max(16, self.BN * 16 // self.RP)
+                self.BN, self.BD = self.BN_BWD, self.BD_BWD
+            if wide is None:
+                # the (BN, RP) register tiles grow with RP: keep them at their RP = 16 size
+                self.BN = max(16, self.BN * 16 // self.RP)
             # the GPU geometry also applies to non-CUDA tensors outside the interpreter, so that
             # tests/triton_aot.py (which records launches on CPU tensors) compiles what a GPU would run
             sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
@@ -467,7 +525,8 @@ class TritonKernels:
         _nmf_coef_kernel[(B, cfg.P)](
             x, *x.stride(), bases, G, d(cin), cout, d(c0), d(pxc), d(pcc), d(y), *ys, sc, D, N, R, cfg.T, cfg.P,
             BN=cfg.BN, BD=cfg.BD, RP=cfg.RP, INIT=init, STORE_C0=store_c0, ACCUM=accum, RECON=recon,
-            BF16_RNE=_bf16_rne(x.dtype), ACC=cfg.acc[1], PREC=cfg.acc[2], num_warps=cfg.num_warps)
+            BF16_RNE=_bf16_rne(x.dtype), ACC=cfg.acc[1], PREC=cfg.acc[2], NS1=cfg.num_stages[0], NS2=cfg.num_stages[1],
+            NS3=cfg.num_stages[2], num_warps=cfg.num_warps)
 
     @classmethod
     def bwd_stage(cls, cfg, x, gy, bases, ge, cnew, gcin, S, cprev, G, gcout, ga, pxg, pgy, pgg, eps, inv_t, *,
@@ -482,7 +541,7 @@ class TritonKernels:
             pxg, d(pgy), pgg, sc, D, N, R, cfg.T, cfg.P,
             BN=cfg.BN, BD=cfg.BD, RP=cfg.RP, FINAL=final, HAS_GY=gy is not None, HAS_GCIN=gcin is not None,
             INIT=init, STORE_GC=store_gc, STORE_GA=store_ga, ACC=cfg.acc[1], PREC=cfg.acc[2],
-            num_warps=cfg.num_warps_BWD)
+            NS1=cfg.num_stages_BWD[0], NS2=cfg.num_stages_BWD[1], num_warps=cfg.num_warps_BWD)
 
     @staticmethod
     def gx(cfg, l1, r1, m1, l2, r2, m2, gx):
@@ -492,8 +551,8 @@ class TritonKernels:
             l2, r2, m2 = l1, r1, 0
         _nmf_gx_kernel[(triton.cdiv(N, cfg.BN_X), triton.cdiv(D, cfg.BD_X), B)](
             l1, r1, m1, l2, r2, m2, gx, *gx.stride(), B, D, N, R,
-            BD=cfg.BD_X, BN=cfg.BN_X, RP=cfg.RP, BF16_RNE=_bf16_rne(gx.dtype), ACC=cfg.acc[1], PREC=cfg.acc[2],
-            num_warps=cfg.num_warps)
+            BD=cfg.BD_X, BN=cfg.BN_X, RK=min(cfg.RP, cfg.RK_X), BF16_RNE=_bf16_rne(gx.dtype), ACC=cfg.acc[1],
+            PREC=cfg.acc[2], num_warps=cfg.num_warps_X, num_stages=cfg.num_stages_X)
 
 
 KERNELS = TritonKernels()
