@@ -544,9 +544,9 @@ TILE_OVERRIDES: dict = {}
 #: bwd_mix: num_stages=1, no software pipelining of its two tl.dot loops: the cp.async addresses and masks of the
 #: pipelined S / DATT / w3 tiles took about 100 registers in the odd and generic builds (255 registers, 48-72 B of
 #: spills) and pushed the segnext builds just past 128. Unpipelined it needs 80-128 registers, i.e. 2-3 CTAs (16-24
-#: warps) per SM instead of 1, whose warps hide the latency of those L2-resident reads; the mix is a small part of
-#: this kernel next to the phase-A recompute. (Larger bwd_mix tiles, e.g. 16 x 16, still spill in the odd and generic
-#: builds.)
+#: warps) per SM instead of 1, whose warps are expected to hide the latency of those L2-resident reads (not yet
+#: timed); the mix is a small part of this kernel next to the phase-A recompute. (Larger bwd_mix tiles, e.g.
+#: 16 x 16, still spill in the odd and generic builds.)
 GPU_TILES = {
     "fwd": dict(TH=16, TW=32, BLOCK_C=4, BLOCK_K=16, BLOCK_P=256, num_warps=8),
     "bwd_mix": dict(TH=8, TW=16, BLOCK_C=2, BLOCK_K=16, num_warps=8, num_stages=1),
@@ -566,6 +566,8 @@ class _TileConfig:
     independent of tile size, so tiles are large there; on a GPU they are sized for registers (see kernels.md)."""
 
     def __init__(self, B: int, C: int, H: int, W: int, device: torch.device, kernel: str = "fwd"):
+        self.BLOCK_P = 1 << 30   # fwd phase B: all pixels of the tile at once unless GPU_TILES says otherwise
+        self.num_stages = None   # Triton's default software pipelining of the tl.dot loops unless GPU_TILES says
         if INTERPRET:
             # interpreter cost is per op, not per element: few programs, wide channel blocks (<= 2^18 elements)
             self.TH, self.TW = min(H, 32), min(W, 32)
@@ -573,11 +575,7 @@ class _TileConfig:
             self.BLOCK_C = min(_next_pow2(C), max(16, (1 << 18) // pa))
             self.BLOCK_K = max(16, min(_next_pow2(C), 256))
             self.num_warps = 4
-            self.BLOCK_P = 1 << 30   # phase B on the whole tile at once
-            self.num_stages = None
         else:
-            self.BLOCK_P = 1 << 30     # (fwd phase B) all pixels of the tile at once unless GPU_TILES says otherwise
-            self.num_stages = None     # Triton's default software pipelining of the tl.dot loops
             for k, v in GPU_TILES[kernel].items():
                 setattr(self, k, v)
         max_programs = None if INTERPRET or device.type != "cuda" else \

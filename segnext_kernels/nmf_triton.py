@@ -391,8 +391,9 @@ BLOCK_OVERRIDES: dict = {}
 #: Chosen from the ptxas report of tests/triton_aot.py (Triton 3.9 / ptxas 12.9 and 13.4; sm_90 and sm_80; bf16 and
 #: fp32; R = 16 and 64; arguments specialised as the JIT does): no stack frame in any kernel, and none with generic
 #: arguments either except the R = 64 backward (below). Every product is an fp32 "ieee" dot lowered to FMAs, so the
-#: kernels are FMA/issue-bound and registers, not bandwidth, bound the tiles; BN is kept as large as registers allow
-#: because the (D, RP) partials cost 2 x D x RP x 4 bytes of L2 traffic per N-tile. What cost registers:
+#: kernels are expected to be FMA/issue-bound (not yet timed) and registers, not bandwidth, bound the tiles; BN
+#: is kept as large as registers allow because the (D, RP) partials cost 2 x D x RP x 4 bytes of L2 traffic per
+#: N-tile. What cost registers:
 #:  - Triton's default 3-stage pipelining of every D-loop (cp.async buffers plus the addresses of the loads in flight):
 #:    it put the backward at 255 registers with 100-180 B frames and the R = 64 reconstruction at 80 B. Stages are set
 #:    per loop; a loop is pipelined where that fits without spilling (fewer stages also means fewer instructions).

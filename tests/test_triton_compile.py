@@ -39,7 +39,8 @@ def rows():
         p = subprocess.run([sys.executable, str(AOT), *args, "--json"], capture_output=True, text=True, env=env,
                            timeout=900)
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith("[")]
-        assert lines, f"triton_aot.py {name} printed no JSON (exit {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+        assert lines, (f"triton_aot.py {name} printed no JSON (exit {p.returncode}):\n{p.stdout[-3000:]}\n"
+                       f"{p.stderr[-3000:]}")
         res += [dict(r, run=name) for r in json.loads(lines[-1])]
     for r in res:
         rk = f"R={r['rank']}" if r["rank"] else ""

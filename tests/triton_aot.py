@@ -174,11 +174,11 @@ def launches_for(dtype, ranks=NMF_RANKS, msca_shape="odd") -> list:
     return out
 
 
-_TODO: list = []  # (kernel, signature, constexprs, attrs, options, arch): read by the forked compile workers
+_COMPILE_QUEUE: list = []  # (kernel, signature, constexprs, attrs, options, arch): read by the forked compile workers
 
 
 def _compile_one(i: int) -> dict:
-    kernel, sig, const, attrs, options, arch = _TODO[i]
+    kernel, sig, const, attrs, options, arch = _COMPILE_QUEUE[i]
     t0 = time.time()
     try:
         src = ASTSource(fn=kernel, signature=sig, constexprs=const, attrs=attrs)
@@ -195,7 +195,7 @@ def compile_all(archs, dtypes, verbose=True, only=None, ranks=NMF_RANKS, special
     """Compile the launched kernels (names containing ``only``, if given) for each arch and dtype, the NMF ones at
     each rank in ``ranks``; ``jobs`` > 1 compiles in that many forked processes. Rows in launch order."""
     seen, meta = set(), []
-    _TODO.clear()
+    _COMPILE_QUEUE.clear()
     for dname in dtypes:
         for rank, kernel, args, kwargs in launches_for(DTYPES[dname], ranks, msca_shape):
             if only and only not in kernel.__name__:
@@ -209,11 +209,11 @@ def compile_all(archs, dtypes, verbose=True, only=None, ranks=NMF_RANKS, special
             for arch in archs:
                 meta.append(dict(kernel=kernel.__name__, dtype=dname, arch=f"sm_{arch}", rank=rank,
                                  specialized=specialize, num_warps=options.get("num_warps", 4)))
-                _TODO.append((kernel, sig, const, attrs, options, arch))
-    if jobs > 1 and len(_TODO) > 1:
+                _COMPILE_QUEUE.append((kernel, sig, const, attrs, options, arch))
+    if jobs > 1 and len(_COMPILE_QUEUE) > 1:
         ctx = multiprocessing.get_context("fork")
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as ex:
-            results = ex.map(_compile_one, range(len(_TODO)))
+            results = ex.map(_compile_one, range(len(_COMPILE_QUEUE)))
             rows = [dict(m, **r) for m, r in zip(meta, results)]
     else:
         rows = [dict(m, **_compile_one(i)) for i, m in enumerate(meta)]
