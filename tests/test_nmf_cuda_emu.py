@@ -155,13 +155,15 @@ def _build(out: Path):
 
 
 @pytest.fixture(scope="session")
-def emu(request):
-    """The emulation library, cached (pytest cache dir) by a hash of its sources: the g++ build takes ~1 min."""
+def emu(request, tmp_path_factory):
+    """The emulation library, cached (pytest cache dir; a session temp dir under ``-p no:cacheprovider``) by a hash
+    of its sources: the g++ build takes ~1 min."""
     h = hashlib.sha256()
     for f in SOURCES + HEADERS:
         h.update(f.read_bytes())
     h.update(str(_cuda_include()).encode())
-    cache = Path(request.config.cache.mkdir("nmf_emu"))
+    cache_plugin = getattr(request.config, "cache", None)
+    cache = Path(cache_plugin.mkdir("nmf_emu")) if cache_plugin else tmp_path_factory.mktemp("nmf_emu")
     so = cache / f"nmf_emu_{h.hexdigest()[:16]}.so"
     if not so.exists():
         tmp = so.with_suffix(".tmp.so")
