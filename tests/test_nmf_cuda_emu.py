@@ -166,7 +166,7 @@ def emu(request, tmp_path_factory):
     cache = Path(cache_plugin.mkdir("nmf_emu")) if cache_plugin else tmp_path_factory.mktemp("nmf_emu")
     so = cache / f"nmf_emu_{h.hexdigest()[:16]}.so"
     if not so.exists():
-        tmp = so.with_suffix(".tmp.so")
+        tmp = so.with_suffix(f".{os.getpid()}.tmp.so")  # one per process: pytest-xdist workers may build at once
         _build(tmp)
         tmp.replace(so)
     e = NmfEmu(so)
