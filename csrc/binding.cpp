@@ -13,12 +13,18 @@
 //   SEGNEXT_MSCA_CUDA_TILE / SEGNEXT_MSCA_CUDA_TILE_BWD  force a tile configuration (0..4, see msca_fwd.cu)
 //   SEGNEXT_MSCA_CUDA_POISON=1                           fill outputs and workspace with NaN before the launch (tests)
 //   SEGNEXT_MSCA_CUDA_CL_DIRECT=1                        channels_last u: tile loads read u in place (no NCHW copy)
+//
+// Built with -DSEGNEXT_EMU (g++ only, CPU torch; tests/test_cuda_backend_emu.py), the same binding registers the ops
+// for CPU tensors and the kernels run in the CPU emulation of tests/emu/cuda_emu.h: the device-runtime calls below
+// (device guard, stream, device attributes, launch-error check) are the only lines that differ.
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#ifndef SEGNEXT_EMU
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#endif
 #include <cuda_runtime_api.h>
 
 #include <array>
@@ -34,6 +40,41 @@
 #include "nmf_params.h"
 
 namespace {
+
+// ---- the device runtime (CUDA; or the CPU emulation) ----------------------------------------------------------------
+#ifdef SEGNEXT_EMU
+#define SK_KERNEL_DEVICE CPU  // dispatch key of the ops' kernels
+bool on_kernel_device(const at::Tensor& t) { return t.is_cpu(); }
+struct DeviceGuard {
+  explicit DeviceGuard(c10::Device) {}
+};
+cudaStream_t current_stream() { return nullptr; }
+int smem_limit_of_device(const at::Tensor&) { return 232448; }  // as an H100 (opt-in shared memory per block)
+int num_sms_of_device(const at::Tensor&) { return 132; }         // as an H100 SXM
+void check_launch(const char*) {}                                // the emulation throws instead
+#else
+#define SK_KERNEL_DEVICE CUDA
+bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
+using DeviceGuard = c10::cuda::CUDAGuard;
+cudaStream_t current_stream() { return current_stream(); }
+
+int smem_limit_of_device(const at::Tensor& t) {
+  int bytes = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, t.get_device()));
+  return bytes;
+}
+
+int num_sms_of_device(const at::Tensor& t) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, t.get_device()));
+  return sms;
+}
+
+void check_launch(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  TORCH_CHECK(err == cudaSuccess, what, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+#endif
 
 int env_int(const char* name, int dflt) {
   const char* v = std::getenv(name);
@@ -62,7 +103,7 @@ int dtype_code(const at::Tensor& u) {
 }
 
 void check_u(const at::Tensor& u) {
-  TORCH_CHECK(u.is_cuda(), "u: expected a CUDA tensor, got one on ", u.device());
+  TORCH_CHECK(on_kernel_device(u), "u: expected a CUDA tensor, got one on ", u.device());
   TORCH_CHECK(u.dim() == 4, "u: expected a 4-D tensor (B, C, H, W), got shape ", u.sizes());
   TORCH_CHECK(u.size(1) >= 1, "u: expected C >= 1 channels, got shape ", u.sizes());
   dtype_code(u);
@@ -87,13 +128,6 @@ void check_params(const at::Tensor& u, const at::Tensor& w0, const at::Tensor& b
   check_param(b3, "b3", {C}, u);
 }
 
-int smem_limit_of_current_device() {
-  int dev = 0, bytes = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  return bytes;
-}
-
 // channels_last u: the depthwise tile loads read an NCHW copy (coalesced; one extra read+write of u) unless
 // SEGNEXT_MSCA_CUDA_CL_DIRECT=1, in which case they read u in place (each 32-byte sector then reaches the SM several
 // times, once per channel group). Measure both with bench/msca_quick.py.
@@ -102,16 +136,11 @@ bool use_nchw_copy(const at::Tensor& u) {
          env_int("SEGNEXT_MSCA_CUDA_CL_DIRECT", 0) == 0;
 }
 
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  TORCH_CHECK(err == cudaSuccess, what, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
-}
-
 at::Tensor msca_forward_cuda(const at::Tensor& u, const at::Tensor& w0, const at::Tensor& b0, const at::Tensor& ws,
                              const at::Tensor& bs, const at::Tensor& w3, const at::Tensor& b3) {
   check_u(u);
   check_params(u, w0, b0, ws, bs, w3, b3);
-  const c10::cuda::CUDAGuard guard(u.device());
+  const DeviceGuard guard(u.device());
   at::Tensor out = at::empty_like(u);  // u's memory format when u is dense, else contiguous
   const bool do_poison = poison_enabled();
   if (do_poison) poison(out);
@@ -132,7 +161,7 @@ at::Tensor msca_forward_cuda(const at::Tensor& u, const at::Tensor& w0, const at
   p.dtype = dtype_code(u);
   p.allow_tf32 = at::globalContext().allowTF32CuBLAS() ? 1 : 0;  // torch.backends.cuda.matmul.allow_tf32
   p.tile_cfg = env_int("SEGNEXT_MSCA_CUDA_TILE", -1);
-  p.smem_limit = smem_limit_of_current_device();
+  p.smem_limit = smem_limit_of_device(u);
 
   const MscaFwdPlan plan = msca_fwd_plan(p);
   TORCH_CHECK(plan.ok, "msca_forward (cuda backend): ", plan.error);
@@ -140,7 +169,7 @@ at::Tensor msca_forward_cuda(const at::Tensor& u, const at::Tensor& w0, const at
   if (do_poison) poison(workspace);
   p.workspace = workspace.data_ptr();
   try {
-    msca_fwd_launch(p, c10::cuda::getCurrentCUDAStream().stream());
+    msca_fwd_launch(p, current_stream());
   } catch (const std::exception& e) {
     TORCH_CHECK(false, "msca_forward (cuda backend): ", e.what());
   }
@@ -160,7 +189,7 @@ Grads msca_backward_cuda(const at::Tensor& grad_out, const at::Tensor& u, const 
   TORCH_CHECK(grad_out.scalar_type() == u.scalar_type(), "grad_out: expected dtype ", u.scalar_type(),
               " (the dtype of u), got ", grad_out.scalar_type());
   TORCH_CHECK(grad_out.sizes() == u.sizes(), "grad_out: expected shape ", u.sizes(), ", got ", grad_out.sizes());
-  const c10::cuda::CUDAGuard guard(u.device());
+  const DeviceGuard guard(u.device());
   const int64_t C = u.size(1);
   const bool need_du = needs[0];
   const bool need_dwdw = needs[1] || needs[2] || needs[3] || needs[4];
@@ -214,7 +243,7 @@ Grads msca_backward_cuda(const at::Tensor& grad_out, const at::Tensor& u, const 
   p.deterministic = at::globalContext().deterministicAlgorithms() ? 1 : 0;
   p.need_du = need_du; p.need_dwdw = need_dwdw; p.need_w3 = need_w3;
   p.tile_cfg = env_int("SEGNEXT_MSCA_CUDA_TILE_BWD", -1);
-  p.smem_limit = smem_limit_of_current_device();
+  p.smem_limit = smem_limit_of_device(u);
 
   const MscaBwdPlan plan = msca_bwd_plan(p);
   TORCH_CHECK(plan.ok, "msca_backward (cuda backend): ", plan.error);
@@ -222,7 +251,7 @@ Grads msca_backward_cuda(const at::Tensor& grad_out, const at::Tensor& u, const 
   if (do_poison) poison(workspace);
   p.workspace = workspace.data_ptr();
   try {
-    msca_bwd_launch(p, c10::cuda::getCurrentCUDAStream().stream());
+    msca_bwd_launch(p, current_stream());
   } catch (const std::exception& e) {
     TORCH_CHECK(false, "msca_backward (cuda backend): ", e.what());
   }
@@ -252,7 +281,7 @@ int nmf_dtype_code(const at::Tensor& x, const char* name) {
 }
 
 void nmf_check_x(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.is_cuda(), name, ": expected a CUDA tensor, got one on ", x.device());
+  TORCH_CHECK(on_kernel_device(x), name, ": expected a CUDA tensor, got one on ", x.device());
   TORCH_CHECK(x.dim() == 3, name, ": expected a 3-D tensor (B, D, N), got shape ", x.sizes());
   nmf_dtype_code(x, name);
 }
@@ -278,12 +307,6 @@ float* nmf_opt_mut(const OptT& t, const char* name, const at::Tensor& like, int6
   return const_cast<float*>(nmf_opt(t, name, like, numel, needed));
 }
 
-int nmf_num_sms(const at::Tensor& like) {
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, like.get_device()));
-  return sms;
-}
-
 int nmf_rp(int R) {
   int rp = 16;
   while (rp < R) rp *= 2;
@@ -294,10 +317,10 @@ int nmf_rp(int R) {
 std::vector<int64_t> nmf_geom(int64_t B, int64_t D, int64_t N, int64_t R, const at::Tensor& x, bool backward) {
   nmf_check_x(x, "x");
   TORCH_CHECK(R >= 1, "R: expected R >= 1, got ", R);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   NmfGeom g{};
   try {
-    g = nmf_make_geom(B, D, N, (int)R, nmf_dtype_code(x, "x"), backward ? 1 : 0, nmf_num_sms(x));
+    g = nmf_make_geom(B, D, N, (int)R, nmf_dtype_code(x, "x"), backward ? 1 : 0, num_sms_of_device(x));
   } catch (const std::exception& e) {
     TORCH_CHECK(false, "nmf2d (cuda backend): ", e.what());
   }
@@ -307,10 +330,10 @@ std::vector<int64_t> nmf_geom(int64_t B, int64_t D, int64_t N, int64_t R, const 
 void nmf_bases(const at::Tensor& bin, const OptT& bout, const at::Tensor& G, const OptT& pxc, const OptT& pcc,
                const OptT& E, const OptT& H, const OptT& work, double eps, int64_t P, int64_t work_floats,
                bool update, bool store_eh) {
-  TORCH_CHECK(bin.is_cuda() && bin.dim() == 3, "bases: expected a 3-D CUDA tensor (B, D, R), got ", bin.sizes());
+  TORCH_CHECK(on_kernel_device(bin) && bin.dim() == 3, "bases: expected a 3-D CUDA tensor (B, D, R), got ", bin.sizes());
   const int64_t B = bin.size(0), D = bin.size(1), R = bin.size(2);
   const int RP = nmf_rp((int)R);
-  const c10::cuda::CUDAGuard guard(bin.device());
+  const DeviceGuard guard(bin.device());
   NmfBasesParams p{};
   p.bin = nmf_small(bin, "bases", bin, B * D * R);
   p.bout = nmf_opt_mut(bout, "bases_out", bin, B * D * R, update);
@@ -324,7 +347,7 @@ void nmf_bases(const at::Tensor& bin, const OptT& bout, const at::Tensor& G, con
   p.eps = (float)eps;
   p.update = update; p.store_eh = store_eh;
   try {
-    nmf_bases_launch(p, c10::cuda::getCurrentCUDAStream().stream());
+    nmf_bases_launch(p, current_stream());
   } catch (const std::exception& e) {
     TORCH_CHECK(false, "nmf2d bases update (cuda backend): ", e.what());
   }
@@ -337,7 +360,7 @@ void nmf_coef(const at::Tensor& x, const at::Tensor& bases, const at::Tensor& G,
   nmf_check_x(x, "x");
   const int64_t B = x.size(0), D = x.size(1), N = x.size(2), R = bases.size(-1);
   const int RP = nmf_rp((int)R);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   NmfCoefParams p{};
   p.x = x.data_ptr();
   p.x_sB = x.stride(0); p.x_sD = x.stride(1); p.x_sN = x.stride(2);
@@ -362,7 +385,7 @@ void nmf_coef(const at::Tensor& x, const at::Tensor& bases, const at::Tensor& G,
   p.allow_tf32 = at::globalContext().allowTF32CuBLAS() ? 1 : 0;
   p.init = init; p.store_c0 = store_c0; p.accum = accum; p.recon = recon;
   try {
-    nmf_coef_launch(p, c10::cuda::getCurrentCUDAStream().stream());
+    nmf_coef_launch(p, current_stream());
   } catch (const std::exception& e) {
     TORCH_CHECK(false, "nmf2d coef pass (cuda backend): ", e.what());
   }
@@ -377,7 +400,7 @@ void nmf_bwd_stage(const at::Tensor& x, const OptT& gy, const at::Tensor& bases,
   nmf_check_x(x, "x");
   const int64_t B = x.size(0), D = x.size(1), N = x.size(2), R = bases.size(-1);
   const int RP = nmf_rp((int)R);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   NmfBwdStageParams p{};
   p.x = x.data_ptr();
   p.x_sB = x.stride(0); p.x_sD = x.stride(1); p.x_sN = x.stride(2);
@@ -408,7 +431,7 @@ void nmf_bwd_stage(const at::Tensor& x, const OptT& gy, const at::Tensor& bases,
   p.final_stage = final_stage; p.has_gy = has_gy; p.has_gcin = gcin.has_value(); p.init = init;
   p.store_gc = store_gc; p.store_ga = store_ga;
   try {
-    nmf_bwd_stage_launch(p, c10::cuda::getCurrentCUDAStream().stream());
+    nmf_bwd_stage_launch(p, current_stream());
   } catch (const std::exception& e) {
     TORCH_CHECK(false, "nmf2d backward stage (cuda backend): ", e.what());
   }
@@ -419,7 +442,7 @@ void nmf_gx(const at::Tensor& l1, const at::Tensor& r1, int64_t m1, const OptT& 
             const at::Tensor& gx) {
   nmf_check_x(gx, "grad_x");
   const int64_t B = gx.size(0), D = gx.size(1), N = gx.size(2), R = l1.size(-1);
-  const c10::cuda::CUDAGuard guard(gx.device());
+  const DeviceGuard guard(gx.device());
   NmfGxParams p{};
   p.l1 = nmf_small(l1.narrow(0, 0, m1), "l1", gx, m1 * B * D * R);
   p.r1 = nmf_small(r1.narrow(0, 0, m1), "r1", gx, m1 * B * N * R);
@@ -433,7 +456,7 @@ void nmf_gx(const at::Tensor& l1, const at::Tensor& r1, int64_t m1, const OptT& 
   p.dtype = nmf_dtype_code(gx, "grad_x");
   p.allow_tf32 = at::globalContext().allowTF32CuBLAS() ? 1 : 0;
   try {
-    nmf_gx_launch(p, c10::cuda::getCurrentCUDAStream().stream());
+    nmf_gx_launch(p, current_stream());
   } catch (const std::exception& e) {
     TORCH_CHECK(false, "nmf2d grad_x (cuda backend): ", e.what());
   }
@@ -458,7 +481,7 @@ TORCH_LIBRARY(segnext, m) {
       "bool[7] needs_input_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(segnext, CUDA, m) {
+TORCH_LIBRARY_IMPL(segnext, SK_KERNEL_DEVICE, m) {
   m.impl("msca_forward", &msca_forward_cuda);
   m.impl("msca_backward", &msca_backward_cuda);
 }

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import torch
 
 from segnext_kernels.msca_reference import msca_reference, pack_weights
 
+from emu_build import cuda_include, skip_reason
 from msca_helpers import make_msca
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,26 +38,7 @@ ERR_FACTOR = 2.0
 ATOL = {"fp32": 1e-5, "tf32": 5e-3, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-def _cuda_include() -> Path | None:
-    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        cands.append(str(Path(nvcc).resolve().parent.parent))
-    for c in cands:
-        if c and (Path(c) / "include" / "cuda_bf16.h").exists() and (Path(c) / "include" / "cuda_fp16.h").exists():
-            return Path(c) / "include"
-    return None
-
-
-def _skip_reason() -> str | None:
-    if shutil.which("g++") is None:
-        return "g++ not found: cannot build the CPU emulation of the CUDA kernels"
-    if _cuda_include() is None:
-        return "CUDA headers (cuda_fp16.h, cuda_bf16.h) not found (set CUDA_HOME): cannot build the emulation"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))
 
 
 class Emu:
@@ -117,7 +97,7 @@ class Emu:
 def emu(tmp_path_factory):
     out = tmp_path_factory.mktemp("msca_emu") / "msca_emu.so"
     cmd = ["g++", "-std=c++17", "-O1", "-DSEGNEXT_EMU", "-shared", "-fPIC", f"-I{CSRC}", f"-I{EMU}",
-           f"-I{_cuda_include()}", "-x", "c++", str(CSRC / "msca_fwd.cu"), "-x", "c++", str(CSRC / "msca_bwd.cu"),
+           f"-I{cuda_include()}", "-x", "c++", str(CSRC / "msca_fwd.cu"), "-x", "c++", str(CSRC / "msca_bwd.cu"),
            "-x", "c++", str(EMU / "emu_main.cpp"), "-o", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"building the emulation failed:\n{proc.stderr[-6000:]}"

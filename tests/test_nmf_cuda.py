@@ -17,7 +17,7 @@ from segnext.ham_head import nmf2d_reference
 from segnext_kernels import nmf_cuda
 from segnext_kernels.nmf import nmf2d
 
-from nmf_helpers import check, make, max_err, run
+from nmf_helpers import check, make, max_err, opcheck_nmf_ops, run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; this machine has none")
 
@@ -165,15 +165,7 @@ def test_float64_is_refused():
 
 def test_opcheck_cuda_backend():
     x, b = make(1, 16, 40, 3, dtype=torch.float32)
-    x, b = x.to(DEV), b.to(DEV)
-    ops = torch.ops.segnext_kernels
-    for mode in MODES:
-        torch.library.opcheck(ops.nmf2d_forward, [x.clone().requires_grad_(), b.clone().requires_grad_(), 2, 1e-6,
-                                                  1.0, mode, True, "cuda"])
-        with torch.no_grad():
-            y, bk, cf, saved = ops.nmf2d_forward(x, b, 2, 1e-6, 1.0, mode, True, "cuda")
-        torch.library.opcheck(ops.nmf2d_backward, [torch.rand_like(y), torch.rand_like(bk), None, x, list(saved),
-                                                   mode, 2, 1e-6, 1.0, True, True, "cuda"])
+    opcheck_nmf_ops(x.to(DEV), b.to(DEV), "cuda", MODES)
 
 
 def test_cuda_graph_capture():

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import math
 import os
-import shutil
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,6 +26,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+
+from emu_build import cuda_include, skip_reason
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
@@ -44,26 +44,7 @@ OUT_REL = {torch.float32: 0.0, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 EPS = 1e-6
 
 
-def _cuda_include() -> Path | None:
-    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        cands.append(str(Path(nvcc).resolve().parent.parent))
-    for c in cands:
-        if c and (Path(c) / "include" / "cuda_bf16.h").exists() and (Path(c) / "include" / "cuda_runtime.h").exists():
-            return Path(c) / "include"
-    return None
-
-
-def _skip_reason() -> str | None:
-    if shutil.which("g++") is None:
-        return "g++ not found: cannot build the CPU emulation of the CUDA kernels"
-    if _cuda_include() is None:
-        return "CUDA headers (cuda_runtime.h, cuda_bf16.h) not found (set CUDA_HOME): cannot build the emulation"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))
 
 
 def _p(t):
@@ -146,7 +127,7 @@ class NmfEmu:
 
 def _build(out: Path):
     cmd = ["g++", "-std=c++17", "-O1", "-DSEGNEXT_EMU", "-shared", "-fPIC", f"-I{CSRC}", f"-I{EMU}",
-           f"-I{_cuda_include()}"]
+           f"-I{cuda_include()}"]
     for s in SOURCES:
         cmd += ["-x", "c++", str(s)]
     cmd += ["-o", str(out)]
@@ -161,7 +142,7 @@ def emu(request, tmp_path_factory):
     h = hashlib.sha256()
     for f in SOURCES + HEADERS:
         h.update(f.read_bytes())
-    h.update(str(_cuda_include()).encode())
+    h.update(str(cuda_include()).encode())
     cache_plugin = getattr(request.config, "cache", None)
     cache = Path(cache_plugin.mkdir("nmf_emu")) if cache_plugin else tmp_path_factory.mktemp("nmf_emu")
     so = cache / f"nmf_emu_{h.hexdigest()[:16]}.so"

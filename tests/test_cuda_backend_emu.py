@@ -1,0 +1,245 @@
+"""The "cuda" backend end to end on the CPU: the package's own extension code (``csrc/binding.cpp`` and the kernel
+files) built with g++ and ``-DSEGNEXT_EMU`` into a torch extension whose ``segnext::`` ops take CPU tensors, the
+kernels running in the CUDA emulation of ``tests/emu/cuda_emu.h`` (``tests/emu_build.py`` builds it).
+
+What this adds to the kernel-level emulation tests (test_msca_cuda_emu.py, test_nmf_cuda_emu.py, which call the
+launchers through C shims): the path a user's call takes on a GPU, from ``segnext_kernels.msca`` / ``nmf2d`` with
+``backend="cuda"`` through the autograd custom ops, ``msca_cuda`` / ``nmf_cuda``, the C++ ops and their Python
+fakes (``torch.library.opcheck``), binding.cpp's argument checks, stride and layout handling (the NCHW copy of a
+channels_last ``u``), workspace allocation, NaN poisoning and partial-gradient handling, down to the kernels. The
+GPU tests' own check function (``test_msca_cuda.check``) runs here too. Not covered: anything of the real device
+runtime (streams, device guard, launch errors, device attributes: binding.cpp's ``SEGNEXT_EMU`` block stands in for
+them with an H100's 132 SMs and 227 KB of shared memory), timing and the hardware (tests/test_msca_cuda.py,
+tests/test_nmf_cuda.py on a GPU).
+
+Skipped, saying why, where g++, ninja or the CUDA headers are missing. The first test builds the extension (about a
+minute; cached under pytest's cache directory, or a session temp dir with ``-p no:cacheprovider``).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import segnext_kernels
+from segnext.ham_head import nmf2d_reference
+from segnext_kernels import backend, cuda_extension, msca_cuda, nmf_cuda
+from segnext_kernels.msca_reference import pack_weights
+from segnext_kernels.nmf import nmf2d
+
+from msca_helpers import make_msca
+from nmf_helpers import check as nmf_check, make as nmf_make, max_err as nmf_max_err, opcheck_nmf_ops
+from emu_build import build_torch_extension, skip_reason
+from test_msca_cuda import GRAD_NAMES, check as msca_check, run_backend
+
+pytestmark = pytest.mark.skipif(skip_reason(torch_extension=True) is not None,
+                                reason=str(skip_reason(torch_extension=True)))
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(scope="session")
+def emu_ext(request, tmp_path_factory):
+    cache_plugin = getattr(request.config, "cache", None)
+    build_dir = Path(cache_plugin.mkdir("cuda_ext_emu")) if cache_plugin else tmp_path_factory.mktemp("cuda_ext_emu")
+    return build_torch_extension(build_dir)
+
+
+@pytest.fixture(autouse=True)
+def cuda_backend_on_cpu(emu_ext, monkeypatch):
+    """For one test: the emulated extension is the loaded extension and backend="cuda" accepts CPU tensors; outputs
+    and workspaces of the MSCA ops and every NMF buffer are poisoned with NaN; TF32 off (the GPU tests' defaults)."""
+    monkeypatch.setattr(cuda_extension, "_ext", emu_ext)
+    monkeypatch.setattr(cuda_extension, "_load_error", None)
+    monkeypatch.setattr(backend, "cuda_status", lambda device: (True, ""))
+    msca_cuda._register_fakes()
+    monkeypatch.setenv("SEGNEXT_MSCA_CUDA_POISON", "1")
+    for knob in ("SEGNEXT_MSCA_CUDA_TILE", "SEGNEXT_MSCA_CUDA_TILE_BWD", "SEGNEXT_MSCA_CUDA_CL_DIRECT",
+                 "SEGNEXT_NMF_P", "SEGNEXT_NMF_MTW"):
+        monkeypatch.delenv(knob, raising=False)
+    monkeypatch.setattr(nmf_cuda, "_empty",
+                        lambda *shape, dtype, device: torch.full(shape, math.nan, dtype=dtype, device=device))
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MSCA
+# ---------------------------------------------------------------------------------------------------------------
+def test_extension_contents(emu_ext):
+    assert len(emu_ext.tile_table()) == 5
+    for name in ("nmf_geom", "nmf_bases", "nmf_coef", "nmf_bwd_stage", "nmf_gx"):
+        assert hasattr(emu_ext, name), name
+    assert backend.resolve_backend("cuda", torch.device("cpu")) == "cuda"
+
+
+@pytest.mark.parametrize("case", [
+    (torch.float32, (2, 5, 9, 13), "nchw"),
+    (torch.bfloat16, (1, 6, 11, 8), "channels_last"),        # binding's NCHW copy of u, du written back
+    (torch.float16, (2, 3, 7, 10), "noncontig"),             # a view with offsets and gaps
+    (torch.float32, (1, 3, 1, 1), "nchw"),                   # smaller than every filter
+    (torch.bfloat16, (1, 4, 5, 23), "channels_last_direct"),  # SEGNEXT_MSCA_CUDA_CL_DIRECT=1: u read in place
+], ids=lambda c: f"{str(c[0])[6:]}-{'x'.join(map(str, c[1]))}-{c[2]}")
+def test_msca_public_api_forward_backward(case, monkeypatch):
+    """segnext_kernels.msca(..., backend="cuda") against the float64 reference, with the GPU test's own check."""
+    dtype, shape, layout = case
+    if layout == "channels_last_direct":
+        monkeypatch.setenv("SEGNEXT_MSCA_CUDA_CL_DIRECT", "1")
+    args = make_msca(*shape, dtype=dtype, device="cpu", channels_last=layout.startswith("channels_last"),
+                     noncontig=layout == "noncontig")
+    wide = torch.randn(shape[0], shape[1], shape[2], 2 * shape[3], dtype=dtype)
+    msca_check(args, dtype, wide[..., ::2])  # strided grad_output
+
+
+def test_msca_tf32_mix():
+    torch.backends.cuda.matmul.allow_tf32 = True  # read by binding.cpp at each call (restored by the fixture)
+    shape = (1, 16, 6, 9)
+    args = make_msca(*shape, dtype=torch.float32, device="cpu")
+    msca_check(args, torch.float32, torch.randn(shape), tf32=True)
+
+
+def test_msca_batch_zero():
+    args = make_msca(0, 4, 5, 6, dtype=torch.bfloat16, device="cpu")
+    out, grads = run_backend(args, torch.randn(0, 4, 5, 6, dtype=torch.bfloat16))
+    assert out.shape == (0, 4, 5, 6) and grads[0].shape == (0, 4, 5, 6)
+    for n, g in zip(GRAD_NAMES[1:], grads[1:]):
+        assert torch.count_nonzero(g) == 0, n
+
+
+def test_msca_partial_needs():
+    """Only the gradient groups asked for are computed; the rest come back as None, and what is computed equals the
+    full backward's bits."""
+    shape = (1, 4, 6, 7)
+    u, w0, b0, sw, sb, w3, b3 = make_msca(*shape, dtype=torch.float32, device="cpu")
+    packed = pack_weights(w0, b0, sw, sb, w3, b3, torch.float32)
+    g = torch.randn(shape)
+    full = msca_cuda.msca_backward(g, u, *packed, (True,) * 7)
+    assert all(t is not None and not torch.isnan(t).any() for t in full)
+    for needs in [(True,) + (False,) * 6, (False, True, False, True, False, False, False),
+                  (False,) * 5 + (True, True)]:
+        part = msca_cuda.msca_backward(g, u, *packed, needs)
+        for i, (n, p, f) in enumerate(zip(needs, part, full)):
+            assert torch.equal(p, f) if n else p is None, (needs, i)
+
+
+def test_msca_opcheck_of_the_cpp_ops():
+    """The C++ ops against their Python fakes (schema, FakeTensor shapes/strides/dtypes), channels_last u included."""
+    shape = (2, 4, 5, 7)
+    u, w0, b0, sw, sb, w3, b3 = make_msca(*shape, dtype=torch.bfloat16, device="cpu", channels_last=True)
+    packed = pack_weights(w0, b0, sw, sb, w3, b3, torch.float32)
+    g = torch.randn(shape, dtype=torch.bfloat16)
+    tests = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.segnext.msca_forward.default, (u, *packed), test_utils=tests)
+    for needs in ([True] * 7, [False, True, True, True, True, False, False]):
+        torch.library.opcheck(torch.ops.segnext.msca_backward.default, (g, u, *packed, needs), test_utils=tests)
+
+
+def test_msca_custom_op_opcheck_and_compile():
+    """The package's custom op on the cuda backend (opcheck with autograd), and torch.compile of the public op."""
+    shape = (1, 4, 6, 5)
+    u, w0, b0, sw, sb, w3, b3 = make_msca(*shape, dtype=torch.float32, device="cpu")
+    packed = [t.requires_grad_() for t in pack_weights(w0, b0, sw, sb, w3, b3, torch.float32)]
+    torch.library.opcheck(torch.ops.segnext_kernels.msca_forward.default, (u.requires_grad_(), *packed, "cuda"))
+    ws = [w0, b0, *sw, *sb, w3, b3]
+
+    def f(u, *ws):
+        return segnext_kernels.msca(u, ws[0], ws[1], list(ws[2:8]), list(ws[8:14]), ws[14], ws[15], backend="cuda")
+
+    with torch.no_grad():
+        compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+        assert torch.equal(compiled(u, *ws), f(u, *ws))
+
+
+def test_msca_binding_rejects_bad_arguments():
+    """binding.cpp's own checks (what reaches the C++ op directly) name the argument and what was expected."""
+    shape = (1, 4, 5, 6)
+    u, w0, b0, sw, sb, w3, b3 = make_msca(*shape, dtype=torch.float32, device="cpu")
+    packed = list(pack_weights(w0, b0, sw, sb, w3, b3, torch.float32))
+    op = torch.ops.segnext.msca_forward
+    with pytest.raises(RuntimeError, match=r"u: the cuda MSCA backend supports float32, float16 and bfloat16"):
+        op(u.double(), *packed)
+    with pytest.raises(RuntimeError, match=r"u: expected a 4-D tensor"):
+        op(u[0], *packed)
+    bad = list(packed)
+    bad[4] = torch.zeros(5, 5)
+    with pytest.raises(RuntimeError, match=r"w3: expected shape \[4, 4\], got \[5, 5\]"):
+        op(u, *bad)
+    bad = list(packed)
+    bad[0] = packed[0].half()
+    with pytest.raises(RuntimeError, match=r"w0: expected float32 packed weights"):
+        op(u, *bad)
+    with pytest.raises(RuntimeError, match=r"grad_out: expected dtype"):
+        torch.ops.segnext.msca_backward(torch.randn(shape).half(), u, *packed, [True] * 7)
+    with pytest.raises(RuntimeError, match=r"grad_out: expected shape"):
+        torch.ops.segnext.msca_backward(torch.randn(1, 4, 5, 7), u, *packed, [True] * 7)
+    with pytest.raises(TypeError, match="cuda MSCA backend supports float32, float16 and bfloat16"):
+        segnext_kernels.msca(*make_msca(*shape, dtype=torch.float64, device="cpu"), backend="cuda")
+
+
+def test_msca_forced_tile_too_big_for_shared_memory_is_reported(monkeypatch):
+    """A tile configuration whose shared memory exceeds the device's is refused by the plan with a clear error."""
+    C = 1200  # the largest tile's S buffer (P x C) is far beyond 227 KB
+    args = make_msca(1, C, 4, 4, dtype=torch.float32, device="cpu")
+    monkeypatch.setenv("SEGNEXT_MSCA_CUDA_TILE", "0")
+    with pytest.raises(RuntimeError, match="shared memory"):
+        segnext_kernels.msca(*args, backend="cuda")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# NMF2D
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["unrolled", "one_step"])
+def test_nmf_public_api_forward_backward(mode, dtype):
+    """nmf2d(..., backend="cuda") against the float64 reference, forward and both gradients (odd D, N, R)."""
+    x, bases = nmf_make(2, 19, 37, 5)
+    gy = torch.randn(2, 19, 37, dtype=torch.float64)
+    y, gx, _ = nmf_check(x, bases, 2, mode, dtype, gy, backend="cuda",
+                         atol=1e-5 if dtype == torch.float32 else None)
+    assert y.dtype == dtype and gx.dtype == dtype
+
+
+def test_nmf_strided_x_return_state_and_steps_zero():
+    x, bases = nmf_make(1, 24, 50, 3, dtype=torch.float32)
+    xt = x.transpose(1, 2).contiguous().transpose(1, 2)  # (B, D, N) values with D-contiguous strides
+    y, bk, cf = nmf2d(xt, bases, 2, return_state=True, backend="cuda")
+    yr, bkr, cfr = nmf2d_reference(x.double(), bases.double(), 2, return_state=True)
+    for name, g, r in (("recon", y, yr), ("bases", bk, bkr), ("coef", cf, cfr)):
+        assert nmf_max_err(g, r) <= 1e-4 * max(r.abs().max().item(), 1e-30), name
+    y0 = nmf2d(x, bases, 0, backend="cuda")
+    assert nmf_max_err(y0, nmf2d_reference(x.double(), bases.double(), 0)) <= 1e-4 * y0.abs().max().item()
+
+
+def test_nmf_opcheck_cuda_backend():
+    """The package's NMF2D custom ops on the cuda backend (as tests/test_nmf_cuda.py does on a GPU)."""
+    x, b = nmf_make(1, 16, 20, 3, dtype=torch.float32)
+    opcheck_nmf_ops(x, b, "cuda")
+
+
+def test_nmf_float64_is_refused():
+    x, bases = nmf_make(1, 8, 10, 2)
+    with pytest.raises(TypeError, match="cuda NMF2D backend supports float32, float16 and bfloat16"):
+        nmf2d(x, bases, 1, backend="cuda")
+
+
+def test_fused_nmf2d_module_on_cuda_backend():
+    """FusedNMF2D(backend="cuda") equals the reference NMF2D under the same seed (forward), and back-propagates."""
+    import segnext
+
+    torch.manual_seed(0)
+    ref = segnext.NMF2D(MD_R=4, train_steps=2, eval_steps=2)
+    fused = segnext_kernels.FusedNMF2D(MD_R=4, train_steps=2, eval_steps=2, backend="cuda")
+    x = torch.rand(1, 12, 5, 7)
+    torch.manual_seed(1)
+    y_ref = ref(x.double())
+    torch.manual_seed(1)
+    xg = x.clone().requires_grad_()
+    y = fused(xg)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert nmf_max_err(y, y_ref) <= 1e-4 * y_ref.abs().max().item()
+    y.sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
