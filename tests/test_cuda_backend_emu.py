@@ -31,8 +31,11 @@ from segnext_kernels.nmf import nmf2d
 
 from msca_helpers import make_msca
 from nmf_helpers import check as nmf_check, make as nmf_make, max_err as nmf_max_err, opcheck_nmf_ops
+from autocast_checks import (check_autocast_fused_model, check_autocast_fused_msca,
+                             check_autocast_nmf2d_updates_stay_fp32)
 from emu_build import build_torch_extension, skip_reason
 from test_msca_cuda import GRAD_NAMES, check as msca_check, run_backend
+from test_msca_modules import check_fused_segnext_t_matches_eager
 
 pytestmark = pytest.mark.skipif(skip_reason(torch_extension=True) is not None,
                                 reason=str(skip_reason(torch_extension=True)))
@@ -93,6 +96,12 @@ def test_msca_public_api_forward_backward(case, monkeypatch):
                      noncontig=layout == "noncontig")
     wide = torch.randn(shape[0], shape[1], shape[2], 2 * shape[3], dtype=dtype)
     msca_check(args, dtype, wide[..., ::2])  # strided grad_output
+
+
+def test_fused_segnext_t_matches_eager_model():
+    """All 13 MSCA modules of SegNeXt-T on the cuda backend (C from 32 to 256): logits and every parameter gradient
+    against the eager model (the check tests/test_msca_modules.py runs for Triton)."""
+    check_fused_segnext_t_matches_eager("cuda", torch.device("cpu"))
 
 
 def test_msca_tf32_mix():
@@ -243,3 +252,19 @@ def test_fused_nmf2d_module_on_cuda_backend():
     assert nmf_max_err(y, y_ref) <= 1e-4 * y_ref.abs().max().item()
     y.sum().backward()
     assert xg.grad is not None and torch.isfinite(xg.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# autocast (the GPU tests' checks, on torch.autocast("cpu"))
+# ---------------------------------------------------------------------------------------------------------------
+def test_autocast_fused_msca():
+    check_autocast_fused_msca("cuda", torch.bfloat16, torch.device("cpu"), C=8, H=9, W=11)
+
+
+def test_autocast_nmf2d_updates_stay_fp32():
+    check_autocast_nmf2d_updates_stay_fp32("cuda", torch.bfloat16, torch.device("cpu"), B=2, D=24, N=40, R=4)
+
+
+def test_autocast_fused_segnext_t():
+    """fuse(model, backend="cuda") on a small SegNeXt-T (4 MSCA, 1 NMF2D) under autocast, forward and backward."""
+    check_autocast_fused_model("cuda", torch.bfloat16, torch.device("cpu"), size=32)

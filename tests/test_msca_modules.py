@@ -59,12 +59,18 @@ def _loss(logits, target):
 
 
 def test_fused_segnext_t_matches_eager_model():
+    check_fused_segnext_t_matches_eager("triton", DEVICE)
+
+
+def check_fused_segnext_t_matches_eager(backend, device):
+    """SegNeXt-T (all 13 MSCA modules) with fuse_msca(model, backend) against the eager model: eval logits, and every
+    parameter gradient of a training step under the same seed (also run by tests/test_cuda_backend_emu.py)."""
     torch.manual_seed(0)
-    eager = segnext.segnext_t(num_classes=19).to(DEVICE)
+    eager = segnext.segnext_t(num_classes=19).to(device)
     fused = copy.deepcopy(eager)
-    assert fuse_msca(fused, backend="triton") == 13
-    images = torch.randn(1, 3, 64, 48, device=DEVICE)
-    target = torch.randint(0, 19, (1, 64, 48), device=DEVICE)
+    assert fuse_msca(fused, backend=backend) == 13
+    images = torch.randn(1, 3, 64, 48, device=device)
+    target = torch.randint(0, 19, (1, 64, 48), device=device)
 
     # eval: logits (NMF bases drawn from the same seed)
     eager.eval()
