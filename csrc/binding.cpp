@@ -56,7 +56,7 @@ void check_launch(const char*) {}                                // the emulatio
 #define SK_KERNEL_DEVICE CUDA
 bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
 using DeviceGuard = c10::cuda::CUDAGuard;
-cudaStream_t current_stream() { return current_stream(); }
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 int smem_limit_of_device(const at::Tensor& t) {
   int bytes = 0;

@@ -1,9 +1,10 @@
 """Syntax and type check of the extension's binding (csrc/binding.cpp) on a machine without a GPU.
 
 binding.cpp is the only file that includes <torch/extension.h>; nothing else compiles it before a GPU machine builds
-the extension. Here it goes through ``g++ -fsyntax-only`` against the installed torch's headers (a CPU torch ships
+the extension. Here g++ compiles it (host code only, no link) against the installed torch's headers (a CPU torch ships
 the c10/cuda headers but not their generated ``cuda_cmake_macros.h``, which a stub replaces) and the CUDA runtime
-headers: a type error, a wrong launcher signature or a params-struct mismatch with csrc/*_params.h fails here.
+headers: a type error, a wrong launcher signature, a params-struct mismatch with csrc/*_params.h, infinite recursion
+or a missing return fails here.
 About 45 s on 2 cores. Skipped (saying why) without g++, the CUDA headers or torch's C++ headers.
 """
 from __future__ import annotations
@@ -15,19 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from emu_build import cuda_include
+
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
-
-
-def _cuda_include() -> Path | None:
-    import os
-
-    nvcc = shutil.which("nvcc")
-    cands = [os.environ.get("CUDA_HOME"), "/usr/local/cuda"] + ([str(Path(nvcc).resolve().parent.parent)] if nvcc else [])
-    for c in cands:
-        if c and (Path(c) / "include" / "cuda_runtime_api.h").exists():
-            return Path(c) / "include"
-    return None
 
 
 def test_binding_cpp_compiles(tmp_path):
@@ -35,7 +27,7 @@ def test_binding_cpp_compiles(tmp_path):
 
     if shutil.which("g++") is None:
         pytest.skip("g++ not found: cannot syntax-check csrc/binding.cpp")
-    cuda_inc = _cuda_include()
+    cuda_inc = cuda_include()
     if cuda_inc is None:
         pytest.skip("CUDA headers (cuda_runtime_api.h) not found (set CUDA_HOME): cannot syntax-check binding.cpp")
     incs = include_paths()
@@ -44,7 +36,10 @@ def test_binding_cpp_compiles(tmp_path):
     stub = tmp_path / "c10" / "cuda" / "impl"
     stub.mkdir(parents=True)
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
-    cmd = (["g++", "-std=c++17", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=_C", f"-I{CSRC}", f"-I{tmp_path}",
+    # compiled to an object file (not -fsyntax-only): GCC's flow warnings need the code generated; the two made
+    # errors catch what a GPU run would meet as a hang or garbage (a wrapper that calls itself, a missing return)
+    cmd = (["g++", "-std=c++17", "-c", "-O0", "-o", str(tmp_path / "binding.o"), "-Werror=infinite-recursion",
+            "-Werror=return-type", "-DTORCH_EXTENSION_NAME=_C", f"-I{CSRC}", f"-I{tmp_path}",
             f"-I{cuda_inc}", f"-I{sysconfig.get_paths()['include']}"] + [f"-I{p}" for p in incs]
            + [str(CSRC / "binding.cpp")])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
