@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import segnext
 import segnext_kernels
 from segnext.ham_head import nmf2d_reference
 from segnext_kernels import backend, cuda_extension, msca_cuda, nmf_cuda
@@ -237,8 +238,6 @@ def test_nmf_float64_is_refused():
 
 def test_fused_nmf2d_module_on_cuda_backend():
     """FusedNMF2D(backend="cuda") equals the reference NMF2D under the same seed (forward), and back-propagates."""
-    import segnext
-
     torch.manual_seed(0)
     ref = segnext.NMF2D(MD_R=4, train_steps=2, eval_steps=2)
     fused = segnext_kernels.FusedNMF2D(MD_R=4, train_steps=2, eval_steps=2, backend="cuda")
