@@ -330,7 +330,8 @@ std::vector<int64_t> nmf_geom(int64_t B, int64_t D, int64_t N, int64_t R, const 
 void nmf_bases(const at::Tensor& bin, const OptT& bout, const at::Tensor& G, const OptT& pxc, const OptT& pcc,
                const OptT& E, const OptT& H, const OptT& work, double eps, int64_t P, int64_t work_floats,
                bool update, bool store_eh) {
-  TORCH_CHECK(on_kernel_device(bin) && bin.dim() == 3, "bases: expected a 3-D CUDA tensor (B, D, R), got ", bin.sizes());
+  TORCH_CHECK(on_kernel_device(bin) && bin.dim() == 3, "bases: expected a 3-D CUDA tensor (B, D, R), got ",
+              bin.sizes());
   const int64_t B = bin.size(0), D = bin.size(1), R = bin.size(2);
   const int RP = nmf_rp((int)R);
   const DeviceGuard guard(bin.device());
