@@ -2,7 +2,7 @@
 torch.compile (default and max-autotune), for every SegNeXt stage shape, dtype and mode.
 
     python -m bench.msca [--quick] [--shape B,C,H,W ...] [--dtype fp32,fp16,bf16] [--mode fwd,fwdbwd]
-                         [--backends cuda,triton,reference] [--baselines eager_nchw,eager_cl,compile,compile_max]
+                         [--backends cuda,cuda_fma,triton,reference] [--baselines eager_nchw,eager_cl,compile,compile_max]
                          [--out DIR] [--save | --no-save] [--budget-s S] [--cpu]
 
 Shapes (``SHAPES``): ADE20K 512x512 batch 16, stages 128, 64, 32, 16 pixels square; Cityscapes 2048x1024 (W x H)
@@ -42,7 +42,9 @@ graph's static buffers is part of its time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -64,7 +66,10 @@ CPU_SHAPES = {"cpu-tiny": (1, 32, 32, 32)}
 QUICK_SHAPES = [f"ade512-SBL-s{i}" for i in range(1, 5)] + [f"ade512-T-s{i}" for i in range(1, 5)] + \
     ["city-SBL-s1", "city-T-s1"]
 
-BACKENDS = ("cuda", "triton", "reference")
+BACKENDS = ("cuda", "cuda_fma", "triton", "reference")
+#: environment each impl runs under: "cuda_fma" is the cuda backend with its depthwise part on fp32 FMA instead of
+#: tensor cores (SEGNEXT_MSCA_CUDA_DW, read by binding.cpp at each call), for fp16/bf16 (fp32 always runs FMA)
+IMPL_ENV = {"cuda": {"SEGNEXT_MSCA_CUDA_DW": "auto"}, "cuda_fma": {"SEGNEXT_MSCA_CUDA_DW": "fma"}}
 BASELINES = ("eager_nchw", "eager_cl", "compile", "compile_max")
 MODES = ("fwd", "fwdbwd")
 #: rows with the same values of these share baselines (speedup columns)
@@ -83,12 +88,28 @@ def byte_flop_model(shape, dtype_name: str, mode: str) -> dict:
     return {"bytes": 5 * E * s, "flops": E * (6 * C + 644), "fma_flops": E * 618}
 
 
+@contextlib.contextmanager
+def impl_env(impl: str):
+    """Set IMPL_ENV[impl] for the duration (restored afterwards)."""
+    env = IMPL_ENV.get(impl, {})
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def impl_status(impl: str, device: torch.device) -> tuple[bool, str]:
     """(runs here, note). The note of a runnable impl is a label for its rows (e.g. the Triton interpreter)."""
-    if impl in ("cuda", "triton"):
+    if impl in ("cuda", "cuda_fma", "triton"):
         from segnext_kernels.backend import cuda_status, triton_status
 
-        ok, why = (cuda_status if impl == "cuda" else triton_status)(device)
+        ok, why = (triton_status if impl == "triton" else cuda_status)(device)
         if impl == "triton" and device.type == "cpu":
             if ok:
                 return True, "Triton interpreter (TRITON_INTERPRET=1): runs, but not a speed figure"
@@ -125,8 +146,10 @@ def build_op(impl: str):
     if impl in BACKENDS:
         import segnext_kernels
 
+        backend = "cuda" if impl == "cuda_fma" else impl
+
         def op(u, *w):
-            return segnext_kernels.msca(u, *w, backend=impl)
+            return segnext_kernels.msca(u, *w, backend=backend)
         return op
     if impl in ("eager_nchw", "eager_cl"):
         return msca_reference
@@ -195,6 +218,12 @@ def run_cases(shapes: dict, dtypes, modes, impls, device, env_meta: dict, budget
                                    **byte_flop_model(shape, dname, mode))
                         if labels.get(impl):
                             row["status"] = f"ok ({labels[impl]})"
+                        if impl == "cuda_fma" and dname == "fp32":
+                            row["status"] = "skipped (fp32 runs the FMA variant under 'cuda' already)"
+                            rows.append(row)
+                            if on_row is not None:
+                                on_row(row)
+                            continue
                         if budget.spent():
                             row["status"] = "skipped (time budget)"
                             rows.append(row)
@@ -210,16 +239,18 @@ def run_cases(shapes: dict, dtypes, modes, impls, device, env_meta: dict, budget
                                            for w in weights]
                                     with torch.no_grad():
                                         ref = msca_reference(us[0].float(), *w32)
-                            fn, op, prep = make_fn(impl, mode, *inputs)
-                            fn()  # compile / JIT / autotune outside the timing
-                            common.sync(device)
-                            interp = "interpreter" in labels.get(impl, "")  # one timed call: no speed figure
-                            row.update(common.time_fn(fn, device, warmup_ms=warmup_ms, rep_ms=rep_ms,
-                                                      **({"cpu_min_reps": 1, "cpu_max_reps": 1} if interp else {})))
-                            if check and mode == "fwd":
-                                row["rel_err"] = rel_error(op, prep, inputs[0][0], inputs[2], ref)
-                                if not row["rel_err"] <= CHECK_TOL[dname]:
-                                    row["status"] = f"CHECK FAILED (rel_err > {CHECK_TOL[dname]:g})"
+                            with impl_env(impl):
+                                fn, op, prep = make_fn(impl, mode, *inputs)
+                                fn()  # compile / JIT / autotune outside the timing
+                                common.sync(device)
+                                interp = "interpreter" in labels.get(impl, "")  # one timed call: no speed figure
+                                row.update(common.time_fn(fn, device, warmup_ms=warmup_ms, rep_ms=rep_ms,
+                                                          **({"cpu_min_reps": 1, "cpu_max_reps": 1} if interp
+                                                             else {})))
+                                if check and mode == "fwd":
+                                    row["rel_err"] = rel_error(op, prep, inputs[0][0], inputs[2], ref)
+                                    if not row["rel_err"] <= CHECK_TOL[dname]:
+                                        row["status"] = f"CHECK FAILED (rel_err > {CHECK_TOL[dname]:g})"
                             del fn, op
                         except Exception as e:  # noqa: BLE001 - one broken impl must not hide the others
                             row["status"] = common.short_error(e)
@@ -263,7 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--shapes", default=None, help=f"comma-separated names from {','.join(SHAPES)}")
     ap.add_argument("--dtype", default=None, help="comma-separated subset of fp32,fp16,bf16 (default: all)")
     ap.add_argument("--mode", default="fwd,fwdbwd", help="fwd, fwdbwd or both")
-    ap.add_argument("--backends", default=None, help="subset of cuda,triton,reference (default: all that run here)")
+    ap.add_argument("--backends", default=None,
+                    help="subset of cuda,cuda_fma,triton,reference (default: all that run here; cuda_fma = the cuda "
+                         "backend with its depthwise part on fp32 FMA instead of tensor cores)")
     ap.add_argument("--baselines", default=None,
                     help="subset of eager_nchw,eager_cl,compile,compile_max (default: all; compile is CUDA only)")
     common.add_timing_args(ap, "25, quick 10", "100, quick 50")

@@ -136,7 +136,7 @@ def _kernel_section(kind: str, rows: list[dict], want_dtype: str, baselines_all)
     for g in groups:
         sub = [r for r in rows if tuple(r.get(k, "-") for k in key) == g]
         first = sub[0]
-        fused = [r for r in sub if r["impl"] in ("cuda", "triton") and _ok(r)]
+        fused = [r for r in sub if r["impl"] in ("cuda", "cuda_fma", "triton") and _ok(r)]
         best = min(fused, key=lambda r: r["median_ms"]) if fused else None
         base = {r["impl"]: r for r in sub if r["impl"] in present and _ok(r)}
         best_base = min(base.values(), key=lambda r: r["median_ms"]) if base else None

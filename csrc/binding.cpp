@@ -13,6 +13,8 @@
 //   SEGNEXT_MSCA_CUDA_TILE / SEGNEXT_MSCA_CUDA_TILE_BWD  force a tile configuration (0..4, see msca_fwd.cu)
 //   SEGNEXT_MSCA_CUDA_POISON=1                           fill outputs and workspace with NaN before the launch (tests)
 //   SEGNEXT_MSCA_CUDA_CL_DIRECT=1                        channels_last u: tile loads read u in place (no NCHW copy)
+//   SEGNEXT_MSCA_CUDA_DW=auto|tc|fma                     depthwise part of the forward and the backward's recompute:
+//                                                        tensor cores (fp16/bf16) or fp32 FMA (msca_dw_tc.cuh)
 //
 // Built with -DSEGNEXT_EMU (g++ only, CPU torch; tests/test_cuda_backend_emu.py), the same binding registers the ops
 // for CPU tensors and the kernels run in the CPU emulation of tests/emu/cuda_emu.h: the device-runtime calls below
@@ -29,6 +31,7 @@
 
 #include <array>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <stdexcept>
@@ -80,6 +83,16 @@ int env_int(const char* name, int dflt) {
   const char* v = std::getenv(name);
   if (v == nullptr || *v == '\0') return dflt;
   return std::atoi(v);
+}
+
+// SEGNEXT_MSCA_CUDA_DW: "auto" (or unset), "tc" or "fma" -> MscaDwVariant.
+int dw_variant_from_env() {
+  const char* v = std::getenv("SEGNEXT_MSCA_CUDA_DW");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return MSCA_DW_AUTO;
+  if (std::strcmp(v, "tc") == 0) return MSCA_DW_TC;
+  if (std::strcmp(v, "fma") == 0) return MSCA_DW_FMA;
+  TORCH_CHECK(false, "SEGNEXT_MSCA_CUDA_DW: expected 'auto', 'tc' or 'fma', got '", v, "'");
+  return MSCA_DW_AUTO;
 }
 
 bool poison_enabled() { return env_int("SEGNEXT_MSCA_CUDA_POISON", 0) != 0; }
@@ -161,6 +174,7 @@ at::Tensor msca_forward_cuda(const at::Tensor& u, const at::Tensor& w0, const at
   p.dtype = dtype_code(u);
   p.allow_tf32 = at::globalContext().allowTF32CuBLAS() ? 1 : 0;  // torch.backends.cuda.matmul.allow_tf32
   p.tile_cfg = env_int("SEGNEXT_MSCA_CUDA_TILE", -1);
+  p.dw_variant = dw_variant_from_env();
   p.smem_limit = smem_limit_of_device(u);
 
   const MscaFwdPlan plan = msca_fwd_plan(p);
@@ -243,6 +257,7 @@ Grads msca_backward_cuda(const at::Tensor& grad_out, const at::Tensor& u, const 
   p.deterministic = at::globalContext().deterministicAlgorithms() ? 1 : 0;
   p.need_du = need_du; p.need_dwdw = need_dwdw; p.need_w3 = need_w3;
   p.tile_cfg = env_int("SEGNEXT_MSCA_CUDA_TILE_BWD", -1);
+  p.dw_variant = dw_variant_from_env();
   p.smem_limit = smem_limit_of_device(u);
 
   const MscaBwdPlan plan = msca_bwd_plan(p);

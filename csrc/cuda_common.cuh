@@ -127,6 +127,20 @@ SK_DEV float shfl_xor(float v, int m) {
 #endif
 }
 
+// True on every lane when p is true on any lane of the (full) warp.
+SK_DEV bool warp_any(bool p) {
+#ifdef SEGNEXT_EMU
+  float v = p ? 1.f : 0.f;
+  for (int m = 16; m >= 1; m >>= 1) v = fmaxf(v, ::emu::shfl_xor(v, m));
+  return v != 0.f;
+#else
+  return __any_sync(0xffffffffu, p);
+#endif
+}
+
+// Not a finite number (NaN or +-Inf).
+SK_DEV bool non_finite(float x) { return (__float_as_uint(x) & 0x7f800000u) == 0x7f800000u; }
+
 template <typename HT>
 SK_DEV uint32_t pack2(float lo, float hi) {
   HT l = from_f<HT>(lo), h = from_f<HT>(hi);

@@ -5,7 +5,7 @@
 //   sums over (B,H,W) of upstream grad x shifted input of that conv (u for conv0, a for the 1xk, h_k for the kx1).
 //
 // K1 msca_bwd_mix_kernel (one CTA per TH x TW tile, geometry chosen like the forward's): recomputes s for all channels
-//    into shared memory (same code as the forward), att = w3 s + b3 on tensor cores; epilogue d_att = g*u into shared
+//    into shared memory (same code as the forward, tensor-core or FMA depthwise variant), att = w3 s + b3 on tensor cores; epilogue d_att = g*u into shared
 //    memory (input dtype) and du_gate = g*att into du. Then dw3/db3 per-CTA partials = d_att x s^T (tensor cores,
 //    k = pixels of the tile) straight to global memory, and d_s = w3^T d_att (tensor cores) into a scratch tensor in
 //    u's dtype and memory format.
@@ -20,6 +20,7 @@
 // Writing s and d_att to global memory and running a split-K GEMM would cost 8 bytes per element instead; measure
 // before switching. Zero padding: values of a, h_k, d_h_k, d_a outside the image are 0, d_s is read as 0 there.
 #include "msca_common.cuh"
+#include "msca_dw_tc.cuh"
 
 #include <algorithm>
 #include <cstdio>
@@ -40,7 +41,8 @@ struct MixArgs {
   int need_ds;
 };
 
-template <typename T, int MODE>
+// TC: recompute s with the tensor-core depthwise variant (msca_dw_tc.cuh; MODE 0 only).
+template <typename T, int MODE, bool TC>
 __global__ void __launch_bounds__(MSCA_NT, 2) msca_bwd_mix_kernel(const MscaBwdParams p, const MscaGeom gm,
                                                                   const MixArgs ma) {
   MSCA_DYN_SMEM(smem);
@@ -55,7 +57,10 @@ __global__ void __launch_bounds__(MSCA_NT, 2) msca_bwd_mix_kernel(const MscaBwdP
   constexpr bool kTF32 = MODE == 1;
 
   const T* udw_img = reinterpret_cast<const T*>(p.u_dw) + (int64_t)tc.b * p.udw_sB;
-  compute_s_tile<T, T>(S, work, gm, udw_img, p.udw_sC, p.udw_sH, p.udw_sW, p.w0, p.b0, p.ws, p.bs, tc, kTF32);
+  if constexpr (TC)
+    compute_s_tile_tc<T>(S, smem + gm.s_bytes, gm, udw_img, p.udw_sC, p.udw_sH, p.udw_sW, p.w0, p.b0, p.ws, p.bs, tc);
+  else
+    compute_s_tile<T, T>(S, work, gm, udw_img, p.udw_sC, p.udw_sH, p.udw_sW, p.w0, p.b0, p.ws, p.bs, tc, kTF32);
 
   const int warp = threadIdx.x >> 5, lane = lane_id();
   const int g = lane >> 2, t = lane & 3;
@@ -585,10 +590,11 @@ MscaBwdPlan msca_bwd_plan(const MscaBwdParams& p) {
     return plan;
   }
   const int eb = p.dtype == MSCA_F32 ? 4 : 2;
-  const int cfg = msca_choose_tile(p.tile_cfg, p.B, p.C, p.H, p.W, eb, 1, p.smem_limit, plan.error,
-                                   sizeof(plan.error));
+  int tc = 0;
+  const int cfg = msca_choose_variant(p.dw_variant, p.tile_cfg, p.dtype, p.B, p.C, p.H, p.W, 1, p.smem_limit,
+                                      plan.error, sizeof(plan.error), &tc);
   if (cfg < 0) return plan;
-  plan.geom1 = msca_make_geom(cfg, p.B, p.C, p.H, p.W, eb, 1);
+  plan.geom1 = msca_make_geom(cfg, p.B, p.C, p.H, p.W, eb, 1, tc);
   const MscaGeom g2 = k2_geom(p.B, p.C, p.H, p.W);
   plan.ctas2 = g2.num_ctas;
   plan.tiles2_x = g2.tiles_x;
@@ -645,9 +651,20 @@ void launch_bwd_typed(const MscaBwdParams& p, const MscaBwdPlan& plan, cudaStrea
   ma.ds_sB = plan.ds_sB; ma.ds_sC = plan.ds_sC; ma.ds_sH = plan.ds_sH; ma.ds_sW = plan.ds_sW;
   ma.p1 = reinterpret_cast<float*>(ws + plan.off_p1);
   ma.need_ds = need_k2 ? 1 : 0;
-  auto k1 = msca::msca_bwd_mix_kernel<T, MODE>;
-  MSCA_SET_SMEM_ATTR(k1, g1.smem_bytes);
-  MSCA_LAUNCH(k1, dim3((unsigned)g1.num_ctas), dim3(MSCA_NT), g1.smem_bytes, stream, p, g1, ma);
+  bool k1_done = false;
+  if constexpr (MODE == 0) {
+    if (g1.tc) {
+      auto k1 = msca::msca_bwd_mix_kernel<T, MODE, true>;
+      MSCA_SET_SMEM_ATTR(k1, g1.smem_bytes);
+      MSCA_LAUNCH(k1, dim3((unsigned)g1.num_ctas), dim3(MSCA_NT), g1.smem_bytes, stream, p, g1, ma);
+      k1_done = true;
+    }
+  }
+  if (!k1_done) {
+    auto k1 = msca::msca_bwd_mix_kernel<T, MODE, false>;
+    MSCA_SET_SMEM_ATTR(k1, g1.smem_bytes);
+    MSCA_LAUNCH(k1, dim3((unsigned)g1.num_ctas), dim3(MSCA_NT), g1.smem_bytes, stream, p, g1, ma);
+  }
 
   if (need_k2) {
     msca::DwArgs da{};

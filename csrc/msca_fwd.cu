@@ -29,6 +29,7 @@
 //  * Not measured yet (no GPU where this was written): tile costs, 1.25 occupancy penalty, carveout, the choice of G,
 //    and whether the u halo re-reads stay in L1/L2. bench/gpu_check.sh measures against eager and Triton.
 #include "msca_common.cuh"
+#include "msca_dw_tc.cuh"
 
 #include <algorithm>
 #include <cstdio>
@@ -43,7 +44,8 @@ namespace msca {
 constexpr int kStgLd = 40;
 constexpr size_t kStgBytes = (size_t)(MSCA_NT / 32) * 16 * kStgLd * sizeof(float);
 
-template <typename T, int MODE>
+// TC: the depthwise part on tensor cores (msca_dw_tc.cuh; MODE 0 only), else on fp32 FMA (msca_common.cuh).
+template <typename T, int MODE, bool TC>
 __global__ void __launch_bounds__(MSCA_NT, 2) msca_fwd_kernel(const MscaFwdParams p, const MscaGeom gm) {
   MSCA_DYN_SMEM(smem);
   T* S = reinterpret_cast<T*>(smem);
@@ -53,7 +55,10 @@ __global__ void __launch_bounds__(MSCA_NT, 2) msca_fwd_kernel(const MscaFwdParam
   T* o_img = reinterpret_cast<T*>(p.out) + (int64_t)tc.b * p.o_sB;
 
   const T* udw_img = reinterpret_cast<const T*>(p.u_dw) + (int64_t)tc.b * p.udw_sB;
-  compute_s_tile<T, T>(S, work, gm, udw_img, p.udw_sC, p.udw_sH, p.udw_sW, p.w0, p.b0, p.ws, p.bs, tc, MODE == 1);
+  if constexpr (TC)
+    compute_s_tile_tc<T>(S, smem + gm.s_bytes, gm, udw_img, p.udw_sC, p.udw_sH, p.udw_sW, p.w0, p.b0, p.ws, p.bs, tc);
+  else
+    compute_s_tile<T, T>(S, work, gm, udw_img, p.udw_sC, p.udw_sH, p.udw_sW, p.w0, p.b0, p.ws, p.bs, tc, MODE == 1);
 
   const int warp = threadIdx.x >> 5, lane = lane_id();
   const int g = lane >> 2, t = lane & 3;
@@ -146,7 +151,19 @@ const MscaTileCfg* msca_tile_table() { return kTileTable; }
 static inline int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
 static inline size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
-MscaGeom msca_make_geom(int cfg, int64_t B, int64_t C, int64_t H, int64_t W, int elem_bytes, int mode) {
+// Smallest multiple of 8 elements >= n that is an odd number of 16-byte units (2-byte elements): row strides whose
+// 8 consecutive rows fall in 8 distinct 16-byte bank groups (conflict-free ldmatrix).
+static inline int odd_units8(int n) {
+  int u = (n + 7) / 8;
+  if (u % 2 == 0) ++u;
+  return 8 * u;
+}
+
+bool msca_tile_tc_ok(int cfg) {
+  return cfg >= 0 && cfg < MSCA_NUM_TILE_CFGS && kTileTable[cfg].TH % 8 == 0 && kTileTable[cfg].TW % 16 == 0;
+}
+
+MscaGeom msca_make_geom(int cfg, int64_t B, int64_t C, int64_t H, int64_t W, int elem_bytes, int mode, int dw_tc) {
   const MscaTileCfg& tc = kTileTable[cfg];
   MscaGeom g{};
   g.cfg = cfg;
@@ -170,6 +187,23 @@ MscaGeom msca_make_geom(int cfg, int64_t B, int64_t C, int64_t H, int64_t W, int
   g.ch_floats = (int)align_up((size_t)(g.off_A + g.AH * g.AW), 4);
   g.s_bytes = align_up((size_t)g.CP * g.s_ld * elem_bytes, 16);
   g.work_bytes = (size_t)g.G * g.ch_floats * sizeof(float);
+  if (dw_tc) {
+    g.tc = 1;
+    g.tc_MA = (tc.TH + 20 + 15) / 16 * 16;
+    g.tc_nbA = (tc.TW + 20 + 7) / 8;
+    g.tc_UH = g.tc_MA + 4;
+    g.tc_UWc = 8 * g.tc_nbA + 8;
+    g.tc_ULD = odd_units8(g.tc_UWc);
+    g.tc_ALD = odd_units8(8 * g.tc_nbA);
+    g.tc_HLD = odd_units8(tc.TW);
+    // H21 rows [-10, TH+14), H11 [-5, TH+19), H7 [-3, TH+5): the kx1 windows of the last 8 output rows
+    g.tc_off_h11 = (tc.TH + 24) * g.tc_HLD;
+    g.tc_off_h7 = 2 * (tc.TH + 24) * g.tc_HLD;
+    const int h_elems = g.tc_off_h7 + (tc.TH + 8) * g.tc_HLD;
+    g.tc_off_a = (int)align_up((size_t)std::max(g.tc_UH * g.tc_ULD, h_elems), 8);
+    g.tc_warp = (int)align_up((size_t)(g.tc_off_a + g.tc_MA * g.tc_ALD), 8);
+    g.work_bytes = (size_t)(MSCA_NT / 32) * g.tc_warp * elem_bytes;
+  }
   if (mode == 0) g.work_bytes = std::max(g.work_bytes, msca::kStgBytes);  // forward epilogue staging
   g.smem_bytes = mode == 0 ? g.s_bytes + g.work_bytes : g.s_bytes + std::max(g.s_bytes, g.work_bytes);
   return g;
@@ -182,15 +216,29 @@ static double depthwise_macs_per_output(int TH, int TW) {
   return (a + h + v) / ((double)TH * TW);
 }
 
+// Tensor-core depthwise variant: mma.sync m16n8k16 per output element (a: 5 per 16x8 block of a, h: 6 per 16x8
+// block, v: 5 per 16x8 block of s), scaled by 8 to compare with FMA instructions (one mma ~ 8 FFMA issue slots:
+// an estimate, not a measurement).
+static double depthwise_tc_cost_per_output(int TH, int TW) {
+  const double ma = (TH + 20 + 15) / 16, nba = (TW + 20 + 7) / 8;
+  const double mmas = ma * nba * 5 + ma * (TW / 8) * 6 + (TH / 8) * (TW / 16) * 5;
+  return 8.0 * mmas / ((double)TH * TW);
+}
+
 // Choose a tile configuration for the forward (mode 0) or backward-mix (mode 1) kernel. Returns -1 if none fits.
 int msca_choose_tile(int forced, int64_t B, int64_t C, int64_t H, int64_t W, int elem_bytes, int mode,
-                     int smem_limit, char* err, size_t errlen) {
+                     int smem_limit, char* err, size_t errlen, int tc) {
   if (forced >= 0) {
     if (forced >= MSCA_NUM_TILE_CFGS) {
       snprintf(err, errlen, "tile config %d out of range [0, %d)", forced, MSCA_NUM_TILE_CFGS);
       return -1;
     }
-    const MscaGeom g = msca_make_geom(forced, B, C, H, W, elem_bytes, mode);
+    if (tc && !msca_tile_tc_ok(forced)) {
+      snprintf(err, errlen, "tile config %d cannot run the tensor-core depthwise variant (needs TH %% 8 == 0 and "
+               "TW %% 16 == 0)", forced);
+      return -1;
+    }
+    const MscaGeom g = msca_make_geom(forced, B, C, H, W, elem_bytes, mode, tc);
     if (g.smem_bytes > (size_t)smem_limit) {
       snprintf(err, errlen, "tile config %d needs %zu bytes of shared memory for C=%lld, device allows %d", forced,
                g.smem_bytes, (long long)C, smem_limit);
@@ -201,21 +249,49 @@ int msca_choose_tile(int forced, int64_t B, int64_t C, int64_t H, int64_t W, int
   int best = -1;
   double best_cost = 0.0;
   for (int cfg = 0; cfg < MSCA_NUM_TILE_CFGS; ++cfg) {
-    const MscaGeom g = msca_make_geom(cfg, B, C, H, W, elem_bytes, mode);
+    if (tc && !msca_tile_tc_ok(cfg)) continue;
+    const MscaGeom g = msca_make_geom(cfg, B, C, H, W, elem_bytes, mode, tc);
     if (g.smem_bytes > (size_t)smem_limit) continue;
     const double coverage = (double)g.tiles_y * g.TH * g.tiles_x * g.TW / ((double)std::max<int64_t>(H, 1) *
                                                                           (double)std::max<int64_t>(W, 1));
     const bool two_per_sm = 2 * (g.smem_bytes + 1024) <= (size_t)smem_limit + 1024;
-    const double cost = depthwise_macs_per_output(g.TH, g.TW) * coverage * (two_per_sm ? 1.0 : 1.25);
+    const double per_output = tc ? depthwise_tc_cost_per_output(g.TH, g.TW) : depthwise_macs_per_output(g.TH, g.TW);
+    const double cost = per_output * coverage * (two_per_sm ? 1.0 : 1.25);
     if (best < 0 || cost < best_cost) { best = cfg; best_cost = cost; }
   }
   if (best < 0) {
-    const MscaGeom g = msca_make_geom(MSCA_NUM_TILE_CFGS - 1, B, C, H, W, elem_bytes, mode);
+    int smallest = MSCA_NUM_TILE_CFGS - 1;
+    while (tc && smallest > 0 && !msca_tile_tc_ok(smallest)) --smallest;
+    const MscaGeom g = msca_make_geom(smallest, B, C, H, W, elem_bytes, mode, tc);
     snprintf(err, errlen,
-             "C=%lld channels need %zu bytes of shared memory even with the smallest tile (device allows %d); "
-             "use backend='triton' for this size", (long long)C, g.smem_bytes, smem_limit);
+             "C=%lld channels need %zu bytes of shared memory even with the smallest tile%s (device allows %d); "
+             "use backend='triton' for this size", (long long)C, g.smem_bytes,
+             tc ? " of the tensor-core depthwise variant" : "", smem_limit);
   }
   return best;
+}
+
+int msca_choose_variant(int dw_variant, int forced, int dtype, int64_t B, int64_t C, int64_t H, int64_t W, int mode,
+                        int smem_limit, char* err, size_t errlen, int* tc_out) {
+  const int eb = dtype == MSCA_F32 ? 4 : 2;
+  *tc_out = 0;
+  if (dw_variant != MSCA_DW_AUTO && dw_variant != MSCA_DW_TC && dw_variant != MSCA_DW_FMA) {
+    snprintf(err, errlen, "unknown depthwise variant %d", dw_variant);
+    return -1;
+  }
+  if (dw_variant == MSCA_DW_TC && dtype == MSCA_F32) {
+    snprintf(err, errlen, "the tensor-core depthwise variant takes float16/bfloat16 inputs, not float32");
+    return -1;
+  }
+  if (dw_variant == MSCA_DW_TC || (dw_variant == MSCA_DW_AUTO && dtype != MSCA_F32 &&
+                                   (forced < 0 || msca_tile_tc_ok(forced)))) {
+    const int cfg = msca_choose_tile(forced, B, C, H, W, eb, mode, smem_limit, err, errlen, 1);
+    if (cfg >= 0 || dw_variant == MSCA_DW_TC) {
+      *tc_out = cfg >= 0;
+      return cfg;
+    }
+  }
+  return msca_choose_tile(forced, B, C, H, W, eb, mode, smem_limit, err, errlen, 0);
 }
 
 static int elem_bytes_of(int dtype) { return dtype == MSCA_F32 ? 4 : 2; }
@@ -238,10 +314,11 @@ MscaFwdPlan msca_fwd_plan(const MscaFwdParams& p) {
     return plan;
   }
   const int eb = elem_bytes_of(p.dtype);
-  const int cfg = msca_choose_tile(p.tile_cfg, p.B, p.C, p.H, p.W, eb, 0, p.smem_limit, plan.error,
-                                   sizeof(plan.error));
+  int tc = 0;
+  const int cfg = msca_choose_variant(p.dw_variant, p.tile_cfg, p.dtype, p.B, p.C, p.H, p.W, 0, p.smem_limit,
+                                      plan.error, sizeof(plan.error), &tc);
   if (cfg < 0) return plan;
-  plan.geom = msca_make_geom(cfg, p.B, p.C, p.H, p.W, eb, 0);
+  plan.geom = msca_make_geom(cfg, p.B, p.C, p.H, p.W, eb, 0, tc);
   if (plan.geom.num_ctas > 0x7fffffffLL) {
     snprintf(plan.error, sizeof(plan.error), "too many tiles (%lld) for one launch", plan.geom.num_ctas);
     return plan;
@@ -260,7 +337,15 @@ void launch_fwd_typed(const MscaFwdParams& p, const MscaGeom& g, cudaStream_t st
   const int prep_blocks = (int)std::min<long long>((pack_total + 255) / 256, 4096);
   auto prep = msca::prep_w3_kernel<T, MODE>;
   MSCA_LAUNCH(prep, dim3(prep_blocks), dim3(256), 0, stream, p.w3, (int)p.C, g.CP, 0, p.workspace);
-  auto kernel = msca::msca_fwd_kernel<T, MODE>;
+  if constexpr (MODE == 0) {
+    if (g.tc) {
+      auto kernel = msca::msca_fwd_kernel<T, MODE, true>;
+      MSCA_SET_SMEM_ATTR(kernel, g.smem_bytes);
+      MSCA_LAUNCH(kernel, dim3((unsigned)g.num_ctas), dim3(MSCA_NT), g.smem_bytes, stream, p, g);
+      return;
+    }
+  }
+  auto kernel = msca::msca_fwd_kernel<T, MODE, false>;
   MSCA_SET_SMEM_ATTR(kernel, g.smem_bytes);
   MSCA_LAUNCH(kernel, dim3((unsigned)g.num_ctas), dim3(MSCA_NT), g.smem_bytes, stream, p, g);
 }

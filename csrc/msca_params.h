@@ -14,6 +14,8 @@
 #include <cuda_runtime_api.h>
 
 enum MscaDType : int { MSCA_F32 = 0, MSCA_F16 = 1, MSCA_BF16 = 2 };
+// Depthwise variant of the forward / backward-mix kernels (0 = automatic, so zero-initialised params choose).
+enum MscaDwVariant : int { MSCA_DW_AUTO = 0, MSCA_DW_TC = 1, MSCA_DW_FMA = 2 };
 
 // Threads per CTA of every tile kernel.
 constexpr int MSCA_NT = 256;
@@ -50,6 +52,15 @@ struct MscaGeom {
   size_t s_bytes;     // bytes of S (= bytes of DATT)
   size_t work_bytes;  // bytes of G channel work areas
   size_t smem_bytes;  // dynamic shared memory of the kernel
+  // tensor-core depthwise variant (msca_dw_tc.cuh; fp16/bf16 only): per-warp work areas of tc_warp elements of the
+  // input dtype; all sizes in elements
+  int tc;             // 1: compute s with compute_s_tile_tc, 0: with the fp32 FMA phases above
+  int tc_MA;          // rows of a computed: TH+20 rounded up to 16
+  int tc_nbA;         // 8-column blocks of a computed: ceil((TW+20)/8)
+  int tc_UH, tc_UWc;  // u tile rows (MA+4) and columns (8*nbA+8) stored (loaded: TH+24 x TW+24, the rest zero)
+  int tc_ULD, tc_ALD, tc_HLD;  // row strides of U, A, H_k: odd multiples of 8 elements
+  int tc_off_h11, tc_off_h7, tc_off_a;  // offsets in a warp's area (H21 and U at 0)
+  int tc_warp;        // elements per warp area
 };
 
 struct MscaFwdParams {
@@ -66,6 +77,8 @@ struct MscaFwdParams {
   int dtype;          // MscaDType
   int allow_tf32;     // fp32 only: 1x1 mix on TF32 tensor cores (else exact fp32 FMA)
   int tile_cfg;       // -1: automatic, else index in msca_tile_table() (tuning / tests)
+  int dw_variant;     // depthwise part: MSCA_DW_AUTO (tensor cores for fp16/bf16 where a tile allows it, else fp32
+                      // FMA), MSCA_DW_TC (an error for fp32 or where no tile allows it), MSCA_DW_FMA
   int smem_limit;     // max dynamic shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin)
   void* workspace;    // msca_fwd_plan().workspace_bytes bytes (packed conv3 weight), 256-byte aligned
 };
@@ -98,6 +111,7 @@ struct MscaBwdParams {
   int need_dwdw;      // gradients of w0, b0, ws, bs
   int need_w3;        // gradients of w3, b3
   int tile_cfg;       // -1 automatic, else index in msca_tile_table() for the mix kernel
+  int dw_variant;     // the mix kernel's recompute of s: as MscaFwdParams::dw_variant
   int smem_limit;
   void* workspace;    // msca_bwd_plan().workspace_bytes bytes
 };
@@ -118,13 +132,23 @@ struct MscaBwdPlan {
 struct MscaTileCfg { int TH, TW, G, RV; };
 const MscaTileCfg* msca_tile_table();
 
-// Geometry for tile config `cfg`; mode 0 = forward kernel, 1 = backward mix kernel (S and DATT in shared memory).
-MscaGeom msca_make_geom(int cfg, int64_t B, int64_t C, int64_t H, int64_t W, int elem_bytes, int mode);
+// Geometry for tile config `cfg`; mode 0 = forward kernel, 1 = backward mix kernel (S and DATT in shared memory);
+// tc = 1: the tensor-core depthwise variant (elem_bytes 2, a tile with msca_tile_tc_ok).
+MscaGeom msca_make_geom(int cfg, int64_t B, int64_t C, int64_t H, int64_t W, int elem_bytes, int mode, int tc = 0);
+
+// Whether tile config `cfg` can run the tensor-core depthwise variant (TH % 8 == 0, TW % 16 == 0).
+bool msca_tile_tc_ok(int cfg);
 
 // Tile configuration for the forward (mode 0) or backward-mix (mode 1) kernel: `forced` >= 0 checks that config,
-// -1 picks the cheapest that fits. Returns -1 and writes a message to err if none fits.
+// -1 picks the cheapest that fits. Returns -1 and writes a message to err if none fits. tc = 1: only configs that can
+// run the tensor-core depthwise variant, costed as such.
 int msca_choose_tile(int forced, int64_t B, int64_t C, int64_t H, int64_t W, int elem_bytes, int mode,
-                     int smem_limit, char* err, size_t errlen);
+                     int smem_limit, char* err, size_t errlen, int tc = 0);
+
+// Settle the depthwise variant and the tile of a forward / backward-mix launch (both plans use it): dw_variant as in
+// MscaFwdParams. Returns the tile config (-1 with a message in err when nothing fits) and sets *tc_out.
+int msca_choose_variant(int dw_variant, int forced, int dtype, int64_t B, int64_t C, int64_t H, int64_t W, int mode,
+                        int smem_limit, char* err, size_t errlen, int* tc_out);
 
 MscaFwdPlan msca_fwd_plan(const MscaFwdParams& p);
 MscaBwdPlan msca_bwd_plan(const MscaBwdParams& p);

@@ -61,7 +61,7 @@ def cuda_backend_on_cpu(emu_ext, monkeypatch):
     msca_cuda._register_fakes()
     monkeypatch.setenv("SEGNEXT_MSCA_CUDA_POISON", "1")
     for knob in ("SEGNEXT_MSCA_CUDA_TILE", "SEGNEXT_MSCA_CUDA_TILE_BWD", "SEGNEXT_MSCA_CUDA_CL_DIRECT",
-                 "SEGNEXT_NMF_P", "SEGNEXT_NMF_MTW"):
+                 "SEGNEXT_MSCA_CUDA_DW", "SEGNEXT_NMF_P", "SEGNEXT_NMF_MTW"):
         monkeypatch.delenv(knob, raising=False)
     monkeypatch.setattr(nmf_cuda, "_empty",
                         lambda *shape, dtype, device: torch.full(shape, math.nan, dtype=dtype, device=device))
@@ -188,6 +188,45 @@ def test_msca_binding_rejects_bad_arguments():
         torch.ops.segnext.msca_backward(torch.randn(1, 4, 5, 7), u, *packed, [True] * 7)
     with pytest.raises(TypeError, match="cuda MSCA backend supports float32, float16 and bfloat16"):
         segnext_kernels.msca(*make_msca(*shape, dtype=torch.float64, device="cpu"), backend="cuda")
+
+
+def test_msca_depthwise_variant_knob(monkeypatch):
+    """SEGNEXT_MSCA_CUDA_DW picks the depthwise variant (fp16/bf16 run on tensor cores unless it says "fma");
+    "tc" refuses float32 and an unknown value is an error naming the variable."""
+    shape = (1, 5, 9, 12)
+    monkeypatch.setenv("SEGNEXT_MSCA_CUDA_DW", "fma")
+    msca_check(make_msca(*shape, dtype=torch.bfloat16, device="cpu"), torch.bfloat16,
+               torch.randn(shape, dtype=torch.bfloat16))
+    monkeypatch.setenv("SEGNEXT_MSCA_CUDA_DW", "tc")
+    with pytest.raises(RuntimeError, match="tensor-core depthwise variant takes float16/bfloat16"):
+        segnext_kernels.msca(*make_msca(*shape, dtype=torch.float32, device="cpu"), backend="cuda")
+    monkeypatch.setenv("SEGNEXT_MSCA_CUDA_DW", "wgmma")
+    with pytest.raises(RuntimeError, match="SEGNEXT_MSCA_CUDA_DW: expected 'auto', 'tc' or 'fma', got 'wgmma'"):
+        segnext_kernels.msca(*make_msca(*shape, dtype=torch.bfloat16, device="cpu"), backend="cuda")
+
+
+def test_bench_runs_both_depthwise_variants(monkeypatch):
+    """bench.msca times the cuda backend as "cuda" (depthwise on tensor cores for bf16) and "cuda_fma"
+    (SEGNEXT_MSCA_CUDA_DW=fma during its rows only); fp32 has no separate cuda_fma row."""
+    import os
+
+    from bench import common, msca as bench_msca
+
+    seen = []
+    real = segnext_kernels.msca
+
+    def spy(*a, **k):
+        seen.append(os.environ.get("SEGNEXT_MSCA_CUDA_DW"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(segnext_kernels, "msca", spy)
+    rows = bench_msca.run_cases({"t": (1, 4, 8, 8)}, ["bf16", "fp32"], ["fwd"], ["cuda", "cuda_fma"],
+                                torch.device("cpu"), {}, common.Budget(None), labels={}, warmup_ms=1, rep_ms=1)
+    st = {(r["dtype"], r["impl"]): r for r in rows}
+    assert st[("bf16", "cuda")]["status"] == "ok" and st[("bf16", "cuda_fma")]["status"] == "ok", rows
+    assert st[("fp32", "cuda_fma")]["status"].startswith("skipped"), rows
+    assert st[("bf16", "cuda_fma")]["rel_err"] < bench_msca.CHECK_TOL["bf16"]
+    assert set(seen) == {"auto", "fma"} and "SEGNEXT_MSCA_CUDA_DW" not in os.environ
 
 
 def test_msca_forced_tile_too_big_for_shared_memory_is_reported(monkeypatch):

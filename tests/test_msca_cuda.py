@@ -32,6 +32,7 @@ def poison(monkeypatch):
     monkeypatch.setenv("SEGNEXT_MSCA_CUDA_POISON", "1")
     monkeypatch.delenv("SEGNEXT_MSCA_CUDA_TILE", raising=False)
     monkeypatch.delenv("SEGNEXT_MSCA_CUDA_TILE_BWD", raising=False)
+    monkeypatch.delenv("SEGNEXT_MSCA_CUDA_DW", raising=False)
 
 
 @pytest.fixture(autouse=True)
@@ -105,6 +106,36 @@ def test_channels_and_batch(B, C, dtype):
     args = make_msca(*shape, dtype=dtype, device=DEV, channels_last=C % 2 == 0)
     grad_out = torch.randn(shape, device=DEV, dtype=dtype)
     check(args, dtype, grad_out)
+
+
+@pytest.mark.parametrize("dw", ["tc", "fma"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", BORDER_SHAPES + [(2, 40, 31, 45)], ids=str)
+def test_depthwise_variants(monkeypatch, shape, dtype, dw):
+    """fp16/bf16 with the depthwise part on tensor cores (the default) and on fp32 FMA (SEGNEXT_MSCA_CUDA_DW)."""
+    monkeypatch.setenv("SEGNEXT_MSCA_CUDA_DW", dw)
+    args = make_msca(*shape, dtype=dtype, device=DEV, channels_last=shape[0] == 2)
+    check(args, dtype, torch.randn(shape, device=DEV, dtype=dtype))
+
+
+@pytest.mark.parametrize("dw", ["tc", "fma"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nonfinite_like_eager(monkeypatch, dtype, dw):
+    """A NaN and a +Inf in u: NaN / +-Inf in the output exactly where eager PyTorch (same dtype) puts them, for
+    both depthwise variants (the tensor-core one redoes such tiles with the direct taps)."""
+    if dtype == torch.float32 and dw == "tc":
+        pytest.skip("the tensor-core depthwise variant takes fp16/bf16 only (fp32 runs on FMA: the 'fma' case)")
+    monkeypatch.setenv("SEGNEXT_MSCA_CUDA_DW", dw)
+    args = list(make_msca(1, 5, 37, 41, dtype=dtype, device=DEV))
+    u = args[0].detach().clone()
+    u[0, 1, 3, 4] = float("nan")
+    u[0, 3, 30, 35] = float("inf")
+    args[0] = u
+    out, _ = run_backend(args)
+    eager, _ = reference_fwd_bwd(args, None, dtype)
+    for what, f in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
+        assert torch.equal(f(out), f(eager)), f"{what} positions differ ({int(f(out).sum())} vs {int(f(eager).sum())})"
+    assert torch.isnan(eager).any() and torch.isfinite(eager).any()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -29,6 +29,7 @@ EMU = Path(__file__).resolve().parent / "emu"
 H100_SMEM = 232448   # cudaDevAttrMaxSharedMemoryPerBlockOptin of an H100 (227 KB)
 A100_SMEM = 166912   # ... of an A100 (163 KB)
 DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+DW = {"auto": 0, "tc": 1, "fma": 2}   # MscaDwVariant
 GRAD_NAMES = ("du", "dw0", "db0", "dws", "dbs", "dw3", "db3")
 
 #: Tolerances, relative to the float64 reference's max magnitude (kernels.md section 5): a kernel's max error must be
@@ -57,14 +58,15 @@ class Emu:
     def order(self, o: int):
         self.lib.emu_set_order(o)
 
-    def forward(self, u, packed, tf32=False, cfg=-1, smem=H100_SMEM, u_dw=None):
-        """u_dw: the copy the depthwise tile loads read (the binding passes an NCHW copy of a channels_last u)."""
+    def forward(self, u, packed, tf32=False, cfg=-1, smem=H100_SMEM, u_dw=None, dw="auto"):
+        """u_dw: the copy the depthwise tile loads read (the binding passes an NCHW copy of a channels_last u).
+        dw: depthwise variant, "auto", "tc" (tensor cores) or "fma". Returns (out, cfg + 100 if it ran on tensor cores)."""
         out = torch.full_like(u, math.nan)
         err = ctypes.create_string_buffer(512)
         cfg_out = ctypes.c_int(-1)
         B, C, H, W = u.shape
         rc = self.lib.emu_msca_fwd(
-            DT[u.dtype], int(tf32), cfg, smem, ctypes.c_longlong(B), ctypes.c_longlong(C), ctypes.c_longlong(H),
+            DT[u.dtype], int(tf32), cfg, DW[dw], smem, ctypes.c_longlong(B), ctypes.c_longlong(C), ctypes.c_longlong(H),
             ctypes.c_longlong(W), self._ptr(u), self._strides(u), self._ptr(u_dw), self._strides(u_dw),
             self._ptr(out), self._strides(out),
             *(self._ptr(t) for t in packed), ctypes.byref(cfg_out), err, 512)
@@ -72,7 +74,8 @@ class Emu:
             raise RuntimeError(err.value.decode())
         return out, cfg_out.value
 
-    def backward(self, g, u, packed, tf32=False, cfg=-1, smem=H100_SMEM, need=(True, True, True), u_dw=None):
+    def backward(self, g, u, packed, tf32=False, cfg=-1, smem=H100_SMEM, need=(True, True, True), u_dw=None,
+                 dw="auto"):
         """With u_dw (an NCHW copy of a channels_last u) du comes back NCHW, as the binding computes it."""
         B, C, H, W = u.shape
         nan = lambda *s: torch.full(s, math.nan, dtype=torch.float32)  # noqa: E731
@@ -84,7 +87,7 @@ class Emu:
         err = ctypes.create_string_buffer(512)
         cfg_out = ctypes.c_int(-1)
         rc = self.lib.emu_msca_bwd(
-            DT[u.dtype], int(tf32), cfg, smem, ctypes.c_longlong(B), ctypes.c_longlong(C), ctypes.c_longlong(H),
+            DT[u.dtype], int(tf32), cfg, DW[dw], smem, ctypes.c_longlong(B), ctypes.c_longlong(C), ctypes.c_longlong(H),
             ctypes.c_longlong(W), self._ptr(g), self._strides(g), self._ptr(u), self._strides(u),
             self._ptr(u_dw), self._strides(u_dw), *(self._ptr(t) for t in packed), self._ptr(du), self._strides(du), *(self._ptr(t) for t in wd + w3),
             int(need[0]), int(need[1]), int(need[2]), ctypes.byref(cfg_out), err, 512)
@@ -158,7 +161,7 @@ def _mode(dtype, tf32):
 
 
 def run_and_check(emu, shape, dtype, *, tf32=False, channels_last=False, noncontig=False, cfg=-1, seed=0,
-                  backward=True, strided_grad=False, smem=H100_SMEM, nchw_copy=False):
+                  backward=True, strided_grad=False, smem=H100_SMEM, nchw_copy=False, dw="auto"):
     args, packed, ud = _case(shape, dtype, seed, channels_last, noncontig)
     u_dw = ud.contiguous() if nchw_copy else None
     gen = torch.Generator().manual_seed(seed + 101)
@@ -166,7 +169,7 @@ def run_and_check(emu, shape, dtype, *, tf32=False, channels_last=False, noncont
     ref_out, ref_g = _ref(args, g64 if backward else None, torch.float64)
     eager_out, eager_g = (None, None) if tf32 else _ref(args, g64 if backward else None, dtype)
     mode = _mode(dtype, tf32)
-    out, used = emu.forward(ud, packed, tf32=tf32, cfg=cfg, smem=smem, u_dw=u_dw)
+    out, used = emu.forward(ud, packed, tf32=tf32, cfg=cfg, smem=smem, u_dw=u_dw, dw=dw)
     assert out.dtype == dtype and out.shape == ud.shape
     _check(f"out {shape} {dtype} cfg{used}", out, ref_out, eager_out, mode)
     if backward:
@@ -175,11 +178,11 @@ def run_and_check(emu, shape, dtype, *, tf32=False, channels_last=False, noncont
             wide = torch.zeros(*shape[:3], 2 * shape[3], dtype=dtype)
             wide[..., ::2] = gd
             gd = wide[..., ::2]
-        grads, used_b = emu.backward(gd, ud, packed, tf32=tf32, cfg=cfg, smem=smem, u_dw=u_dw)
+        grads, used_b = emu.backward(gd, ud, packed, tf32=tf32, cfg=cfg, smem=smem, u_dw=u_dw, dw=dw)
         for n, a, r, e in zip(GRAD_NAMES, grads, ref_g, eager_g if eager_g is not None else (None,) * 7):
             assert a.shape == r.shape, n
             _check(f"grad {n} {shape} {dtype} cfg{used_b}", a, r, e, mode)
-    return out
+    return out, used
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -275,3 +278,46 @@ def test_unsupported_size_is_reported(emu):
         emu.forward(ud, packed, cfg=9)
     with pytest.raises(RuntimeError, match="shared memory"):
         emu.forward(ud, packed, cfg=0, smem=16 * 1024)
+
+
+@pytest.mark.parametrize("dw", ["tc", "fma"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_depthwise_variants(emu, dtype, dw):
+    """Both depthwise variants of the half-precision kernels (tensor-core banded products / fp32 FMA), several tiles
+    in each direction, with the gradients; "auto" picks the tensor cores for fp16/bf16."""
+    _, used = run_and_check(emu, (2, 9, 37, 41), dtype, dw=dw, seed=17, strided_grad=True)
+    assert (used >= 100) == (dw == "tc"), used
+    # W % 4 == 0, NCHW: the tensor-core variant's tile loads move 4 elements at a time
+    _, used = run_and_check(emu, (2, 7, 21, 44), dtype, dw=dw, seed=21, cfg=0)
+    assert (used >= 100) == (dw == "tc"), used
+    _, used = run_and_check(emu, (1, 3, 5, 6), dtype, backward=False, seed=18)
+    assert used >= 100, "auto should run fp16/bf16 on the tensor-core variant"
+
+
+def test_depthwise_variant_choice_and_refusals(emu):
+    args, packed, ud = _case((1, 4, 9, 10), torch.float32, 19)
+    with pytest.raises(RuntimeError, match="tensor-core depthwise variant takes float16/bfloat16"):
+        emu.forward(ud, packed, dw="tc")
+    assert emu.forward(ud, packed)[1] < 100  # fp32: FMA
+    hb = ud.to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="tile config 3 cannot run the tensor-core"):
+        emu.forward(hb, packed, cfg=3, dw="tc")
+    assert emu.forward(hb, packed, cfg=3)[1] == 3  # auto with a tile the tensor-core variant cannot run: FMA
+    assert emu.forward(hb, packed, cfg=0)[1] == 100
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_tc_variant_nonfinite_like_eager(emu, dtype):
+    """NaN / +Inf in u: the tensor-core variant's banded products would spread them through zero taps; the tiles
+    that hold them are redone with the direct taps, so NaN and Inf land exactly where eager PyTorch puts them."""
+    args, packed, ud = _case((1, 5, 37, 41), dtype, 20)
+    ud = ud.clone()
+    ud[0, 1, 3, 4] = math.nan
+    ud[0, 3, 30, 35] = math.inf
+    out, used = emu.forward(ud, packed, dw="tc")
+    assert used >= 100
+    leaves = [t.detach().to(dtype) for t in (args[1], args[2], *args[3], *args[4], args[5], args[6])]
+    eager = msca_reference(ud, leaves[0], leaves[1], leaves[2:8], leaves[8:14], leaves[14], leaves[15])
+    for what, f in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
+        assert torch.equal(f(out), f(eager)), f"{what} positions differ ({int(f(out).sum())} vs {int(f(eager).sum())})"
+    assert torch.isnan(eager).any() and torch.isfinite(eager).any()

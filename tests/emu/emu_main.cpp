@@ -26,9 +26,10 @@ struct AlignedBuf {
 // differ between orders reveal a missing __syncthreads().
 extern "C" void emu_set_order(int order) { emu::S().order = order; }
 
+// cfg_out: the tile config used, + 100 when the depthwise part ran on tensor cores. dw_variant: MscaDwVariant.
 // u_dw / udws: the copy read by the depthwise tile loads (the binding passes an NCHW copy of a channels_last u);
 // null means u itself.
-extern "C" int emu_msca_fwd(int dtype, int allow_tf32, int tile_cfg, int smem_limit, long long B, long long C,
+extern "C" int emu_msca_fwd(int dtype, int allow_tf32, int tile_cfg, int dw_variant, int smem_limit, long long B, long long C,
                             long long H, long long W, const void* u, const long long* us, const void* u_dw,
                             const long long* udws, void* out,
                             const long long* os, const float* w0, const float* b0, const float* ws, const float* bs,
@@ -41,10 +42,11 @@ extern "C" int emu_msca_fwd(int dtype, int allow_tf32, int tile_cfg, int smem_li
     const long long* ds = u_dw ? udws : us;
     p.udw_sB = ds[0]; p.udw_sC = ds[1]; p.udw_sH = ds[2]; p.udw_sW = ds[3];
     p.o_sB = os[0]; p.o_sC = os[1]; p.o_sH = os[2]; p.o_sW = os[3];
-    p.dtype = dtype; p.allow_tf32 = allow_tf32; p.tile_cfg = tile_cfg; p.smem_limit = smem_limit;
+    p.dtype = dtype; p.allow_tf32 = allow_tf32; p.tile_cfg = tile_cfg; p.dw_variant = dw_variant;
+    p.smem_limit = smem_limit;
     MscaFwdPlan plan = msca_fwd_plan(p);
     if (!plan.ok) { snprintf(err, errlen, "%s", plan.error); return 1; }
-    *cfg_out = plan.geom.cfg;
+    *cfg_out = plan.geom.cfg + 100 * plan.geom.tc;
     AlignedBuf wsb(plan.workspace_bytes, 0xFF);
     p.workspace = wsb.p;
     msca_fwd_launch(p, nullptr);
@@ -55,7 +57,7 @@ extern "C" int emu_msca_fwd(int dtype, int allow_tf32, int tile_cfg, int smem_li
   return 0;
 }
 
-extern "C" int emu_msca_bwd(int dtype, int allow_tf32, int tile_cfg, int smem_limit, long long B, long long C,
+extern "C" int emu_msca_bwd(int dtype, int allow_tf32, int tile_cfg, int dw_variant, int smem_limit, long long B, long long C,
                             long long H, long long W, const void* g, const long long* gs, const void* u,
                             const long long* us, const void* u_dw, const long long* udws, const float* w0, const float* b0, const float* ws, const float* bs,
                             const float* w3, const float* b3, void* du, const long long* dus, float* dw0, float* db0,
@@ -73,10 +75,10 @@ extern "C" int emu_msca_bwd(int dtype, int allow_tf32, int tile_cfg, int smem_li
     p.du_sB = dus[0]; p.du_sC = dus[1]; p.du_sH = dus[2]; p.du_sW = dus[3];
     p.dtype = dtype; p.allow_tf32 = allow_tf32; p.deterministic = 1;
     p.need_du = need_du; p.need_dwdw = need_dwdw; p.need_w3 = need_w3;
-    p.tile_cfg = tile_cfg; p.smem_limit = smem_limit;
+    p.tile_cfg = tile_cfg; p.dw_variant = dw_variant; p.smem_limit = smem_limit;
     MscaBwdPlan plan = msca_bwd_plan(p);
     if (!plan.ok) { snprintf(err, errlen, "%s", plan.error); return 1; }
-    *cfg_out = plan.geom1.cfg;
+    *cfg_out = plan.geom1.cfg + 100 * plan.geom1.tc;
     AlignedBuf wsb(plan.workspace_bytes, 0xFF);
     p.workspace = wsb.p;
     msca_bwd_launch(p, nullptr);

@@ -1,0 +1,306 @@
+// The depthwise part of MSCA (5x5, then the 1xk and kx1 strips for k = 7, 11, 21, and their sum s) on tensor cores,
+// for fp16/bf16 inputs: the "tc" variant of compute_s_tile (msca_common.cuh), used by the forward kernel and by the
+// backward mix kernel when MscaGeom::tc is set (msca_fwd_plan / msca_bwd_plan decide; SEGNEXT_MSCA_CUDA_DW forces).
+//
+// Why: the FMA variant spends about 205 fp32 FMAs per output element on a 16x32 tile (103 taps plus the halo
+// recompute), i.e. about twice the FMA floor of kernels.md section 2 before any overhead. Here every 1-D
+// convolution over a row (or a column) of 8 outputs is a product with a banded (Toeplitz) matrix built from the taps
+// (kernels.md section 2), run as mma.sync m16n8k16 with fp32 accumulation:
+//   a    (5x5):  for each dy, D[rows][8 cols] += U[rows + dy][16-col window] x T_dy[16][8]     (5 k-steps)
+//   h_k  (1xk):  D[rows][8 cols] += A[rows][32-col window] x T_k[32][8], the three strips sharing the A fragments
+//   v_k  (kx1):  transposed, D[16 cols][8 rows] += H_k^T[16 cols][row window] x T_k[window][8] (ldmatrix.trans),
+//                the three strips accumulating into one D = v7 + v11 + v21 (window 16 rows for k = 7, 32 else)
+// The Toeplitz B fragments depend only on the lane and the channel: each lane builds its own from the packed fp32
+// weights (rounded to the input dtype, as eager's convolutions use them) and keeps them in registers.
+// Tensor-core MACs per output element (16x32 tile): 420 (a) + 288 (h) + 80 (v), about 0.4 mma per output element
+// and channel, against 205 FMA instructions per output element for the FMA variant. Not measured yet.
+//
+// Numerics: a and h_k are rounded to the input dtype between the convolutions (where eager PyTorch rounds them
+// too); s = a + v7 + v11 + v21 + biases is summed in fp32 and rounded once into S. Zero taps of the banded
+// matrices multiply neighbouring values (0 * Inf = NaN), so a channel whose u tile, a or h_k holds a NaN or Inf is
+// redone with the direct taps (channel_s_direct): non-finite values propagate exactly as in eager PyTorch.
+//
+// Work split: each warp owns one channel at a time (channels warp, warp + 8, ...) and its own work area
+//   U   [UH][ULD]   u tile, rows/cols from -12 (zero outside the image and outside the loaded TH+24 x TW+24)
+//   H21 [TH+24][HLD], H11 [TH+24][HLD], H7 [TH+8][HLD]   the 1xk outputs from rows -10, -5, -3 (alias U)
+//   A   [MA][ALD]   a, rows/cols from -10 (zero outside the image)
+// so the phases of a channel need only __syncwarp(); one __syncthreads() ends the tile. Row strides are odd
+// multiples of 16 bytes (conflict-free ldmatrix). Needs TH % 8 == 0 and TW % 16 == 0 (msca_tile_tc_ok).
+#pragma once
+
+#include "msca_common.cuh"
+
+namespace msca {
+
+// B fragment (k16 x n8) of a banded matrix: b[r] holds B[k][n] for n = g, k = k0 + 2t + 8r + {0, 1}, with
+// B[k][n] = w[k - n + shift] where 0 <= k - n + shift < taps, else 0. w: this channel's fp32 taps (global).
+template <typename T>
+MSCA_DEV void band_frag(uint32_t b[2], const float* __restrict__ w, int taps, int k0, int shift) {
+  const int lane = lane_id();
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int j0 = k0 + 2 * t + 8 * r - g + shift;
+    const float lo = (j0 >= 0 && j0 < taps) ? w[j0] : 0.f;
+    const float hi = (j0 + 1 >= 0 && j0 + 1 < taps) ? w[j0 + 1] : 0.f;
+    b[r] = pack2<T>(lo, hi);
+  }
+}
+
+template <typename T>
+MSCA_DEV void store2(T* p, float lo, float hi) {
+  *reinterpret_cast<uint32_t*>(p) = pack2<T>(lo, hi);
+}
+
+// One warp loads channel c's u tile (src = the channel's plane) into U: rows/cols [-12, TH+12) x [-12, TW+12) from
+// the image, zero outside it and in the rest of the UH x UWc area. Rows of 4 contiguous elements (the usual NCHW
+// case: sW == 1, W and sH multiples of 4, 8-byte aligned plane) move as one 8-byte load each: the tile origin
+// x0 - 12 is a multiple of 4, so a group of 4 columns is wholly inside or wholly outside the image.
+template <typename T>
+MSCA_DEV void load_u_tile_tc(T* U, const MscaGeom& gm, const T* __restrict__ src, int64_t sH, int64_t sW,
+                             const TileCtx& tc) {
+  const int lane = lane_id();
+  const int UWc = gm.tc_UWc, ULD = gm.tc_ULD, LH = gm.TH + 24, LW = gm.TW + 24;
+  if (sW == 1 && (sH & 3) == 0 && (tc.W & 3) == 0 && (reinterpret_cast<uintptr_t>(src) & 7) == 0) {
+    const int gpr = UWc >> 2, n = gm.tc_UH * gpr;
+    for (int idx = lane; idx < n; idx += 32) {
+      const int r = idx / gpr, col = (idx - r * gpr) * 4;
+      const int yy = tc.y0 - 12 + r, xx = tc.x0 - 12 + col;
+      uint2 v = make_uint2(0u, 0u);
+      if (r < LH && col < LW && (unsigned)yy < (unsigned)tc.H && (unsigned)xx < (unsigned)tc.W)
+        v = *reinterpret_cast<const uint2*>(src + (int64_t)yy * sH + xx);
+      *reinterpret_cast<uint2*>(U + r * ULD + col) = v;
+    }
+    return;
+  }
+  const int n = gm.tc_UH * UWc;
+  for (int idx = lane; idx < n; idx += 32) {
+    const int r = idx / UWc, col = idx - r * UWc;
+    const int yy = tc.y0 - 12 + r, xx = tc.x0 - 12 + col;
+    T v = st_zero<T>();
+    if (r < LH && col < LW && (unsigned)yy < (unsigned)tc.H && (unsigned)xx < (unsigned)tc.W)
+      v = src[(int64_t)yy * sH + (int64_t)xx * sW];
+    U[r * ULD + col] = v;
+  }
+}
+
+// s of one channel with the direct taps (no banded products), on the same buffers and with the same roundings as
+// compute_s_tile_tc: the path for tiles with a NaN or Inf, which then propagates exactly as in eager PyTorch. One
+// warp; U holds the u tile; writes A, then H_k (over U), then Sc. Slow (scalar), and rare.
+template <typename T>
+MSCA_DEV void channel_s_direct(const T* U, T* A, T* H7, T* H11, T* H21, T* Sc, const MscaGeom& gm,
+                               const float* __restrict__ w0c, float b0c, const float* __restrict__ wc,
+                               const float* __restrict__ bc, const TileCtx& tc) {
+  const int lane = lane_id();
+  const int TH = gm.TH, TW = gm.TW, ULD = gm.tc_ULD, ALD = gm.tc_ALD, HLD = gm.tc_HLD;
+  // a on rows/cols [-10, TH+10) x [-10, TW+10)
+  for (int idx = lane; idx < (TH + 20) * (TW + 20); idx += 32) {
+    const int r = idx / (TW + 20), col = idx - r * (TW + 20);
+    const bool in = (unsigned)(tc.y0 - 10 + r) < (unsigned)tc.H && (unsigned)(tc.x0 - 10 + col) < (unsigned)tc.W;
+    float acc = b0c;
+    for (int dy = 0; dy < 5; ++dy)
+      for (int dx = 0; dx < 5; ++dx) acc = fmaf(w0c[dy * 5 + dx], to_f(U[(r + dy) * ULD + col + dx]), acc);
+    A[r * ALD + col] = in ? from_f<T>(acc) : st_zero<T>();
+  }
+  __syncwarp();
+  // h_k on rows [-hk, TH+hk), tile cols; the kx1 window rows past them zero
+  T* Hk[3] = {H7, H11, H21};
+  const int hk[3] = {3, 5, 10}, woff[3] = {0, 14, 36}, rows[3] = {TH + 8, TH + 24, TH + 24};
+  for (int s = 0; s < 3; ++s) {
+    const int k = 2 * hk[s] + 1;
+    for (int idx = lane; idx < rows[s] * TW; idx += 32) {
+      const int hrow = idx / TW, x = idx - hrow * TW;
+      const int y = hrow - hk[s];  // tile row
+      float acc = bc[2 * s];
+      if (hrow < TH + 2 * hk[s])
+        for (int j = 0; j < k; ++j) acc = fmaf(wc[woff[s] + j], to_f(A[(y + 10) * ALD + x + 10 - hk[s] + j]), acc);
+      const bool in = hrow < TH + 2 * hk[s] && (unsigned)(tc.y0 + y) < (unsigned)tc.H &&
+                      (unsigned)(tc.x0 + x) < (unsigned)tc.W;
+      Hk[s][hrow * HLD + x] = in ? from_f<T>(acc) : st_zero<T>();
+    }
+  }
+  __syncwarp();
+  // s = a + v7 + v11 + v21 + biases on the tile
+  const int voff[3] = {7, 25, 57};
+  const float bsum = bc[1] + bc[3] + bc[5];
+  for (int idx = lane; idx < TH * TW; idx += 32) {
+    const int y = idx / TW, x = idx - y * TW;
+    float acc = 0.f;
+    for (int s = 0; s < 3; ++s)
+      for (int j = 0; j <= 2 * hk[s]; ++j) acc = fmaf(wc[voff[s] + j], to_f(Hk[s][(y + j) * HLD + x]), acc);
+    const bool in = (unsigned)(tc.y0 + y) < (unsigned)tc.H && (unsigned)(tc.x0 + x) < (unsigned)tc.W;
+    Sc[y * TW + x] = in ? from_f<T>(acc + to_f(A[(y + 10) * ALD + x + 10]) + bsum) : st_zero<T>();
+  }
+}
+
+// Compute s for all channels of the tile into S[CP][s_ld] (rows >= C zeroed). Ends with a __syncthreads().
+template <typename T>
+MSCA_DEV void compute_s_tile_tc(T* S, unsigned char* work_raw, const MscaGeom& gm, const T* __restrict__ u_img,
+                                int64_t sC, int64_t sH, int64_t sW, const float* __restrict__ w0,
+                                const float* __restrict__ b0, const float* __restrict__ ws,
+                                const float* __restrict__ bs, const TileCtx& tc) {
+  const int tid = threadIdx.x;
+  {
+    const int n = (gm.CP - tc.C) * gm.s_ld;
+    T* s0 = S + (size_t)tc.C * gm.s_ld;
+    for (int i = tid; i < n; i += MSCA_NT) s0[i] = st_zero<T>();
+  }
+  const int warp = tid >> 5, lane = lane_id();
+  const int g = lane >> 2, t = lane & 3;
+  const int TH = gm.TH, TW = gm.TW, MA = gm.tc_MA, NBA = gm.tc_nbA;
+  const int ULD = gm.tc_ULD, ALD = gm.tc_ALD, HLD = gm.tc_HLD;
+  T* wk = reinterpret_cast<T*>(work_raw) + (size_t)warp * gm.tc_warp;
+  T* U = wk;
+  T* H21 = wk;
+  T* H11 = wk + gm.tc_off_h11;
+  T* H7 = wk + gm.tc_off_h7;
+  T* A = wk + gm.tc_off_a;
+  // ldmatrix row addresses: non-transposed A operand (rows m, 16-byte k chunks) and transposed A operand (rows k)
+  const int lr = (lane & 7) + ((lane >> 3) & 1) * 8, lc = (lane >> 4) * 8;
+  const int kr = (lane & 7) + ((lane >> 4) & 1) * 8, mc = ((lane >> 3) & 1) * 8;
+  const T zero = st_zero<T>();
+
+  for (int c = warp; c < tc.C; c += MSCA_NT / 32) {
+    // ---- u tile: rows/cols [-12, TH+12) x [-12, TW+12) from the image, zero elsewhere ----------------------------
+    load_u_tile_tc<T>(U, gm, u_img + (int64_t)c * sC, sH, sW, tc);
+    // a NaN or Inf in u always reaches a stored value of a (every loaded pixel is within 2 of a computed one)
+    bool bad = false;
+    __syncwarp();
+    // ---- a = dw5x5(u) + b0 on rows [-10, MA-10), cols [-10, 8*NBA-10); zero outside the image ---------------------
+    {
+      uint32_t bw[5][2];
+#pragma unroll
+      for (int dy = 0; dy < 5; ++dy) band_frag<T>(bw[dy], w0 + (int64_t)c * 25 + dy * 5, 5, 0, 0);
+      const float bias = b0[c];
+      for (int it = 0; it < (MA >> 4) * NBA; ++it) {
+        const int rb = it / NBA, i = it - rb * NBA;
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int dy = 0; dy < 5; ++dy) {
+          uint32_t a[4];
+          ldmatrix_x4<false>(a, U + (16 * rb + dy + lr) * ULD + 8 * i + lc);
+          mma_16816<IsBF16<T>::value>(acc, a, bw[dy]);
+        }
+        const int col = 8 * i + 2 * t, x = tc.x0 - 10 + col;
+        const bool xin0 = (unsigned)x < (unsigned)tc.W, xin1 = (unsigned)(x + 1) < (unsigned)tc.W;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = 16 * rb + g + 8 * h;
+          const bool yin = (unsigned)(tc.y0 - 10 + row) < (unsigned)tc.H;
+          const float v0 = yin && xin0 ? acc[2 * h] + bias : 0.f, v1 = yin && xin1 ? acc[2 * h + 1] + bias : 0.f;
+          bad |= non_finite(v0) || non_finite(v1);
+          store2<T>(A + row * ALD + col, v0, v1);
+        }
+      }
+    }
+    __syncwarp();
+    // ---- h_k = dw_1xk(a) + bh_k on tile cols [0, TW), rows [-hk, TH+hk); zero outside the image -------------------
+    {
+      const float* wc = ws + (int64_t)c * 78;
+      const float* bc = bs + (int64_t)c * 6;
+      uint32_t bh[3][2][2];  // strip (7, 11, 21), k-step, reg; window = a cols [x0-10, x0+22) for 8 outputs at x0
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        band_frag<T>(bh[0][q], wc + 0, 7, 16 * q, 3 - 10);
+        band_frag<T>(bh[1][q], wc + 14, 11, 16 * q, 5 - 10);
+        band_frag<T>(bh[2][q], wc + 36, 21, 16 * q, 10 - 10);
+      }
+      const float bias[3] = {bc[0], bc[2], bc[4]};
+      const int hk[3] = {3, 5, 10};
+      T* Hk[3] = {H7, H11, H21};
+      const int nbh = TW >> 3;
+      for (int it = 0; it < (MA >> 4) * nbh; ++it) {
+        const int rb = it / nbh, j = it - rb * nbh;
+        uint32_t a0[4], a1[4];
+        ldmatrix_x4<false>(a0, A + (16 * rb + lr) * ALD + 8 * j + lc);
+        ldmatrix_x4<false>(a1, A + (16 * rb + lr) * ALD + 8 * j + 16 + lc);
+        const int col = 8 * j + 2 * t, x = tc.x0 + col;
+        const bool xin0 = (unsigned)x < (unsigned)tc.W, xin1 = (unsigned)(x + 1) < (unsigned)tc.W;
+#pragma unroll
+        for (int s = 0; s < 3; ++s) {
+          float acc[4] = {0.f, 0.f, 0.f, 0.f};
+          mma_16816<IsBF16<T>::value>(acc, a0, bh[s][0]);
+          mma_16816<IsBF16<T>::value>(acc, a1, bh[s][1]);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int arow = 16 * rb + g + 8 * h;       // a buffer row, image row y0 - 10 + arow
+            const int hrow = arow - 10 + hk[s];         // row in H_k (origin -hk)
+            if (hrow < 0 || hrow >= TH + 2 * hk[s]) continue;
+            const bool yin = (unsigned)(tc.y0 - 10 + arow) < (unsigned)tc.H;
+            const float v0 = yin && xin0 ? acc[2 * h] + bias[s] : 0.f;
+            const float v1 = yin && xin1 ? acc[2 * h + 1] + bias[s] : 0.f;
+            bad |= non_finite(v0) || non_finite(v1);
+            store2<T>(Hk[s] + hrow * HLD + col, v0, v1);
+          }
+        }
+      }
+      // rows of the kx1 windows past the strip's own rows: zero (zero taps must not meet stale values)
+      const int tail_lo[3] = {TH + 6, TH + 10, TH + 20}, tail_hi[3] = {TH + 8, TH + 24, TH + 24};
+#pragma unroll
+      for (int s = 0; s < 3; ++s) {
+        const int n = (tail_hi[s] - tail_lo[s]) * TW;
+        for (int idx = lane; idx < n; idx += 32) {
+          const int r = idx / TW, col = idx - r * TW;
+          Hk[s][(tail_lo[s] + r) * HLD + col] = zero;
+        }
+      }
+    }
+    __syncwarp();
+    // ---- s = a + v7 + v11 + v21 + biases on the tile -> S[c] ---------------------------------------------------
+    {
+      const float* wc = ws + (int64_t)c * 78;
+      const float* bc = bs + (int64_t)c * 6;
+      uint32_t bv7[2], bv11[2][2], bv21[2][2];  // window = H_k rows [y0-hk, y0-hk+16 or 32) for 8 output rows y0..
+      band_frag<T>(bv7, wc + 7, 7, 0, 0);
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        band_frag<T>(bv11[q], wc + 25, 11, 16 * q, 0);
+        band_frag<T>(bv21[q], wc + 57, 21, 16 * q, 0);
+      }
+      const float bsum = bc[1] + bc[3] + bc[5];
+      T* Sc = S + (size_t)c * gm.s_ld;
+      const int nbx = TW >> 4;
+      for (int it = 0; it < (TH >> 3) * nbx; ++it) {
+        const int yb = it / nbx, xb = it - yb * nbx;
+        const int y0 = 8 * yb, x0 = 16 * xb;
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        uint32_t a[4];
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          ldmatrix_x4<true>(a, H21 + (y0 + 16 * q + kr) * HLD + x0 + mc);
+          mma_16816<IsBF16<T>::value>(acc, a, bv21[q]);
+          ldmatrix_x4<true>(a, H11 + (y0 + 16 * q + kr) * HLD + x0 + mc);
+          mma_16816<IsBF16<T>::value>(acc, a, bv11[q]);
+        }
+        ldmatrix_x4<true>(a, H7 + (y0 + kr) * HLD + x0 + mc);
+        mma_16816<IsBF16<T>::value>(acc, a, bv7);
+        // D[m = col x][n = row y]: d[2h + e] at x = x0 + g + 8h, y = y0 + 2t + e
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int x = x0 + g + 8 * h;
+          const bool xin = (unsigned)(tc.x0 + x) < (unsigned)tc.W;
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int y = y0 + 2 * t + e;
+            const bool in = xin && (unsigned)(tc.y0 + y) < (unsigned)tc.H;
+            const float sv = acc[2 * h + e] + to_f(A[(y + 10) * ALD + x + 10]) + bsum;
+            Sc[y * TW + x] = in ? from_f<T>(sv) : zero;
+          }
+        }
+      }
+    }
+    if (warp_any(bad)) {
+      // a NaN or Inf in this channel's u tile, a or h_k: the banded products would spread it through zero taps
+      // (0 * Inf = NaN). Redo the channel with the direct taps so that it propagates exactly as in eager PyTorch.
+      __syncwarp();
+      load_u_tile_tc<T>(U, gm, u_img + (int64_t)c * sC, sH, sW, tc);
+      __syncwarp();
+      channel_s_direct<T>(U, A, H7, H11, H21, S + (size_t)c * gm.s_ld, gm, w0 + (int64_t)c * 25, b0[c],
+                          ws + (int64_t)c * 78, bs + (int64_t)c * 6, tc);
+    }
+    __syncwarp();  // the next channel's u tile overwrites H
+  }
+  __syncthreads();
+}
+
+}  // namespace msca
