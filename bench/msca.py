@@ -10,6 +10,9 @@ batch 1, stages 256x512, 128x256, 64x128, 32x64 (H x W); channels T (32, 64, 160
 (64, 128, 320, 512; the three share the stage widths, hence one "SBL" shape). On CPU the default is one tiny shape
 (1, 32, 32, 32) with the eager baselines only.
 
+Backends: ``cuda`` (the default depthwise variant: tensor cores for fp16/bf16), ``cuda_fma`` (the cuda backend with
+``SEGNEXT_MSCA_CUDA_DW=fma``: its depthwise part on fp32 FMA; fp16/bf16 rows only), ``triton``, ``reference``.
+
 Modes: ``fwd`` (forward under no_grad) and ``fwdbwd`` (forward + ``torch.autograd.grad`` of every input: u and the
 16 weight/bias tensors, with a random grad_out).
 

@@ -26,8 +26,13 @@
 //  * u is read through its strides (NCHW, channels_last or any view); channels_last loads map consecutive threads to
 //    consecutive channels (only G channels per group: a 32-byte sector is fetched several times, from L2; unmeasured).
 //    int64 offsets everywhere a tensor is indexed.
-//  * Not measured yet (no GPU where this was written): tile costs, 1.25 occupancy penalty, carveout, the choice of G,
-//    and whether the u halo re-reads stay in L1/L2. bench/gpu_check.sh measures against eager and Triton.
+//  * Two variants of the depthwise part (compute_s_tile): fp32 FMA (above; every dtype) and, for fp16/bf16 by default,
+//    tensor cores (msca_dw_tc.cuh: each 1-D convolution as a product with a banded matrix on mma.sync, one warp per
+//    channel; about 0.4 mma per output element and channel instead of about 205 FFMA on a 16x32 tile). Tiles with
+//    TH % 8 == 0 and TW % 16 == 0 only; msca_choose_variant decides, SEGNEXT_MSCA_CUDA_DW forces.
+//  * Not measured yet (no GPU where this was written): which depthwise variant wins, tile costs, 1.25 occupancy
+//    penalty, carveout, the choice of G, and whether the u halo re-reads stay in L1/L2. bench/gpu_check.sh measures
+//    against eager and Triton (bench.msca's "cuda_fma" rows time the FMA variant beside the default).
 #include "msca_common.cuh"
 #include "msca_dw_tc.cuh"
 
