@@ -58,7 +58,10 @@ __global__ void __launch_bounds__(MSCA_NT, 2) msca_bwd_mix_kernel(const MscaBwdP
 
   const T* udw_img = reinterpret_cast<const T*>(p.u_dw) + (int64_t)tc.b * p.udw_sB;
   if constexpr (TC)
-    compute_s_tile_tc<T>(S, smem + gm.s_bytes, gm, udw_img, p.udw_sC, p.udw_sH, p.udw_sW, p.w0, p.b0, p.ws, p.bs, tc);
+    compute_s_tile_tc<T>(S, smem + gm.s_bytes, gm, udw_img, p.udw_sC, p.udw_sH, p.udw_sW, p.w0, p.b0, p.ws, p.bs,
+                         reinterpret_cast<const uint4*>(static_cast<const unsigned char*>(p.workspace) +
+                                                        gm.tc_band_off),
+                         tc);
   else
     compute_s_tile<T, T>(S, work, gm, udw_img, p.udw_sC, p.udw_sH, p.udw_sW, p.w0, p.b0, p.ws, p.bs, tc, kTF32);
 
@@ -623,6 +626,10 @@ MscaBwdPlan msca_bwd_plan(const MscaBwdParams& p) {
   plan.off_ds = off;  off = align256(off + (need_k2 ? (size_t)(B * C * H * W) * eb : 0));
   plan.off_p1 = off;  off = align256(off + (p.need_w3 ? (size_t)plan.geom1.num_ctas * (C * C + C) * 4 : 0));
   plan.off_p2 = off;  off = align256(off + (p.need_dwdw ? (size_t)plan.ctas2 * C * MSCA_NTAP * 4 : 0));
+  if (plan.geom1.tc) {
+    plan.geom1.tc_band_off = off;
+    off = align256(off + msca_band_bytes(C));
+  }
   plan.workspace_bytes = off;
   plan.ok = true;
   return plan;
@@ -654,6 +661,7 @@ void launch_bwd_typed(const MscaBwdParams& p, const MscaBwdPlan& plan, cudaStrea
   bool k1_done = false;
   if constexpr (MODE == 0) {
     if (g1.tc) {
+      launch_prep_band<T>(p.w0, p.ws, p.C, ws + g1.tc_band_off, stream);
       auto k1 = msca::msca_bwd_mix_kernel<T, MODE, true>;
       MSCA_SET_SMEM_ATTR(k1, g1.smem_bytes);
       MSCA_LAUNCH(k1, dim3((unsigned)g1.num_ctas), dim3(MSCA_NT), g1.smem_bytes, stream, p, g1, ma);

@@ -283,13 +283,18 @@ MSCA_DEV void load_tile_group(float* work, const MscaGeom& gm, int dst_off, cons
     const bool cv = c < tc.C;
     const T* s = src + (int64_t)(cv ? c : 0) * sC;
     float* d = work + gi * gm.ch_floats + dst_off;
+    // pix = r * UW + col advances by NTC per iteration: step (r, col) without a division per element
+    const int dr = gm.NTC / UW, dc = gm.NTC - dr * UW;
+    int r = t / UW, col = t - r * UW;
     for (int pix = t; pix < n; pix += gm.NTC) {
-      const int r = pix / UW, col = pix - r * UW;
       const int yy = tc.y0 - 12 + r, xx = tc.x0 - 12 + col;
       float v = 0.f;
       if (cv && (unsigned)yy < (unsigned)tc.H && (unsigned)xx < (unsigned)tc.W)
         v = to_f(s[(int64_t)yy * sH + (int64_t)xx * sW]);
       d[pix] = v;
+      r += dr;
+      col += dc;
+      if (col >= UW) { col -= UW; ++r; }
     }
   }
 }

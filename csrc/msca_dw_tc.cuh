@@ -10,8 +10,9 @@
 //   h_k  (1xk):  D[rows][8 cols] += A[rows][32-col window] x T_k[32][8], the three strips sharing the A fragments
 //   v_k  (kx1):  transposed, D[16 cols][8 rows] += H_k^T[16 cols][row window] x T_k[window][8] (ldmatrix.trans),
 //                the three strips accumulating into one D = v7 + v11 + v21 (window 16 rows for k = 7, 32 else)
-// The Toeplitz B fragments depend only on the lane and the channel: each lane builds its own from the packed fp32
-// weights (rounded to the input dtype, as eager's convolutions use them) and keeps them in registers.
+// The Toeplitz B fragments depend only on the lane and the channel: prep_band_kernel packs them once per launch from
+// the fp32 weights (rounded to the input dtype, as eager's convolutions use them) into the workspace; each warp loads
+// its lane's 36 registers per channel with 9 coalesced 16-byte loads.
 // Tensor-core MACs per output element (16x32 tile): 420 (a) + 288 (h) + 80 (v), about 0.4 mma per output element
 // and channel, against 205 FMA instructions per output element for the FMA variant. Not measured yet.
 //
@@ -32,18 +33,59 @@
 
 namespace msca {
 
-// B fragment (k16 x n8) of a banded matrix: b[r] holds B[k][n] for n = g, k = k0 + 2t + 8r + {0, 1}, with
-// B[k][n] = w[k - n + shift] where 0 <= k - n + shift < taps, else 0. w: this channel's fp32 taps (global).
+// One register of the B fragment (k16 x n8) of a banded matrix for lane `lane`: B[k][n] for n = g, k = k0 + 2t + 8r
+// + {0, 1} (lower k in the lower 16 bits), with B[k][n] = w[k - n + shift] where 0 <= k - n + shift < taps, else 0.
+// w: one channel's fp32 taps (global), rounded to the input dtype.
 template <typename T>
-MSCA_DEV void band_frag(uint32_t b[2], const float* __restrict__ w, int taps, int k0, int shift) {
-  const int lane = lane_id();
+MSCA_DEV uint32_t band_reg(const float* __restrict__ w, int taps, int k0, int shift, int lane, int r) {
   const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int j0 = k0 + 2 * t + 8 * r - g + shift;
-    const float lo = (j0 >= 0 && j0 < taps) ? w[j0] : 0.f;
-    const float hi = (j0 + 1 >= 0 && j0 + 1 < taps) ? w[j0 + 1] : 0.f;
-    b[r] = pack2<T>(lo, hi);
+  const int j0 = k0 + 2 * t + 8 * r - g + shift;
+  const float lo = (j0 >= 0 && j0 < taps) ? w[j0] : 0.f;
+  const float hi = (j0 + 1 >= 0 && j0 + 1 < taps) ? w[j0 + 1] : 0.f;
+  return pack2<T>(lo, hi);
+}
+
+// Every banded B fragment of every channel, packed per lane by prep_band_kernel into the workspace (gm.tc_band_off):
+// uint4 [C][MSCA_BAND_CHUNKS][32 lanes], i.e. 36 registers per lane and channel, register i in chunk i / 4:
+//   0..9   5x5, dy = i/2, reg i%2            (window: u cols [x-2, x+14) for 8 outputs from x; taps dx = k - n)
+//   12..23 1xk strip s = (i-12)/4 (7, 11, 21), k-step ((i-12)/2)%2, reg i%2  (a cols [x0-10, x0+22))
+//   24, 25 7x1; 26..29 11x1 (k-step (i-26)/2); 30..33 21x1 (k-step (i-30)/2)  (H_k rows [y0-hk, +16 or +32))
+//   10, 11, 34, 35 unused (zero)
+constexpr int MSCA_BAND_CHUNKS = 9;
+
+template <typename T>
+MSCA_DEV uint32_t band_reg_of(int i, int lane, const float* __restrict__ w0c, const float* __restrict__ wc) {
+  if (i < 10) return band_reg<T>(w0c + (i >> 1) * 5, 5, 0, 0, lane, i & 1);
+  if (i >= 12 && i < 24) {
+    const int s = (i - 12) >> 2, q = ((i - 12) >> 1) & 1;
+    const int off = s == 0 ? 0 : (s == 1 ? 14 : 36), taps = s == 0 ? 7 : (s == 1 ? 11 : 21);
+    const int hk = taps >> 1;
+    return band_reg<T>(wc + off, taps, 16 * q, hk - 10, lane, i & 1);
+  }
+  if (i == 24 || i == 25) return band_reg<T>(wc + 7, 7, 0, 0, lane, i & 1);
+  if (i >= 26 && i < 30) return band_reg<T>(wc + 25, 11, 16 * ((i - 26) >> 1), 0, lane, i & 1);
+  if (i >= 30 && i < 34) return band_reg<T>(wc + 57, 21, 16 * ((i - 30) >> 1), 0, lane, i & 1);
+  return 0u;
+}
+
+// dst: uint4 [C][MSCA_BAND_CHUNKS][32] (see above); w0 (C, 25), ws (C, 78) packed fp32 weights.
+template <typename T>
+__global__ void __launch_bounds__(256) prep_band_kernel(const float* __restrict__ w0, const float* __restrict__ ws,
+                                                        int C, uint4* __restrict__ dst) {
+  const long long total = (long long)C * MSCA_BAND_CHUNKS * 32;
+  for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total;
+       e += (long long)gridDim.x * blockDim.x) {
+    const int lane = (int)(e & 31);
+    const long long cq = e >> 5;
+    const int c = (int)(cq / MSCA_BAND_CHUNKS), q = (int)(cq % MSCA_BAND_CHUNKS);
+    const float* w0c = w0 + (int64_t)c * 25;
+    const float* wc = ws + (int64_t)c * 78;
+    uint4 v;
+    v.x = band_reg_of<T>(4 * q + 0, lane, w0c, wc);
+    v.y = band_reg_of<T>(4 * q + 1, lane, w0c, wc);
+    v.z = band_reg_of<T>(4 * q + 2, lane, w0c, wc);
+    v.w = band_reg_of<T>(4 * q + 3, lane, w0c, wc);
+    dst[e] = v;
   }
 }
 
@@ -62,25 +104,35 @@ MSCA_DEV void load_u_tile_tc(T* U, const MscaGeom& gm, const T* __restrict__ src
   const int lane = lane_id();
   const int UWc = gm.tc_UWc, ULD = gm.tc_ULD, LH = gm.TH + 24, LW = gm.TW + 24;
   if (sW == 1 && (sH & 3) == 0 && (tc.W & 3) == 0 && (reinterpret_cast<uintptr_t>(src) & 7) == 0) {
+    // group index idx = r * gpr + q advances by 32 per iteration: step (r, q) without a division per element
     const int gpr = UWc >> 2, n = gm.tc_UH * gpr;
+    const int dr = 32 / gpr, dq = 32 - dr * gpr;
+    int r = lane / gpr, q = lane - r * gpr;
     for (int idx = lane; idx < n; idx += 32) {
-      const int r = idx / gpr, col = (idx - r * gpr) * 4;
+      const int col = 4 * q;
       const int yy = tc.y0 - 12 + r, xx = tc.x0 - 12 + col;
       uint2 v = make_uint2(0u, 0u);
       if (r < LH && col < LW && (unsigned)yy < (unsigned)tc.H && (unsigned)xx < (unsigned)tc.W)
         v = *reinterpret_cast<const uint2*>(src + (int64_t)yy * sH + xx);
       *reinterpret_cast<uint2*>(U + r * ULD + col) = v;
+      r += dr;
+      q += dq;
+      if (q >= gpr) { q -= gpr; ++r; }
     }
     return;
   }
   const int n = gm.tc_UH * UWc;
+  const int dr = 32 / UWc, dc = 32 - dr * UWc;
+  int r = lane / UWc, col = lane - r * UWc;
   for (int idx = lane; idx < n; idx += 32) {
-    const int r = idx / UWc, col = idx - r * UWc;
     const int yy = tc.y0 - 12 + r, xx = tc.x0 - 12 + col;
     T v = st_zero<T>();
     if (r < LH && col < LW && (unsigned)yy < (unsigned)tc.H && (unsigned)xx < (unsigned)tc.W)
       v = src[(int64_t)yy * sH + (int64_t)xx * sW];
     U[r * ULD + col] = v;
+    r += dr;
+    col += dc;
+    if (col >= UWc) { col -= UWc; ++r; }
   }
 }
 
@@ -138,7 +190,7 @@ template <typename T>
 MSCA_DEV void compute_s_tile_tc(T* S, unsigned char* work_raw, const MscaGeom& gm, const T* __restrict__ u_img,
                                 int64_t sC, int64_t sH, int64_t sW, const float* __restrict__ w0,
                                 const float* __restrict__ b0, const float* __restrict__ ws,
-                                const float* __restrict__ bs, const TileCtx& tc) {
+                                const float* __restrict__ bs, const uint4* __restrict__ band, const TileCtx& tc) {
   const int tid = threadIdx.x;
   {
     const int n = (gm.CP - tc.C) * gm.s_ld;
@@ -168,9 +220,9 @@ MSCA_DEV void compute_s_tile_tc(T* S, unsigned char* work_raw, const MscaGeom& g
     __syncwarp();
     // ---- a = dw5x5(u) + b0 on rows [-10, MA-10), cols [-10, 8*NBA-10); zero outside the image ---------------------
     {
-      uint32_t bw[5][2];
-#pragma unroll
-      for (int dy = 0; dy < 5; ++dy) band_frag<T>(bw[dy], w0 + (int64_t)c * 25 + dy * 5, 5, 0, 0);
+      const uint4* bq = band + (size_t)c * MSCA_BAND_CHUNKS * 32 + lane;
+      const uint4 q0 = bq[0], q1 = bq[32], q2 = bq[64];
+      const uint32_t bw[5][2] = {{q0.x, q0.y}, {q0.z, q0.w}, {q1.x, q1.y}, {q1.z, q1.w}, {q2.x, q2.y}};
       const float bias = b0[c];
       for (int it = 0; it < (MA >> 4) * NBA; ++it) {
         const int rb = it / NBA, i = it - rb * NBA;
@@ -196,15 +248,12 @@ MSCA_DEV void compute_s_tile_tc(T* S, unsigned char* work_raw, const MscaGeom& g
     __syncwarp();
     // ---- h_k = dw_1xk(a) + bh_k on tile cols [0, TW), rows [-hk, TH+hk); zero outside the image -------------------
     {
-      const float* wc = ws + (int64_t)c * 78;
       const float* bc = bs + (int64_t)c * 6;
-      uint32_t bh[3][2][2];  // strip (7, 11, 21), k-step, reg; window = a cols [x0-10, x0+22) for 8 outputs at x0
-#pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        band_frag<T>(bh[0][q], wc + 0, 7, 16 * q, 3 - 10);
-        band_frag<T>(bh[1][q], wc + 14, 11, 16 * q, 5 - 10);
-        band_frag<T>(bh[2][q], wc + 36, 21, 16 * q, 10 - 10);
-      }
+      // strip (7, 11, 21), k-step, reg; window = a cols [x0-10, x0+22) for 8 outputs at x0
+      const uint4* bq = band + ((size_t)c * MSCA_BAND_CHUNKS + 3) * 32 + lane;
+      const uint4 q3 = bq[0], q4 = bq[32], q5 = bq[64];
+      const uint32_t bh[3][2][2] = {{{q3.x, q3.y}, {q3.z, q3.w}}, {{q4.x, q4.y}, {q4.z, q4.w}},
+                                    {{q5.x, q5.y}, {q5.z, q5.w}}};
       const float bias[3] = {bc[0], bc[2], bc[4]};
       const int hk[3] = {3, 5, 10};
       T* Hk[3] = {H7, H11, H21};
@@ -248,15 +297,13 @@ MSCA_DEV void compute_s_tile_tc(T* S, unsigned char* work_raw, const MscaGeom& g
     __syncwarp();
     // ---- s = a + v7 + v11 + v21 + biases on the tile -> S[c] ---------------------------------------------------
     {
-      const float* wc = ws + (int64_t)c * 78;
       const float* bc = bs + (int64_t)c * 6;
-      uint32_t bv7[2], bv11[2][2], bv21[2][2];  // window = H_k rows [y0-hk, y0-hk+16 or 32) for 8 output rows y0..
-      band_frag<T>(bv7, wc + 7, 7, 0, 0);
-#pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        band_frag<T>(bv11[q], wc + 25, 11, 16 * q, 0);
-        band_frag<T>(bv21[q], wc + 57, 21, 16 * q, 0);
-      }
+      // window = H_k rows [y0-hk, y0-hk+16 or 32) for 8 output rows y0..
+      const uint4* bq = band + ((size_t)c * MSCA_BAND_CHUNKS + 6) * 32 + lane;
+      const uint4 q6 = bq[0], q7 = bq[32], q8 = bq[64];
+      const uint32_t bv7[2] = {q6.x, q6.y};
+      const uint32_t bv11[2][2] = {{q6.z, q6.w}, {q7.x, q7.y}};
+      const uint32_t bv21[2][2] = {{q7.z, q7.w}, {q8.x, q8.y}};
       const float bsum = bc[1] + bc[3] + bc[5];
       T* Sc = S + (size_t)c * gm.s_ld;
       const int nbx = TW >> 4;

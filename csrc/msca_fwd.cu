@@ -61,7 +61,10 @@ __global__ void __launch_bounds__(MSCA_NT, 2) msca_fwd_kernel(const MscaFwdParam
 
   const T* udw_img = reinterpret_cast<const T*>(p.u_dw) + (int64_t)tc.b * p.udw_sB;
   if constexpr (TC)
-    compute_s_tile_tc<T>(S, smem + gm.s_bytes, gm, udw_img, p.udw_sC, p.udw_sH, p.udw_sW, p.w0, p.b0, p.ws, p.bs, tc);
+    compute_s_tile_tc<T>(S, smem + gm.s_bytes, gm, udw_img, p.udw_sC, p.udw_sH, p.udw_sW, p.w0, p.b0, p.ws, p.bs,
+                         reinterpret_cast<const uint4*>(static_cast<const unsigned char*>(p.workspace) +
+                                                        gm.tc_band_off),
+                         tc);
   else
     compute_s_tile<T, T>(S, work, gm, udw_img, p.udw_sC, p.udw_sH, p.udw_sW, p.w0, p.b0, p.ws, p.bs, tc, MODE == 1);
 
@@ -330,9 +333,25 @@ MscaFwdPlan msca_fwd_plan(const MscaFwdParams& p) {
   }
   const size_t pack_elem = p.dtype == MSCA_F32 ? 4 : 2;
   plan.workspace_bytes = align_up((size_t)plan.geom.CP * plan.geom.CP * pack_elem, 256);
+  if (plan.geom.tc) {
+    plan.geom.tc_band_off = plan.workspace_bytes;
+    plan.workspace_bytes += align_up(msca_band_bytes(p.C), 256);
+  }
   plan.ok = true;
   return plan;
 }
+
+size_t msca_band_bytes(int64_t C) { return (size_t)C * msca::MSCA_BAND_CHUNKS * 32 * sizeof(uint4); }
+
+template <typename T>
+void launch_prep_band(const float* w0, const float* ws, int64_t C, void* dst, cudaStream_t stream) {
+  const long long total = (long long)C * msca::MSCA_BAND_CHUNKS * 32;
+  const int blocks = (int)std::min<long long>((total + 255) / 256, 4096);
+  auto prep = msca::prep_band_kernel<T>;
+  MSCA_LAUNCH(prep, dim3(blocks), dim3(256), 0, stream, w0, ws, (int)C, reinterpret_cast<uint4*>(dst));
+}
+template void launch_prep_band<__half>(const float*, const float*, int64_t, void*, cudaStream_t);
+template void launch_prep_band<__nv_bfloat16>(const float*, const float*, int64_t, void*, cudaStream_t);
 
 namespace {
 
@@ -344,6 +363,7 @@ void launch_fwd_typed(const MscaFwdParams& p, const MscaGeom& g, cudaStream_t st
   MSCA_LAUNCH(prep, dim3(prep_blocks), dim3(256), 0, stream, p.w3, (int)p.C, g.CP, 0, p.workspace);
   if constexpr (MODE == 0) {
     if (g.tc) {
+      launch_prep_band<T>(p.w0, p.ws, p.C, static_cast<unsigned char*>(p.workspace) + g.tc_band_off, stream);
       auto kernel = msca::msca_fwd_kernel<T, MODE, true>;
       MSCA_SET_SMEM_ATTR(kernel, g.smem_bytes);
       MSCA_LAUNCH(kernel, dim3((unsigned)g.num_ctas), dim3(MSCA_NT), g.smem_bytes, stream, p, g);

@@ -61,6 +61,7 @@ struct MscaGeom {
   int tc_ULD, tc_ALD, tc_HLD;  // row strides of U, A, H_k: odd multiples of 8 elements
   int tc_off_h11, tc_off_h7, tc_off_a;  // offsets in a warp's area (H21 and U at 0)
   int tc_warp;        // elements per warp area
+  size_t tc_band_off; // byte offset in the launch's workspace of the packed banded B fragments (prep_band_kernel)
 };
 
 struct MscaFwdParams {
@@ -149,6 +150,12 @@ int msca_choose_tile(int forced, int64_t B, int64_t C, int64_t H, int64_t W, int
 // MscaFwdParams. Returns the tile config (-1 with a message in err when nothing fits) and sets *tc_out.
 int msca_choose_variant(int dw_variant, int forced, int dtype, int64_t B, int64_t C, int64_t H, int64_t W, int mode,
                         int smem_limit, char* err, size_t errlen, int* tc_out);
+
+// Bytes of the packed banded B fragments of the tensor-core depthwise variant for C channels, and the launch of the
+// kernel that writes them (T = __half or __nv_bfloat16; msca_fwd.cu).
+size_t msca_band_bytes(int64_t C);
+template <typename T>
+void launch_prep_band(const float* w0, const float* ws, int64_t C, void* dst, cudaStream_t stream);
 
 MscaFwdPlan msca_fwd_plan(const MscaFwdParams& p);
 MscaBwdPlan msca_bwd_plan(const MscaBwdParams& p);
