@@ -138,8 +138,16 @@ SK_DEV bool warp_any(bool p) {
 #endif
 }
 
-// Not a finite number (NaN or +-Inf).
-SK_DEV bool non_finite(float x) { return (__float_as_uint(x) & 0x7f800000u) == 0x7f800000u; }
+// Two floats rounded to nearest into one 32-bit register of two halves (lo in the lower 16 bits): one cvt.rn.*x2.f32.
+template <typename HT> SK_DEV uint32_t pack2_rn(float lo, float hi);
+template <> SK_DEV uint32_t pack2_rn<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+template <> SK_DEV uint32_t pack2_rn<__half>(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
 
 template <typename HT>
 SK_DEV uint32_t pack2(float lo, float hi) {

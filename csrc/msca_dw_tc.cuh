@@ -91,14 +91,14 @@ __global__ void __launch_bounds__(256) prep_band_kernel(const float* __restrict_
 
 template <typename T>
 MSCA_DEV void store2(T* p, float lo, float hi) {
-  *reinterpret_cast<uint32_t*>(p) = pack2<T>(lo, hi);
+  *reinterpret_cast<uint32_t*>(p) = pack2_rn<T>(lo, hi);
 }
 
 // One warp loads channel c's u tile (src = the channel's plane) into U: rows/cols [-12, TH+12) x [-12, TW+12) from
 // the image, zero outside it and in the rest of the UH x UWc area. Rows of 4 contiguous elements (the usual NCHW
 // case: sW == 1, W and sH multiples of 4, 8-byte aligned plane) move as one 8-byte load each: the tile origin
 // x0 - 12 is a multiple of 4, so a group of 4 columns is wholly inside or wholly outside the image.
-template <typename T>
+template <typename T, bool EDGE>
 MSCA_DEV void load_u_tile_tc(T* U, const MscaGeom& gm, const T* __restrict__ src, int64_t sH, int64_t sW,
                              const TileCtx& tc) {
   const int lane = lane_id();
@@ -112,7 +112,7 @@ MSCA_DEV void load_u_tile_tc(T* U, const MscaGeom& gm, const T* __restrict__ src
       const int col = 4 * q;
       const int yy = tc.y0 - 12 + r, xx = tc.x0 - 12 + col;
       uint2 v = make_uint2(0u, 0u);
-      if (r < LH && col < LW && (unsigned)yy < (unsigned)tc.H && (unsigned)xx < (unsigned)tc.W)
+      if (r < LH && col < LW && (!EDGE || ((unsigned)yy < (unsigned)tc.H && (unsigned)xx < (unsigned)tc.W)))
         v = *reinterpret_cast<const uint2*>(src + (int64_t)yy * sH + xx);
       *reinterpret_cast<uint2*>(U + r * ULD + col) = v;
       r += dr;
@@ -127,7 +127,7 @@ MSCA_DEV void load_u_tile_tc(T* U, const MscaGeom& gm, const T* __restrict__ src
   for (int idx = lane; idx < n; idx += 32) {
     const int yy = tc.y0 - 12 + r, xx = tc.x0 - 12 + col;
     T v = st_zero<T>();
-    if (r < LH && col < LW && (unsigned)yy < (unsigned)tc.H && (unsigned)xx < (unsigned)tc.W)
+    if (r < LH && col < LW && (!EDGE || ((unsigned)yy < (unsigned)tc.H && (unsigned)xx < (unsigned)tc.W)))
       v = src[(int64_t)yy * sH + (int64_t)xx * sW];
     U[r * ULD + col] = v;
     r += dr;
@@ -185,9 +185,10 @@ MSCA_DEV void channel_s_direct(const T* U, T* A, T* H7, T* H11, T* H21, T* Sc, c
   }
 }
 
-// Compute s for all channels of the tile into S[CP][s_ld] (rows >= C zeroed). Ends with a __syncthreads().
-template <typename T>
-MSCA_DEV void compute_s_tile_tc(T* S, unsigned char* work_raw, const MscaGeom& gm, const T* __restrict__ u_img,
+// compute_s_tile_tc for one tile; EDGE = false: the u tile with its 12-pixel halo lies inside the image, so no value
+// needs the image-border masks (the a rows/columns computed past the needed ones are finite and meet only zero taps).
+template <typename T, bool EDGE>
+MSCA_DEV void compute_s_tile_tc_impl(T* S, unsigned char* work_raw, const MscaGeom& gm, const T* __restrict__ u_img,
                                 int64_t sC, int64_t sH, int64_t sW, const float* __restrict__ w0,
                                 const float* __restrict__ b0, const float* __restrict__ ws,
                                 const float* __restrict__ bs, const uint4* __restrict__ band, const TileCtx& tc) {
@@ -214,9 +215,10 @@ MSCA_DEV void compute_s_tile_tc(T* S, unsigned char* work_raw, const MscaGeom& g
 
   for (int c = warp; c < tc.C; c += MSCA_NT / 32) {
     // ---- u tile: rows/cols [-12, TH+12) x [-12, TW+12) from the image, zero elsewhere ----------------------------
-    load_u_tile_tc<T>(U, gm, u_img + (int64_t)c * sC, sH, sW, tc);
-    // a NaN or Inf in u always reaches a stored value of a (every loaded pixel is within 2 of a computed one)
-    bool bad = false;
+    load_u_tile_tc<T, EDGE>(U, gm, u_img + (int64_t)c * sC, sH, sW, tc);
+    // a NaN or Inf in u always reaches a stored value of a (every loaded pixel is within 2 of a computed one). nf
+    // collects v * 0 of every stored a and h_k value: it stays 0 unless one of them is NaN or +-Inf (one FFMA each).
+    float nf = 0.f;
     __syncwarp();
     // ---- a = dw5x5(u) + b0 on rows [-10, MA-10), cols [-10, 8*NBA-10); zero outside the image ---------------------
     {
@@ -234,13 +236,13 @@ MSCA_DEV void compute_s_tile_tc(T* S, unsigned char* work_raw, const MscaGeom& g
           mma_16816<IsBF16<T>::value>(acc, a, bw[dy]);
         }
         const int col = 8 * i + 2 * t, x = tc.x0 - 10 + col;
-        const bool xin0 = (unsigned)x < (unsigned)tc.W, xin1 = (unsigned)(x + 1) < (unsigned)tc.W;
+        const bool xin0 = !EDGE || (unsigned)x < (unsigned)tc.W, xin1 = !EDGE || (unsigned)(x + 1) < (unsigned)tc.W;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int row = 16 * rb + g + 8 * h;
-          const bool yin = (unsigned)(tc.y0 - 10 + row) < (unsigned)tc.H;
+          const bool yin = !EDGE || (unsigned)(tc.y0 - 10 + row) < (unsigned)tc.H;
           const float v0 = yin && xin0 ? acc[2 * h] + bias : 0.f, v1 = yin && xin1 ? acc[2 * h + 1] + bias : 0.f;
-          bad |= non_finite(v0) || non_finite(v1);
+          nf = fmaf(v1, 0.f, fmaf(v0, 0.f, nf));
           store2<T>(A + row * ALD + col, v0, v1);
         }
       }
@@ -264,7 +266,7 @@ MSCA_DEV void compute_s_tile_tc(T* S, unsigned char* work_raw, const MscaGeom& g
         ldmatrix_x4<false>(a0, A + (16 * rb + lr) * ALD + 8 * j + lc);
         ldmatrix_x4<false>(a1, A + (16 * rb + lr) * ALD + 8 * j + 16 + lc);
         const int col = 8 * j + 2 * t, x = tc.x0 + col;
-        const bool xin0 = (unsigned)x < (unsigned)tc.W, xin1 = (unsigned)(x + 1) < (unsigned)tc.W;
+        const bool xin0 = !EDGE || (unsigned)x < (unsigned)tc.W, xin1 = !EDGE || (unsigned)(x + 1) < (unsigned)tc.W;
 #pragma unroll
         for (int s = 0; s < 3; ++s) {
           float acc[4] = {0.f, 0.f, 0.f, 0.f};
@@ -275,10 +277,10 @@ MSCA_DEV void compute_s_tile_tc(T* S, unsigned char* work_raw, const MscaGeom& g
             const int arow = 16 * rb + g + 8 * h;       // a buffer row, image row y0 - 10 + arow
             const int hrow = arow - 10 + hk[s];         // row in H_k (origin -hk)
             if (hrow < 0 || hrow >= TH + 2 * hk[s]) continue;
-            const bool yin = (unsigned)(tc.y0 - 10 + arow) < (unsigned)tc.H;
+            const bool yin = !EDGE || (unsigned)(tc.y0 - 10 + arow) < (unsigned)tc.H;
             const float v0 = yin && xin0 ? acc[2 * h] + bias[s] : 0.f;
             const float v1 = yin && xin1 ? acc[2 * h + 1] + bias[s] : 0.f;
-            bad |= non_finite(v0) || non_finite(v1);
+            nf = fmaf(v1, 0.f, fmaf(v0, 0.f, nf));
             store2<T>(Hk[s] + hrow * HLD + col, v0, v1);
           }
         }
@@ -325,22 +327,22 @@ MSCA_DEV void compute_s_tile_tc(T* S, unsigned char* work_raw, const MscaGeom& g
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int x = x0 + g + 8 * h;
-          const bool xin = (unsigned)(tc.x0 + x) < (unsigned)tc.W;
+          const bool xin = !EDGE || (unsigned)(tc.x0 + x) < (unsigned)tc.W;
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int y = y0 + 2 * t + e;
-            const bool in = xin && (unsigned)(tc.y0 + y) < (unsigned)tc.H;
+            const bool in = xin && (!EDGE || (unsigned)(tc.y0 + y) < (unsigned)tc.H);
             const float sv = acc[2 * h + e] + to_f(A[(y + 10) * ALD + x + 10]) + bsum;
             Sc[y * TW + x] = in ? from_f<T>(sv) : zero;
           }
         }
       }
     }
-    if (warp_any(bad)) {
+    if (warp_any(nf != 0.f)) {
       // a NaN or Inf in this channel's u tile, a or h_k: the banded products would spread it through zero taps
       // (0 * Inf = NaN). Redo the channel with the direct taps so that it propagates exactly as in eager PyTorch.
       __syncwarp();
-      load_u_tile_tc<T>(U, gm, u_img + (int64_t)c * sC, sH, sW, tc);
+      load_u_tile_tc<T, EDGE>(U, gm, u_img + (int64_t)c * sC, sH, sW, tc);
       __syncwarp();
       channel_s_direct<T>(U, A, H7, H11, H21, S + (size_t)c * gm.s_ld, gm, w0 + (int64_t)c * 25, b0[c],
                           ws + (int64_t)c * 78, bs + (int64_t)c * 6, tc);
@@ -348,6 +350,19 @@ MSCA_DEV void compute_s_tile_tc(T* S, unsigned char* work_raw, const MscaGeom& g
     __syncwarp();  // the next channel's u tile overwrites H
   }
   __syncthreads();
+}
+
+// Compute s for all channels of the tile into S[CP][s_ld] (rows >= C zeroed). Ends with a __syncthreads().
+template <typename T>
+MSCA_DEV void compute_s_tile_tc(T* S, unsigned char* work_raw, const MscaGeom& gm, const T* __restrict__ u_img,
+                                int64_t sC, int64_t sH, int64_t sW, const float* __restrict__ w0,
+                                const float* __restrict__ b0, const float* __restrict__ ws,
+                                const float* __restrict__ bs, const uint4* __restrict__ band, const TileCtx& tc) {
+  const bool interior = tc.y0 >= 12 && tc.y0 + gm.TH + 12 <= tc.H && tc.x0 >= 12 && tc.x0 + gm.TW + 12 <= tc.W;
+  if (interior)
+    compute_s_tile_tc_impl<T, false>(S, work_raw, gm, u_img, sC, sH, sW, w0, b0, ws, bs, band, tc);
+  else
+    compute_s_tile_tc_impl<T, true>(S, work_raw, gm, u_img, sC, sH, sW, w0, b0, ws, bs, band, tc);
 }
 
 }  // namespace msca

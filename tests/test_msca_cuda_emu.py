@@ -294,6 +294,19 @@ def test_depthwise_variants(emu, dtype, dw):
     assert used >= 100, "auto should run fp16/bf16 on the tensor-core variant"
 
 
+@pytest.mark.parametrize("shape, cfg", [((1, 5, 44, 60), 1), ((1, 4, 45, 61), 1), ((1, 3, 44, 76), 0)], ids=str)
+def test_tc_variant_interior_tiles(emu, shape, cfg):
+    """Tiles whose u tile (12-pixel halo included) lies inside the image skip the border masks: such tiles exist in
+    these shapes (W % 4 == 0: 4-wide loads; odd W: scalar loads) and agree with the reference like the edge tiles."""
+    TH, TW = {0: (16, 32), 1: (16, 16)}[cfg]
+    H, W = shape[2:]
+    interior = [(y0, x0) for y0 in range(0, H, TH) for x0 in range(0, W, TW)
+                if y0 >= 12 and y0 + TH + 12 <= H and x0 >= 12 and x0 + TW + 12 <= W]
+    assert interior, "the shape must have interior tiles"
+    _, used = run_and_check(emu, shape, torch.bfloat16, cfg=cfg, dw="tc", seed=23)
+    assert used == 100 + cfg
+
+
 def test_depthwise_variant_choice_and_refusals(emu):
     args, packed, ud = _case((1, 4, 9, 10), torch.float32, 19)
     with pytest.raises(RuntimeError, match="tensor-core depthwise variant takes float16/bfloat16"):
@@ -310,12 +323,12 @@ def test_depthwise_variant_choice_and_refusals(emu):
 def test_tc_variant_nonfinite_like_eager(emu, dtype):
     """NaN / +Inf in u: the tensor-core variant's banded products would spread them through zero taps; the tiles
     that hold them are redone with the direct taps, so NaN and Inf land exactly where eager PyTorch puts them."""
-    args, packed, ud = _case((1, 5, 37, 41), dtype, 20)
+    args, packed, ud = _case((1, 5, 44, 60), dtype, 20)
     ud = ud.clone()
-    ud[0, 1, 3, 4] = math.nan
-    ud[0, 3, 30, 35] = math.inf
-    out, used = emu.forward(ud, packed, dw="tc")
-    assert used >= 100
+    ud[0, 1, 3, 4] = math.nan      # an edge tile
+    ud[0, 3, 24, 40] = math.inf    # an interior tile (16x16 tiles: y0 = 16, x0 = 32)
+    out, used = emu.forward(ud, packed, dw="tc", cfg=1)
+    assert used == 101
     leaves = [t.detach().to(dtype) for t in (args[1], args[2], *args[3], *args[4], args[5], args[6])]
     eager = msca_reference(ud, leaves[0], leaves[1], leaves[2:8], leaves[8:14], leaves[14], leaves[15])
     for what, f in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
