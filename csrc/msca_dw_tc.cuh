@@ -14,7 +14,11 @@
 // the fp32 weights (rounded to the input dtype, as eager's convolutions use them) into the workspace; each warp loads
 // its lane's 36 registers per channel with 9 coalesced 16-byte loads.
 // Tensor-core MACs per output element (16x32 tile): 420 (a) + 288 (h) + 80 (v), about 0.4 mma per output element
-// and channel, against 205 FMA instructions per output element for the FMA variant. Not measured yet.
+// and channel, against 205 FMA instructions per output element for the FMA variant. Counting the instructions of the
+// code by hand (an estimate, not a measurement) gives about 8 warp instructions per output element and channel for
+// this variant on a 16x16 tile, dominated by the mma blocks' epilogues and the tile load, against about 15 for the
+// FMA variant; the FMA floor of kernels.md section 2 corresponds to 103 / 32 = 3.2. Tiles whose halo lies inside
+// the image (most tiles of large images) skip the border masks (EDGE = false). Not measured yet.
 //
 // Numerics: a and h_k are rounded to the input dtype between the convolutions (where eager PyTorch rounds them
 // too); s = a + v7 + v11 + v21 + biases is summed in fp32 and rounded once into S. Zero taps of the banded
