@@ -10,7 +10,7 @@
 // set_python_module below tells torch where to find them).
 //
 // Environment knobs read at every call (cheap getenv):
-//   SEGNEXT_MSCA_CUDA_TILE / SEGNEXT_MSCA_CUDA_TILE_BWD  force a tile configuration (0..4, see msca_fwd.cu)
+//   SEGNEXT_MSCA_CUDA_TILE / SEGNEXT_MSCA_CUDA_TILE_BWD  force a tile configuration (0..5, see msca_fwd.cu)
 //   SEGNEXT_MSCA_CUDA_POISON=1                           fill outputs and workspace with NaN before the launch (tests)
 //   SEGNEXT_MSCA_CUDA_CL_DIRECT=1                        channels_last u: tile loads read u in place (no NCHW copy)
 //   SEGNEXT_MSCA_CUDA_DW=auto|tc|fma                     depthwise part of the forward and the backward's recompute:

@@ -27,10 +27,11 @@
 //
 // Work split: each warp owns one channel at a time (channels warp, warp + 8, ...) and its own work area
 //   U   [UH][ULD]   u tile, rows/cols from -12 (zero outside the image and outside the loaded TH+24 x TW+24)
-//   H21 [TH+24][HLD], H11 [TH+24][HLD], H7 [TH+8][HLD]   the 1xk outputs from rows -10, -5, -3 (alias U)
+//   H21 [THp+24][HLD], H11 [THp+24][HLD], H7 [THp+8][HLD]   the 1xk outputs from rows -10, -5, -3 (alias U)
 //   A   [MA][ALD]   a, rows/cols from -10 (zero outside the image)
 // so the phases of a channel need only __syncwarp(); one __syncthreads() ends the tile. Row strides are odd
-// multiples of 16 bytes (conflict-free ldmatrix). Needs TH % 8 == 0 and TW % 16 == 0 (msca_tile_tc_ok).
+// multiples of 16 bytes (conflict-free ldmatrix). Needs TH % 4 == 0 and TW % 16 == 0 (msca_tile_tc_ok); with TH not a
+// multiple of 8 the last block of 8 output rows is partial (THp = TH rounded up to 8 sizes the H_k windows).
 #pragma once
 
 #include "msca_common.cuh"
@@ -161,7 +162,8 @@ MSCA_DEV void channel_s_direct(const T* U, T* A, T* H7, T* H11, T* H21, T* Sc, c
   __syncwarp();
   // h_k on rows [-hk, TH+hk), tile cols; the kx1 window rows past them zero
   T* Hk[3] = {H7, H11, H21};
-  const int hk[3] = {3, 5, 10}, woff[3] = {0, 14, 36}, rows[3] = {TH + 8, TH + 24, TH + 24};
+  const int THp = (TH + 7) / 8 * 8;
+  const int hk[3] = {3, 5, 10}, woff[3] = {0, 14, 36}, rows[3] = {THp + 8, THp + 24, THp + 24};
   for (int s = 0; s < 3; ++s) {
     const int k = 2 * hk[s] + 1;
     for (int idx = lane; idx < rows[s] * TW; idx += 32) {
@@ -290,7 +292,8 @@ MSCA_DEV void compute_s_tile_tc_impl(T* S, unsigned char* work_raw, const MscaGe
         }
       }
       // rows of the kx1 windows past the strip's own rows: zero (zero taps must not meet stale values)
-      const int tail_lo[3] = {TH + 6, TH + 10, TH + 20}, tail_hi[3] = {TH + 8, TH + 24, TH + 24};
+      const int THp = (TH + 7) / 8 * 8;
+      const int tail_lo[3] = {TH + 6, TH + 10, TH + 20}, tail_hi[3] = {THp + 8, THp + 24, THp + 24};
 #pragma unroll
       for (int s = 0; s < 3; ++s) {
         const int n = (tail_hi[s] - tail_lo[s]) * TW;
@@ -313,7 +316,7 @@ MSCA_DEV void compute_s_tile_tc_impl(T* S, unsigned char* work_raw, const MscaGe
       const float bsum = bc[1] + bc[3] + bc[5];
       T* Sc = S + (size_t)c * gm.s_ld;
       const int nbx = TW >> 4;
-      for (int it = 0; it < (TH >> 3) * nbx; ++it) {
+      for (int it = 0; it < ((TH + 7) >> 3) * nbx; ++it) {
         const int yb = it / nbx, xb = it - yb * nbx;
         const int y0 = 8 * yb, x0 = 16 * xb;
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
@@ -335,6 +338,7 @@ MSCA_DEV void compute_s_tile_tc_impl(T* S, unsigned char* work_raw, const MscaGe
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int y = y0 + 2 * t + e;
+            if (y >= TH) continue;  // the partial last block of rows when TH % 8 == 4
             const bool in = xin && (!EDGE || (unsigned)(tc.y0 + y) < (unsigned)tc.H);
             const float sv = acc[2 * h + e] + to_f(A[(y + 10) * ALD + x + 10]) + bsum;
             Sc[y * TW + x] = in ? from_f<T>(sv) : zero;

@@ -152,6 +152,7 @@ static const MscaTileCfg kTileTable[MSCA_NUM_TILE_CFGS] = {
     {8, 16, 2, 2},   // P = 128
     {8, 8, 4, 2},    // P = 64
     {4, 8, 4, 2},    // P = 32
+    {28, 16, 2, 4},  // P = 448: TH + 20 = 48 rows of a, no idle mma rows in the tensor-core variant
 };
 
 const MscaTileCfg* msca_tile_table() { return kTileTable; }
@@ -168,7 +169,7 @@ static inline int odd_units8(int n) {
 }
 
 bool msca_tile_tc_ok(int cfg) {
-  return cfg >= 0 && cfg < MSCA_NUM_TILE_CFGS && kTileTable[cfg].TH % 8 == 0 && kTileTable[cfg].TW % 16 == 0;
+  return cfg >= 0 && cfg < MSCA_NUM_TILE_CFGS && kTileTable[cfg].TH % 4 == 0 && kTileTable[cfg].TW % 16 == 0;
 }
 
 MscaGeom msca_make_geom(int cfg, int64_t B, int64_t C, int64_t H, int64_t W, int elem_bytes, int mode, int dw_tc) {
@@ -204,10 +205,12 @@ MscaGeom msca_make_geom(int cfg, int64_t B, int64_t C, int64_t H, int64_t W, int
     g.tc_ULD = odd_units8(g.tc_UWc);
     g.tc_ALD = odd_units8(8 * g.tc_nbA);
     g.tc_HLD = odd_units8(tc.TW);
-    // H21 rows [-10, TH+14), H11 [-5, TH+19), H7 [-3, TH+5): the kx1 windows of the last 8 output rows
-    g.tc_off_h11 = (tc.TH + 24) * g.tc_HLD;
-    g.tc_off_h7 = 2 * (tc.TH + 24) * g.tc_HLD;
-    const int h_elems = g.tc_off_h7 + (tc.TH + 8) * g.tc_HLD;
+    // H21 rows [-10, THp+14), H11 [-5, THp+19), H7 [-3, THp+5): the kx1 windows of the last block of 8 output rows
+    // (THp = TH rounded up to 8)
+    const int THp = (tc.TH + 7) / 8 * 8;
+    g.tc_off_h11 = (THp + 24) * g.tc_HLD;
+    g.tc_off_h7 = 2 * (THp + 24) * g.tc_HLD;
+    const int h_elems = g.tc_off_h7 + (THp + 8) * g.tc_HLD;
     g.tc_off_a = (int)align_up((size_t)std::max(g.tc_UH * g.tc_ULD, h_elems), 8);
     g.tc_warp = (int)align_up((size_t)(g.tc_off_a + g.tc_MA * g.tc_ALD), 8);
     g.work_bytes = (size_t)(MSCA_NT / 32) * g.tc_warp * elem_bytes;
@@ -229,7 +232,7 @@ static double depthwise_macs_per_output(int TH, int TW) {
 // an estimate, not a measurement).
 static double depthwise_tc_cost_per_output(int TH, int TW) {
   const double ma = (TH + 20 + 15) / 16, nba = (TW + 20 + 7) / 8;
-  const double mmas = ma * nba * 5 + ma * (TW / 8) * 6 + (TH / 8) * (TW / 16) * 5;
+  const double mmas = ma * nba * 5 + ma * (TW / 8) * 6 + ((TH + 7) / 8) * (TW / 16) * 5;
   return 8.0 * mmas / ((double)TH * TW);
 }
 
@@ -268,8 +271,11 @@ int msca_choose_tile(int forced, int64_t B, int64_t C, int64_t H, int64_t W, int
     if (best < 0 || cost < best_cost) { best = cfg; best_cost = cost; }
   }
   if (best < 0) {
-    int smallest = MSCA_NUM_TILE_CFGS - 1;
-    while (tc && smallest > 0 && !msca_tile_tc_ok(smallest)) --smallest;
+    int smallest = -1;  // the eligible config with the fewest pixels: the least shared memory
+    for (int cfg = 0; cfg < MSCA_NUM_TILE_CFGS; ++cfg)
+      if ((!tc || msca_tile_tc_ok(cfg)) &&
+          (smallest < 0 || kTileTable[cfg].TH * kTileTable[cfg].TW < kTileTable[smallest].TH * kTileTable[smallest].TW))
+        smallest = cfg;
     const MscaGeom g = msca_make_geom(smallest, B, C, H, W, elem_bytes, mode, tc);
     snprintf(err, errlen,
              "C=%lld channels need %zu bytes of shared memory even with the smallest tile%s (device allows %d); "

@@ -26,7 +26,7 @@ constexpr int MSCA_TAP_DB0 = 25;
 constexpr int MSCA_TAP_WS = 26;
 constexpr int MSCA_TAP_BS = 104;
 // Number of selectable tile configurations of the forward / backward-mix kernels (see msca_tile_table()).
-constexpr int MSCA_NUM_TILE_CFGS = 5;
+constexpr int MSCA_NUM_TILE_CFGS = 6;
 
 // Geometry of one spatial tile configuration of the forward / backward-mix kernels, computed on the host
 // (msca_make_geom) and read by the kernels.  A CTA owns a TH x TW tile of one image and loops over the channels in

@@ -75,7 +75,7 @@ def cuda_backend_on_cpu(emu_ext, monkeypatch):
 # MSCA
 # ---------------------------------------------------------------------------------------------------------------
 def test_extension_contents(emu_ext):
-    assert len(emu_ext.tile_table()) == 5
+    assert len(emu_ext.tile_table()) == 6
     for name in ("nmf_geom", "nmf_bases", "nmf_coef", "nmf_bwd_stage", "nmf_gx"):
         assert hasattr(emu_ext, name), name
     assert backend.resolve_backend("cuda", torch.device("cpu")) == "cuda"

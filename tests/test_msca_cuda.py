@@ -85,7 +85,7 @@ def test_extension_loads():
     ok, why = msca_cuda.cuda_status()
     assert ok, why
     ext = msca_cuda.load_extension()
-    assert len(ext.tile_table()) == 5
+    assert len(ext.tile_table()) == 6
     assert hasattr(torch.ops.segnext, "msca_forward") and hasattr(torch.ops.segnext, "msca_backward")
 
 
@@ -175,7 +175,7 @@ def test_every_tile_config(monkeypatch, dtype):
     grad_out = torch.randn(shape, device=DEV, dtype=dtype)
     msca_cuda.load_extension()
     tried = 0
-    for cfg in range(5):
+    for cfg in range(6):
         monkeypatch.setenv("SEGNEXT_MSCA_CUDA_TILE", str(cfg))
         monkeypatch.setenv("SEGNEXT_MSCA_CUDA_TILE_BWD", str(cfg))
         try:

@@ -214,7 +214,7 @@ def test_noncontiguous_u(emu, dtype):
     run_and_check(emu, (1, 6, 11, 9), dtype, noncontig=True, seed=2, strided_grad=True)
 
 
-@pytest.mark.parametrize("cfg", range(5))
+@pytest.mark.parametrize("cfg", range(6))
 def test_every_tile_config(emu, cfg):
     run_and_check(emu, (1, 40, 18, 35), torch.bfloat16, cfg=cfg, seed=3)
     run_and_check(emu, (1, 8, 18, 35), torch.float32, cfg=cfg, seed=4)
@@ -294,11 +294,12 @@ def test_depthwise_variants(emu, dtype, dw):
     assert used >= 100, "auto should run fp16/bf16 on the tensor-core variant"
 
 
-@pytest.mark.parametrize("shape, cfg", [((1, 5, 44, 60), 1), ((1, 4, 45, 61), 1), ((1, 3, 44, 76), 0)], ids=str)
+@pytest.mark.parametrize("shape, cfg", [((1, 5, 44, 60), 1), ((1, 4, 45, 61), 1), ((1, 3, 44, 76), 0),
+                                        ((1, 3, 80, 60), 5)], ids=str)
 def test_tc_variant_interior_tiles(emu, shape, cfg):
     """Tiles whose u tile (12-pixel halo included) lies inside the image skip the border masks: such tiles exist in
     these shapes (W % 4 == 0: 4-wide loads; odd W: scalar loads) and agree with the reference like the edge tiles."""
-    TH, TW = {0: (16, 32), 1: (16, 16)}[cfg]
+    TH, TW = {0: (16, 32), 1: (16, 16), 5: (28, 16)}[cfg]
     H, W = shape[2:]
     interior = [(y0, x0) for y0 in range(0, H, TH) for x0 in range(0, W, TW)
                 if y0 >= 12 and y0 + TH + 12 <= H and x0 >= 12 and x0 + TW + 12 <= W]
