@@ -29,7 +29,7 @@
 //  * Two variants of the depthwise part (compute_s_tile): fp32 FMA (above; every dtype) and, for fp16/bf16 by default,
 //    tensor cores (msca_dw_tc.cuh: each 1-D convolution as a product with a banded matrix on mma.sync, one warp per
 //    channel; about 0.4 mma per output element and channel instead of about 205 FFMA on a 16x32 tile). Tiles with
-//    TH % 8 == 0 and TW % 16 == 0 only; msca_choose_variant decides, SEGNEXT_MSCA_CUDA_DW forces.
+//    TH % 4 == 0 and TW % 16 == 0 only; msca_choose_variant decides, SEGNEXT_MSCA_CUDA_DW forces.
 //  * Not measured yet (no GPU where this was written): which depthwise variant wins, tile costs, 1.25 occupancy
 //    penalty, carveout, the choice of G, and whether the u halo re-reads stay in L1/L2. bench/gpu_check.sh measures
 //    against eager and Triton (bench.msca's "cuda_fma" rows time the FMA variant beside the default).
@@ -245,7 +245,7 @@ int msca_choose_tile(int forced, int64_t B, int64_t C, int64_t H, int64_t W, int
       return -1;
     }
     if (tc && !msca_tile_tc_ok(forced)) {
-      snprintf(err, errlen, "tile config %d cannot run the tensor-core depthwise variant (needs TH %% 8 == 0 and "
+      snprintf(err, errlen, "tile config %d cannot run the tensor-core depthwise variant (needs TH %% 4 == 0 and "
                "TW %% 16 == 0)", forced);
       return -1;
     }
