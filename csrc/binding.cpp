@@ -14,7 +14,8 @@
 //   SEGNEXT_MSCA_CUDA_POISON=1                           fill outputs and workspace with NaN before the launch (tests)
 //   SEGNEXT_MSCA_CUDA_CL_DIRECT=1                        channels_last u: tile loads read u in place (no NCHW copy)
 //   SEGNEXT_MSCA_CUDA_DW=auto|tc|fma                     depthwise part of the forward and the backward's recompute:
-//                                                        tensor cores (fp16/bf16) or fp32 FMA (msca_dw_tc.cuh)
+//                                                        tensor cores (fp16/bf16) or fp32 FMA (msca_dw_tc.cuh); read
+//                                                        by each op: keep it unchanged from a forward to its backward
 //
 // Built with -DSEGNEXT_EMU (g++ only, CPU torch; tests/test_cuda_backend_emu.py), the same binding registers the ops
 // for CPU tensors and the kernels run in the CPU emulation of tests/emu/cuda_emu.h: the device-runtime calls below

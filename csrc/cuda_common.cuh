@@ -149,6 +149,15 @@ template <> SK_DEV uint32_t pack2_rn<__half>(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
+// The two halves of a pack2_rn register as floats (exact).
+template <typename HT> SK_DEV float2 unpack2(uint32_t v);
+template <> SK_DEV float2 unpack2<__nv_bfloat16>(uint32_t v) {
+  return make_float2(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
+}
+template <> SK_DEV float2 unpack2<__half>(uint32_t v) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&v));
+}
+
 template <typename HT>
 SK_DEV uint32_t pack2(float lo, float hi) {
   HT l = from_f<HT>(lo), h = from_f<HT>(hi);

@@ -94,9 +94,14 @@ __global__ void __launch_bounds__(256) prep_band_kernel(const float* __restrict_
   }
 }
 
+// Store lo, hi rounded to T at p (4-byte aligned); nf += (stored values) * 0, i.e. nf turns NaN when a stored value is
+// NaN or +-Inf, including a finite value that rounding to T overflows (fp16 beyond 65504).
 template <typename T>
-MSCA_DEV void store2(T* p, float lo, float hi) {
-  *reinterpret_cast<uint32_t*>(p) = pack2_rn<T>(lo, hi);
+MSCA_DEV void store2_nf(T* p, float lo, float hi, float& nf) {
+  const uint32_t v = pack2_rn<T>(lo, hi);
+  *reinterpret_cast<uint32_t*>(p) = v;
+  const float2 r = unpack2<T>(v);
+  nf = fmaf(r.y, 0.f, fmaf(r.x, 0.f, nf));
 }
 
 // One warp loads channel c's u tile (src = the channel's plane) into U: rows/cols [-12, TH+12) x [-12, TW+12) from
@@ -223,7 +228,8 @@ MSCA_DEV void compute_s_tile_tc_impl(T* S, unsigned char* work_raw, const MscaGe
     // ---- u tile: rows/cols [-12, TH+12) x [-12, TW+12) from the image, zero elsewhere ----------------------------
     load_u_tile_tc<T, EDGE>(U, gm, u_img + (int64_t)c * sC, sH, sW, tc);
     // a NaN or Inf in u always reaches a stored value of a (every loaded pixel is within 2 of a computed one). nf
-    // collects v * 0 of every stored a and h_k value: it stays 0 unless one of them is NaN or +-Inf (one FFMA each).
+    // collects v * 0 of every stored a and h_k value as rounded to T: it stays 0 unless one of them is NaN or +-Inf
+    // (also after an fp16 overflow in the rounding, which eager's fp16 convolutions make as well).
     float nf = 0.f;
     __syncwarp();
     // ---- a = dw5x5(u) + b0 on rows [-10, MA-10), cols [-10, 8*NBA-10); zero outside the image ---------------------
@@ -248,8 +254,7 @@ MSCA_DEV void compute_s_tile_tc_impl(T* S, unsigned char* work_raw, const MscaGe
           const int row = 16 * rb + g + 8 * h;
           const bool yin = !EDGE || (unsigned)(tc.y0 - 10 + row) < (unsigned)tc.H;
           const float v0 = yin && xin0 ? acc[2 * h] + bias : 0.f, v1 = yin && xin1 ? acc[2 * h + 1] + bias : 0.f;
-          nf = fmaf(v1, 0.f, fmaf(v0, 0.f, nf));
-          store2<T>(A + row * ALD + col, v0, v1);
+          store2_nf<T>(A + row * ALD + col, v0, v1, nf);
         }
       }
     }
@@ -286,8 +291,7 @@ MSCA_DEV void compute_s_tile_tc_impl(T* S, unsigned char* work_raw, const MscaGe
             const bool yin = !EDGE || (unsigned)(tc.y0 - 10 + arow) < (unsigned)tc.H;
             const float v0 = yin && xin0 ? acc[2 * h] + bias[s] : 0.f;
             const float v1 = yin && xin1 ? acc[2 * h + 1] + bias[s] : 0.f;
-            nf = fmaf(v1, 0.f, fmaf(v0, 0.f, nf));
-            store2<T>(Hk[s] + hrow * HLD + col, v0, v1);
+            store2_nf<T>(Hk[s] + hrow * HLD + col, v0, v1, nf);
           }
         }
       }

@@ -294,17 +294,18 @@ def test_depthwise_variants(emu, dtype, dw):
     assert used >= 100, "auto should run fp16/bf16 on the tensor-core variant"
 
 
-@pytest.mark.parametrize("shape, cfg", [((1, 5, 44, 60), 1), ((1, 4, 45, 61), 1), ((1, 3, 44, 76), 0),
-                                        ((1, 3, 80, 60), 5)], ids=str)
-def test_tc_variant_interior_tiles(emu, shape, cfg):
+@pytest.mark.parametrize("shape, cfg, dtype", [((1, 5, 44, 60), 1, torch.bfloat16), ((1, 4, 45, 61), 1, torch.float16),
+                                               ((1, 3, 44, 76), 0, torch.bfloat16), ((1, 3, 80, 60), 5, torch.bfloat16),
+                                               ((1, 3, 36, 44), 2, torch.float16)], ids=str)
+def test_tc_variant_interior_tiles(emu, shape, cfg, dtype):
     """Tiles whose u tile (12-pixel halo included) lies inside the image skip the border masks: such tiles exist in
     these shapes (W % 4 == 0: 4-wide loads; odd W: scalar loads) and agree with the reference like the edge tiles."""
-    TH, TW = {0: (16, 32), 1: (16, 16), 5: (28, 16)}[cfg]
+    TH, TW = {0: (16, 32), 1: (16, 16), 2: (8, 16), 5: (28, 16)}[cfg]
     H, W = shape[2:]
     interior = [(y0, x0) for y0 in range(0, H, TH) for x0 in range(0, W, TW)
                 if y0 >= 12 and y0 + TH + 12 <= H and x0 >= 12 and x0 + TW + 12 <= W]
     assert interior, "the shape must have interior tiles"
-    _, used = run_and_check(emu, shape, torch.bfloat16, cfg=cfg, dw="tc", seed=23)
+    _, used = run_and_check(emu, shape, dtype, cfg=cfg, dw="tc", seed=23)
     assert used == 100 + cfg
 
 
@@ -335,3 +336,29 @@ def test_tc_variant_nonfinite_like_eager(emu, dtype):
     for what, f in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
         assert torch.equal(f(out), f(eager)), f"{what} positions differ ({int(f(out).sum())} vs {int(f(eager).sum())})"
     assert torch.isnan(eager).any() and torch.isfinite(eager).any()
+
+
+def test_tc_variant_fp16_strip_overflow_like_eager(emu):
+    """fp16: a finite u whose 1x21 strip output overflows fp16 (h21 = Inf after rounding, as in eager). The
+    tensor-core variant must notice the overflow in the rounded value and redo the tile with direct taps; otherwise
+    the kx1 banded products turn 0 * Inf into NaN rows outside the receptive field."""
+    args, packed, ud = _case((1, 3, 40, 48), torch.float16, 24)
+    w0, b0, ws, bs, w3, b3 = (t.clone() for t in packed)
+    w0[1] = 0.0
+    w0[1, 12] = 1.0                 # channel 1: a = u + b0
+    ws[1, 36:57] = 1.5              # 1x21 of channel 1: h21 = 1.5 * (sum of 21 a values)
+    ws[1, 57:78] = 0.1              # 21x1 of channel 1: positive taps (v21 = +Inf where they meet the Inf row)
+    ud = ud.clone()
+    ud[0, 1, 20, 30] = 60000.0      # finite in fp16; a(20, 30) = 60000, h21 on row 20 = 90000 -> Inf in fp16
+    out, used = emu.forward(ud, (w0, b0, ws, bs, w3, b3), dw="tc", cfg=1)
+    assert used == 101
+    # eager in fp16 with the same (fp16-rounded) weights
+    C = 3
+    sw = [ws[:, o:o + n].to(torch.float16).reshape(C, 1, *sh) for o, n, sh in
+          ((0, 7, (1, 7)), (7, 7, (7, 1)), (14, 11, (1, 11)), (25, 11, (11, 1)), (36, 21, (1, 21)), (57, 21, (21, 1)))]
+    sb = [bs[:, i].to(torch.float16) for i in range(6)]
+    eager = msca_reference(ud, w0.to(torch.float16).reshape(C, 1, 5, 5), b0.to(torch.float16), sw, sb,
+                           w3.to(torch.float16).reshape(C, C, 1, 1), b3.to(torch.float16))
+    assert torch.isinf(eager).any() and torch.isfinite(eager).any()
+    for what, f in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
+        assert torch.equal(f(out), f(eager)), f"{what} positions differ ({int(f(out).sum())} vs {int(f(eager).sum())})"
