@@ -138,33 +138,25 @@ SK_DEV bool warp_any(bool p) {
 #endif
 }
 
-// Two floats rounded to nearest into one 32-bit register of two halves (lo in the lower 16 bits): one cvt.rn.*x2.f32.
-template <typename HT> SK_DEV uint32_t pack2_rn(float lo, float hi);
-template <> SK_DEV uint32_t pack2_rn<__nv_bfloat16>(float lo, float hi) {
+// Two floats rounded to nearest (as from_f) into one 32-bit register of two halves (lo in the lower 16 bits): one
+// cvt.rn.*x2.f32.
+template <typename HT> SK_DEV uint32_t pack2(float lo, float hi);
+template <> SK_DEV uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
 }
-template <> SK_DEV uint32_t pack2_rn<__half>(float lo, float hi) {
+template <> SK_DEV uint32_t pack2<__half>(float lo, float hi) {
   const __half2 v = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-// The two halves of a pack2_rn register as floats (exact).
+// The two halves of a pack2 register as floats (exact).
 template <typename HT> SK_DEV float2 unpack2(uint32_t v);
 template <> SK_DEV float2 unpack2<__nv_bfloat16>(uint32_t v) {
   return make_float2(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
 }
 template <> SK_DEV float2 unpack2<__half>(uint32_t v) {
   return __half22float2(*reinterpret_cast<const __half2*>(&v));
-}
-
-template <typename HT>
-SK_DEV uint32_t pack2(float lo, float hi) {
-  HT l = from_f<HT>(lo), h = from_f<HT>(hi);
-  uint16_t lb, hb;
-  lb = *reinterpret_cast<uint16_t*>(&l);
-  hb = *reinterpret_cast<uint16_t*>(&h);
-  return (uint32_t)lb | ((uint32_t)hb << 16);
 }
 
 // Warp "transpose" reduction of N = 16 or 32 per-lane values over the 32 lanes in 31 shuffles: afterwards lane L

@@ -48,7 +48,6 @@ __global__ void __launch_bounds__(MSCA_NT, 2) msca_bwd_mix_kernel(const MscaBwdP
   MSCA_DYN_SMEM(smem);
   T* S = reinterpret_cast<T*>(smem);
   T* DATT = reinterpret_cast<T*>(smem + gm.s_bytes);       // aliases the depthwise work area (dead by then)
-  float* work = reinterpret_cast<float*>(smem + gm.s_bytes);
   const long long cta = blockIdx.x;
   const TileCtx tc = tile_ctx(gm, cta, p.C, p.H, p.W);
   const T* u_img = reinterpret_cast<const T*>(p.u) + (int64_t)tc.b * p.u_sB;
@@ -56,14 +55,7 @@ __global__ void __launch_bounds__(MSCA_NT, 2) msca_bwd_mix_kernel(const MscaBwdP
   T* du_img = p.need_du ? reinterpret_cast<T*>(p.du) + (int64_t)tc.b * p.du_sB : nullptr;
   constexpr bool kTF32 = MODE == 1;
 
-  const T* udw_img = reinterpret_cast<const T*>(p.u_dw) + (int64_t)tc.b * p.udw_sB;
-  if constexpr (TC)
-    compute_s_tile_tc<T>(S, smem + gm.s_bytes, gm, udw_img, p.udw_sC, p.udw_sH, p.udw_sW, p.w0, p.b0, p.ws, p.bs,
-                         reinterpret_cast<const uint4*>(static_cast<const unsigned char*>(p.workspace) +
-                                                        gm.tc_band_off),
-                         tc);
-  else
-    compute_s_tile<T, T>(S, work, gm, udw_img, p.udw_sC, p.udw_sH, p.udw_sW, p.w0, p.b0, p.ws, p.bs, tc, kTF32);
+  compute_s_tile_of<T, TC>(S, smem, gm, p, tc, kTF32);
 
   const int warp = threadIdx.x >> 5, lane = lane_id();
   const int g = lane >> 2, t = lane & 3;

@@ -488,6 +488,14 @@ MSCA_DEV void phase_v(const float* A, const float* H21, const float* H11, const 
     phase_v_items<2, ST>(A, H21, H11, H7, Srow, gm, w7, w11, w21, bsum, t, tc, tf32);
 }
 
+// Zero the padding rows [C, CP) of S (the GEMM's k rows past C; disjoint from the rows the depthwise phases write).
+template <typename ST>
+MSCA_DEV void zero_s_padding(ST* S, const MscaGeom& gm, const TileCtx& tc) {
+  const int n = (gm.CP - tc.C) * gm.s_ld;
+  ST* s0 = S + (size_t)tc.C * gm.s_ld;
+  for (int i = threadIdx.x; i < n; i += MSCA_NT) s0[i] = st_zero<ST>();
+}
+
 // Compute s for all channels of the tile into S[CP][s_ld] (rows >= C zeroed). Ends with a __syncthreads().
 template <typename T, typename ST>
 MSCA_DEV void compute_s_tile(ST* S, float* work, const MscaGeom& gm, const T* __restrict__ u_img, int64_t sC,
@@ -495,12 +503,7 @@ MSCA_DEV void compute_s_tile(ST* S, float* work, const MscaGeom& gm, const T* __
                              const float* __restrict__ ws, const float* __restrict__ bs, const TileCtx& tc,
                              bool tf32) {
   const int tid = threadIdx.x;
-  // zero the padding rows [C, CP) of S (disjoint from everything written below)
-  {
-    const int n = (gm.CP - tc.C) * gm.s_ld;
-    ST* s0 = S + (size_t)tc.C * gm.s_ld;
-    for (int i = tid; i < n; i += MSCA_NT) s0[i] = st_zero<ST>();
-  }
+  zero_s_padding<ST>(S, gm, tc);
   const int gi = tid / gm.NTC, t = tid % gm.NTC;
   float* wk = work + gi * gm.ch_floats;
   float* U = wk;

@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(256) prep_band_kernel(const float* __restrict_
 // NaN or +-Inf, including a finite value that rounding to T overflows (fp16 beyond 65504).
 template <typename T>
 MSCA_DEV void store2_nf(T* p, float lo, float hi, float& nf) {
-  const uint32_t v = pack2_rn<T>(lo, hi);
+  const uint32_t v = pack2<T>(lo, hi);
   *reinterpret_cast<uint32_t*>(p) = v;
   const float2 r = unpack2<T>(v);
   nf = fmaf(r.y, 0.f, fmaf(r.x, 0.f, nf));
@@ -203,13 +203,8 @@ MSCA_DEV void compute_s_tile_tc_impl(T* S, unsigned char* work_raw, const MscaGe
                                 int64_t sC, int64_t sH, int64_t sW, const float* __restrict__ w0,
                                 const float* __restrict__ b0, const float* __restrict__ ws,
                                 const float* __restrict__ bs, const uint4* __restrict__ band, const TileCtx& tc) {
-  const int tid = threadIdx.x;
-  {
-    const int n = (gm.CP - tc.C) * gm.s_ld;
-    T* s0 = S + (size_t)tc.C * gm.s_ld;
-    for (int i = tid; i < n; i += MSCA_NT) s0[i] = st_zero<T>();
-  }
-  const int warp = tid >> 5, lane = lane_id();
+  zero_s_padding<T>(S, gm, tc);
+  const int warp = threadIdx.x >> 5, lane = lane_id();
   const int g = lane >> 2, t = lane & 3;
   const int TH = gm.TH, TW = gm.TW, MA = gm.tc_MA, NBA = gm.tc_nbA;
   const int ULD = gm.tc_ULD, ALD = gm.tc_ALD, HLD = gm.tc_HLD;
@@ -375,6 +370,23 @@ MSCA_DEV void compute_s_tile_tc(T* S, unsigned char* work_raw, const MscaGeom& g
     compute_s_tile_tc_impl<T, false>(S, work_raw, gm, u_img, sC, sH, sW, w0, b0, ws, bs, band, tc);
   else
     compute_s_tile_tc_impl<T, true>(S, work_raw, gm, u_img, sC, sH, sW, w0, b0, ws, bs, band, tc);
+}
+
+// s of the tile for the forward and backward-mix kernels (P: MscaFwdParams or MscaBwdParams; both hold u_dw, its
+// strides and the packed weights): the tensor-core variant (TC, fp16/bf16; band fragments at gm.tc_band_off of
+// p.workspace) or the FMA one (tf32: S rounded to TF32 for the TF32 channel mix). Ends with a __syncthreads().
+template <typename T, bool TC, typename P>
+MSCA_DEV void compute_s_tile_of(T* S, unsigned char* smem, const MscaGeom& gm, const P& p, const TileCtx& tc,
+                                bool tf32) {
+  const T* udw_img = reinterpret_cast<const T*>(p.u_dw) + (int64_t)tc.b * p.udw_sB;
+  if constexpr (TC)
+    compute_s_tile_tc<T>(S, smem + gm.s_bytes, gm, udw_img, p.udw_sC, p.udw_sH, p.udw_sW, p.w0, p.b0, p.ws, p.bs,
+                         reinterpret_cast<const uint4*>(static_cast<const unsigned char*>(p.workspace) +
+                                                        gm.tc_band_off),
+                         tc);
+  else
+    compute_s_tile<T, T>(S, reinterpret_cast<float*>(smem + gm.s_bytes), gm, udw_img, p.udw_sC, p.udw_sH, p.udw_sW,
+                         p.w0, p.b0, p.ws, p.bs, tc, tf32);
 }
 
 }  // namespace msca

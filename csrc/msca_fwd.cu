@@ -59,14 +59,7 @@ __global__ void __launch_bounds__(MSCA_NT, 2) msca_fwd_kernel(const MscaFwdParam
   const T* u_img = reinterpret_cast<const T*>(p.u) + (int64_t)tc.b * p.u_sB;
   T* o_img = reinterpret_cast<T*>(p.out) + (int64_t)tc.b * p.o_sB;
 
-  const T* udw_img = reinterpret_cast<const T*>(p.u_dw) + (int64_t)tc.b * p.udw_sB;
-  if constexpr (TC)
-    compute_s_tile_tc<T>(S, smem + gm.s_bytes, gm, udw_img, p.udw_sC, p.udw_sH, p.udw_sW, p.w0, p.b0, p.ws, p.bs,
-                         reinterpret_cast<const uint4*>(static_cast<const unsigned char*>(p.workspace) +
-                                                        gm.tc_band_off),
-                         tc);
-  else
-    compute_s_tile<T, T>(S, work, gm, udw_img, p.udw_sC, p.udw_sH, p.udw_sW, p.w0, p.b0, p.ws, p.bs, tc, MODE == 1);
+  compute_s_tile_of<T, TC>(S, smem, gm, p, tc, MODE == 1);
 
   const int warp = threadIdx.x >> 5, lane = lane_id();
   const int g = lane >> 2, t = lane & 3;
