@@ -66,25 +66,34 @@ SK_DEV int lane_id() { return (int)(threadIdx.x & 31); }
 //                          b[0] = B[t][g], b[1] = B[t+4][g]
 //   D (f32, both):         d[0] = D[g][2t], d[1] = D[g][2t+1], d[2] = D[g+8][2t], d[3] = D[g+8][2t+1]
 // ------------------------------------------------------------------------------------------------------------------
+// d = a x b + c with the accumulator input c apart from d (c = a bias quad: the bias add costs no instruction).
 template <bool BF16>
-SK_DEV void mma_16816(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+SK_DEV void mma_16816_c(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
 #ifdef SEGNEXT_EMU
-  ::emu::mma_16816(d, a, b, d, BF16);
+  ::emu::mma_16816(d, a, b, c, BF16);
 #else
   if (BF16) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+        "{%10,%11,%12,%13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+          "f"(c[3]));
   } else {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+        "{%10,%11,%12,%13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+          "f"(c[3]));
   }
 #endif
+}
+
+// d += a x b
+template <bool BF16>
+SK_DEV void mma_16816(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+  mma_16816_c<BF16>(d, a, b, d);
 }
 
 SK_DEV void mma_1688_tf32(float d[4], const uint32_t a[4], const uint32_t b[2]) {
@@ -158,6 +167,58 @@ template <> SK_DEV float2 unpack2<__nv_bfloat16>(uint32_t v) {
 template <> SK_DEV float2 unpack2<__half>(uint32_t v) {
   return __half22float2(*reinterpret_cast<const __half2*>(&v));
 }
+
+// Asynchronous global -> shared copies (cp.async, sm_80+): cp_async8 copies 8 bytes (both addresses 8-byte
+// aligned), or writes 8 zero bytes when !valid (src is then not read, but must still be a valid address);
+// cp_async_commit closes a group; cp_async_wait<N> waits until at most the newest N groups are in flight. The copies
+// of one lane are visible to the other lanes after its wait and a __syncwarp().
+SK_DEV void cp_async8(void* dst_smem, const void* src, bool valid) {
+#ifdef SEGNEXT_EMU
+  ::emu::cp_async(dst_smem, src, 8, valid ? 8 : 0);
+#else
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(dst_smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(addr), "l"(src), "r"(valid ? 8 : 0) : "memory");
+#endif
+}
+SK_DEV void cp_async_commit() {
+#ifdef SEGNEXT_EMU
+  ::emu::cp_async_commit();
+#else
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N>
+SK_DEV void cp_async_wait() {
+#ifdef SEGNEXT_EMU
+  ::emu::cp_async_wait(N);
+#else
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// Non-finite detector on packed pairs: nf = v * 0 + nf on both 16-bit halves (one fma.rn.{bf16x2,f16x2}). Started
+// at 0, nf keeps halves of +-0 until a half of some v is NaN or +-Inf, which turns that half of nf into NaN; test with
+// nonfinite_seen(nf).
+template <typename HT> SK_DEV void nonfinite_acc2(uint32_t& nf, uint32_t v);
+#ifdef SEGNEXT_EMU
+template <> SK_DEV void nonfinite_acc2<__nv_bfloat16>(uint32_t& nf, uint32_t v) {
+  const float2 x = unpack2<__nv_bfloat16>(v), n = unpack2<__nv_bfloat16>(nf);
+  nf = pack2<__nv_bfloat16>(x.x * 0.f + n.x, x.y * 0.f + n.y);
+}
+template <> SK_DEV void nonfinite_acc2<__half>(uint32_t& nf, uint32_t v) {
+  const float2 x = unpack2<__half>(v), n = unpack2<__half>(nf);
+  nf = pack2<__half>(x.x * 0.f + n.x, x.y * 0.f + n.y);
+}
+#else
+template <> SK_DEV void nonfinite_acc2<__nv_bfloat16>(uint32_t& nf, uint32_t v) {
+  asm("fma.rn.bf16x2 %0, %1, %2, %0;" : "+r"(nf) : "r"(v), "r"(0u));
+}
+template <> SK_DEV void nonfinite_acc2<__half>(uint32_t& nf, uint32_t v) {
+  asm("fma.rn.f16x2 %0, %1, %2, %0;" : "+r"(nf) : "r"(v), "r"(0u));
+}
+#endif
+// Whether nonfinite_acc2 met a NaN or +-Inf (a half of nf is not +-0).
+SK_DEV bool nonfinite_seen(uint32_t nf) { return (nf & 0x7fff7fffu) != 0u; }
 
 // Warp "transpose" reduction of N = 16 or 32 per-lane values over the 32 lanes in 31 shuffles: afterwards lane L
 // holds the warp total of value index L % N. The summation order is fixed (deterministic).

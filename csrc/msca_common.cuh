@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(256) prep_w3_kernel(const float* __restrict__ 
       if (m >= C || k >= C) return 0.f;
       return transpose ? w3[(long long)k * C + m] : w3[(long long)m * C + k];
     };
-    if (MODE == 0) {
+    if constexpr (MODE == 0) {  // constexpr: pack2 exists for 16-bit T only
       const int r = (int)(e & 3), ln = (int)((e >> 2) & 31);
       const long long tile = e >> 7;  // mt * KT + kt
       const int KT = CP / 16;

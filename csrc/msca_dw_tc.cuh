@@ -30,7 +30,7 @@
 //   H21 [THp+24][HLD], H11 [THp+24][HLD], H7 [THp+8][HLD]   the 1xk outputs from rows -10, -5, -3 (alias U)
 //   A   [MA][ALD]   a, rows/cols from -10 (zero outside the image)
 // so the phases of a channel need only __syncwarp(); one __syncthreads() ends the tile. Row strides are odd
-// multiples of 16 bytes (conflict-free ldmatrix). Needs TH % 4 == 0 and TW % 16 == 0 (msca_tile_tc_ok); with TH not a
+// multiples of 16 bytes (conflict-free ldmatrix). Needs TH % 4 == 0 and TW in {16, 32, 64} (msca_tile_tc_ok); with TH not a
 // multiple of 8 the last block of 8 output rows is partial (THp = TH rounded up to 8 sizes the H_k windows).
 #pragma once
 
@@ -94,41 +94,37 @@ __global__ void __launch_bounds__(256) prep_band_kernel(const float* __restrict_
   }
 }
 
-// Store lo, hi rounded to T at p (4-byte aligned); nf += (stored values) * 0, i.e. nf turns NaN when a stored value is
-// NaN or +-Inf, including a finite value that rounding to T overflows (fp16 beyond 65504).
-template <typename T>
-MSCA_DEV void store2_nf(T* p, float lo, float hi, float& nf) {
-  const uint32_t v = pack2<T>(lo, hi);
-  *reinterpret_cast<uint32_t*>(p) = v;
-  const float2 r = unpack2<T>(v);
-  nf = fmaf(r.y, 0.f, fmaf(r.x, 0.f, nf));
-}
-
 // One warp loads channel c's u tile (src = the channel's plane) into U: rows/cols [-12, TH+12) x [-12, TW+12) from
 // the image, zero outside it and in the rest of the UH x UWc area. Rows of 4 contiguous elements (the usual NCHW
-// case: sW == 1, W and sH multiples of 4, 8-byte aligned plane) move as one 8-byte load each: the tile origin
-// x0 - 12 is a multiple of 4, so a group of 4 columns is wholly inside or wholly outside the image.
+// case: sW == 1, W and sH multiples of 4, 8-byte aligned plane) move as one 8-byte cp.async each (the tile origin
+// x0 - 12 is a multiple of 4, so a group of 4 columns is wholly inside or wholly outside the image), committed as
+// one group: the caller waits (cp_async_wait<0>) and __syncwarp()s before reading U. Other layouts: element by
+// element, synchronously.
 template <typename T, bool EDGE>
 MSCA_DEV void load_u_tile_tc(T* U, const MscaGeom& gm, const T* __restrict__ src, int64_t sH, int64_t sW,
                              const TileCtx& tc) {
   const int lane = lane_id();
   const int UWc = gm.tc_UWc, ULD = gm.tc_ULD, LH = gm.TH + 24, LW = gm.TW + 24;
   if (sW == 1 && (sH & 3) == 0 && (tc.W & 3) == 0 && (reinterpret_cast<uintptr_t>(src) & 7) == 0) {
-    // group index idx = r * gpr + q advances by 32 per iteration: step (r, q) without a division per element
-    const int gpr = UWc >> 2, n = gm.tc_UH * gpr;
-    const int dr = 32 / gpr, dq = 32 - dr * gpr;
-    int r = lane / gpr, q = lane - r * gpr;
-    for (int idx = lane; idx < n; idx += 32) {
-      const int col = 4 * q;
-      const int yy = tc.y0 - 12 + r, xx = tc.x0 - 12 + col;
-      uint2 v = make_uint2(0u, 0u);
-      if (r < LH && col < LW && (!EDGE || ((unsigned)yy < (unsigned)tc.H && (unsigned)xx < (unsigned)tc.W)))
-        v = *reinterpret_cast<const uint2*>(src + (int64_t)yy * sH + xx);
-      *reinterpret_cast<uint2*>(U + r * ULD + col) = v;
-      r += dr;
-      q += dq;
-      if (q >= gpr) { q -= gpr; ++r; }
+    // lane = (row offset lr0, 4-column group), fixed; rows advance by rpi = 32 / gpr (lanes past rpi * gpr idle).
+    // One 8-byte cp.async per group (zero-filled outside the image / the loaded area): all of the tile's copies are
+    // in flight at once instead of one load's latency per row.
+    const int gpr = UWc >> 2, rpi = 32 / gpr;
+    const int lr0 = lane / gpr, col = 4 * (lane - lr0 * gpr);
+    if (lr0 < rpi) {
+      const int xx = tc.x0 - 12 + col;
+      const bool cin = col < LW && (!EDGE || (unsigned)xx < (unsigned)tc.W);
+      int yy = tc.y0 - 12 + lr0;
+      const T* gp = src + (int64_t)yy * sH + xx;  // formed for every lane, read only where in the image
+      const int64_t gstep = (int64_t)rpi * sH;
+      T* sp = U + lr0 * ULD + col;
+      const int sstep = rpi * ULD;
+      for (int r = lr0; r < gm.tc_UH; r += rpi, yy += rpi, gp += gstep, sp += sstep) {
+        const bool ok = cin && r < LH && (!EDGE || (unsigned)yy < (unsigned)tc.H);
+        cp_async8(sp, ok ? gp : src, ok);
+      }
     }
+    cp_async_commit();
     return;
   }
   const int n = gm.tc_UH * UWc;
@@ -214,47 +210,80 @@ MSCA_DEV void compute_s_tile_tc_impl(T* S, unsigned char* work_raw, const MscaGe
   T* H11 = wk + gm.tc_off_h11;
   T* H7 = wk + gm.tc_off_h7;
   T* A = wk + gm.tc_off_a;
-  // ldmatrix row addresses: non-transposed A operand (rows m, 16-byte k chunks) and transposed A operand (rows k)
+  // per-lane constants: ldmatrix row addresses (non-transposed operand: rows m, 16-byte k chunks; transposed
+  // operand: rows k) and the lane's D fragment position (rows g, g + 8; columns 2t, 2t + 1)
   const int lr = (lane & 7) + ((lane >> 3) & 1) * 8, lc = (lane >> 4) * 8;
   const int kr = (lane & 7) + ((lane >> 4) & 1) * 8, mc = ((lane >> 3) & 1) * 8;
   const T zero = st_zero<T>();
+  const int THp = (TH + 7) / 8 * 8;
+  // zeroing of the H_k tails: 16-byte chunks, cpr per row (TW / 8 divides 32: msca_tile_tc_ok)
+  const int cpr = TW >> 3, zr0 = lane / cpr, zk = lane - zr0 * cpr, zrpi = 32 / cpr;
 
   for (int c = warp; c < tc.C; c += MSCA_NT / 32) {
     // ---- u tile: rows/cols [-12, TH+12) x [-12, TW+12) from the image, zero elsewhere ----------------------------
     load_u_tile_tc<T, EDGE>(U, gm, u_img + (int64_t)c * sC, sH, sW, tc);
-    // a NaN or Inf in u always reaches a stored value of a (every loaded pixel is within 2 of a computed one). nf
-    // collects v * 0 of every stored a and h_k value as rounded to T: it stays 0 unless one of them is NaN or +-Inf
-    // (also after an fp16 overflow in the rounding, which eager's fp16 convolutions make as well).
-    float nf = 0.f;
+    cp_async_wait<0>();
+    // A NaN or Inf in u always reaches a stored value of a (every loaded pixel is within 2 of a computed one). nf
+    // accumulates v * 0 of every stored a and h_k pair as rounded to T (nonfinite_acc2): it stays +-0 unless one of
+    // them is NaN or +-Inf (also after an fp16 overflow in the rounding, which eager's fp16 convolutions make too).
+    uint32_t nf = 0u;
     __syncwarp();
     // ---- a = dw5x5(u) + b0 on rows [-10, MA-10), cols [-10, 8*NBA-10); zero outside the image ---------------------
+    // Block (rb, i): D[16 rows][8 cols] = b0 + sum_dy U[rows + dy][16-col window] x T_dy, the dy terms split over
+    // two accumulators (dy even / odd: two shorter mma chains), bias in the accumulator input.
     {
       const uint4* bq = band + (size_t)c * MSCA_BAND_CHUNKS * 32 + lane;
       const uint4 q0 = bq[0], q1 = bq[32], q2 = bq[64];
       const uint32_t bw[5][2] = {{q0.x, q0.y}, {q0.z, q0.w}, {q1.x, q1.y}, {q1.z, q1.w}, {q2.x, q2.y}};
       const float bias = b0[c];
-      for (int it = 0; it < (MA >> 4) * NBA; ++it) {
-        const int rb = it / NBA, i = it - rb * NBA;
-        float acc[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-        for (int dy = 0; dy < 5; ++dy) {
-          uint32_t a[4];
-          ldmatrix_x4<false>(a, U + (16 * rb + dy + lr) * ULD + 8 * i + lc);
-          mma_16816<IsBF16<T>::value>(acc, a, bw[dy]);
+      const float cb[4] = {bias, bias, bias, bias};
+      const T* ul = U + lr * ULD + lc;
+      T* al = A + g * ALD + 2 * t;
+      for (int rb = 0; rb < (MA >> 4); ++rb) {
+        bool yin0 = true, yin1 = true;
+        if (EDGE) {
+          const int y = tc.y0 - 10 + 16 * rb + g;
+          yin0 = (unsigned)y < (unsigned)tc.H;
+          yin1 = (unsigned)(y + 8) < (unsigned)tc.H;
         }
-        const int col = 8 * i + 2 * t, x = tc.x0 - 10 + col;
-        const bool xin0 = !EDGE || (unsigned)x < (unsigned)tc.W, xin1 = !EDGE || (unsigned)(x + 1) < (unsigned)tc.W;
+        const T* ur = ul + 16 * rb * ULD;
+        T* ar = al + 16 * rb * ALD;
+        for (int i = 0; i < NBA; ++i) {
+          float acc0[4], acc1[4] = {0.f, 0.f, 0.f, 0.f};
+          uint32_t f[4];
+          ldmatrix_x4<false>(f, ur + 8 * i);
+          mma_16816_c<IsBF16<T>::value>(acc0, f, bw[0], cb);
+          ldmatrix_x4<false>(f, ur + 8 * i + ULD);
+          mma_16816<IsBF16<T>::value>(acc1, f, bw[1]);
+          ldmatrix_x4<false>(f, ur + 8 * i + 2 * ULD);
+          mma_16816<IsBF16<T>::value>(acc0, f, bw[2]);
+          ldmatrix_x4<false>(f, ur + 8 * i + 3 * ULD);
+          mma_16816<IsBF16<T>::value>(acc1, f, bw[3]);
+          ldmatrix_x4<false>(f, ur + 8 * i + 4 * ULD);
+          mma_16816<IsBF16<T>::value>(acc0, f, bw[4]);
+          float v[4];
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int row = 16 * rb + g + 8 * h;
-          const bool yin = !EDGE || (unsigned)(tc.y0 - 10 + row) < (unsigned)tc.H;
-          const float v0 = yin && xin0 ? acc[2 * h] + bias : 0.f, v1 = yin && xin1 ? acc[2 * h + 1] + bias : 0.f;
-          store2_nf<T>(A + row * ALD + col, v0, v1, nf);
+          for (int r = 0; r < 4; ++r) v[r] = acc0[r] + acc1[r];
+          if (EDGE) {
+            const int x = tc.x0 - 10 + 8 * i + 2 * t;
+            const bool xin0 = (unsigned)x < (unsigned)tc.W, xin1 = (unsigned)(x + 1) < (unsigned)tc.W;
+            v[0] = yin0 && xin0 ? v[0] : 0.f;
+            v[1] = yin0 && xin1 ? v[1] : 0.f;
+            v[2] = yin1 && xin0 ? v[2] : 0.f;
+            v[3] = yin1 && xin1 ? v[3] : 0.f;
+          }
+          const uint32_t p0 = pack2<T>(v[0], v[1]), p1 = pack2<T>(v[2], v[3]);
+          *reinterpret_cast<uint32_t*>(ar + 8 * i) = p0;
+          *reinterpret_cast<uint32_t*>(ar + 8 * i + 8 * ALD) = p1;
+          nonfinite_acc2<T>(nf, p0);
+          nonfinite_acc2<T>(nf, p1);
         }
       }
     }
     __syncwarp();
     // ---- h_k = dw_1xk(a) + bh_k on tile cols [0, TW), rows [-hk, TH+hk); zero outside the image -------------------
+    // Block (rb, j): the A fragments of the 32-col window a cols [8j-10, 8j+22) serve the three strips; a strip
+    // whose rows [-hk, TH+hk) miss the block's a rows [16rb-10, 16rb+6) is skipped.
     {
       const float* bc = bs + (int64_t)c * 6;
       // strip (7, 11, 21), k-step, reg; window = a cols [x0-10, x0+22) for 8 outputs at x0
@@ -262,48 +291,62 @@ MSCA_DEV void compute_s_tile_tc_impl(T* S, unsigned char* work_raw, const MscaGe
       const uint4 q3 = bq[0], q4 = bq[32], q5 = bq[64];
       const uint32_t bh[3][2][2] = {{{q3.x, q3.y}, {q3.z, q3.w}}, {{q4.x, q4.y}, {q4.z, q4.w}},
                                     {{q5.x, q5.y}, {q5.z, q5.w}}};
-      const float bias[3] = {bc[0], bc[2], bc[4]};
+      const float cb[3][4] = {{bc[0], bc[0], bc[0], bc[0]}, {bc[2], bc[2], bc[2], bc[2]},
+                              {bc[4], bc[4], bc[4], bc[4]}};
       const int hk[3] = {3, 5, 10};
       T* Hk[3] = {H7, H11, H21};
-      const int nbh = TW >> 3;
-      for (int it = 0; it < (MA >> 4) * nbh; ++it) {
-        const int rb = it / nbh, j = it - rb * nbh;
-        uint32_t a0[4], a1[4];
-        ldmatrix_x4<false>(a0, A + (16 * rb + lr) * ALD + 8 * j + lc);
-        ldmatrix_x4<false>(a1, A + (16 * rb + lr) * ALD + 8 * j + 16 + lc);
-        const int col = 8 * j + 2 * t, x = tc.x0 + col;
-        const bool xin0 = !EDGE || (unsigned)x < (unsigned)tc.W, xin1 = !EDGE || (unsigned)(x + 1) < (unsigned)tc.W;
+      const T* al = A + lr * ALD + lc;
+      for (int rb = 0; rb < (MA >> 4); ++rb) {
+        const int arow = 16 * rb + g;  // the lane's first a row (buffer), image row y0 - 10 + arow; second: + 8
+        bool yin0 = true, yin1 = true;
+        if (EDGE) {
+          yin0 = (unsigned)(tc.y0 - 10 + arow) < (unsigned)tc.H;
+          yin1 = (unsigned)(tc.y0 - 2 + arow) < (unsigned)tc.H;
+        }
+        const T* ar = al + 16 * rb * ALD;
+        for (int j = 0; j < (TW >> 3); ++j) {
+          uint32_t a0[4], a1[4];
+          ldmatrix_x4<false>(a0, ar + 8 * j);
+          ldmatrix_x4<false>(a1, ar + 8 * j + 16);
+          bool xin0 = true, xin1 = true;
+          if (EDGE) {
+            const int x = tc.x0 + 8 * j + 2 * t;
+            xin0 = (unsigned)x < (unsigned)tc.W;
+            xin1 = (unsigned)(x + 1) < (unsigned)tc.W;
+          }
 #pragma unroll
-        for (int s = 0; s < 3; ++s) {
-          float acc[4] = {0.f, 0.f, 0.f, 0.f};
-          mma_16816<IsBF16<T>::value>(acc, a0, bh[s][0]);
-          mma_16816<IsBF16<T>::value>(acc, a1, bh[s][1]);
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int arow = 16 * rb + g + 8 * h;       // a buffer row, image row y0 - 10 + arow
-            const int hrow = arow - 10 + hk[s];         // row in H_k (origin -hk)
-            if (hrow < 0 || hrow >= TH + 2 * hk[s]) continue;
-            const bool yin = !EDGE || (unsigned)(tc.y0 - 10 + arow) < (unsigned)tc.H;
-            const float v0 = yin && xin0 ? acc[2 * h] + bias[s] : 0.f;
-            const float v1 = yin && xin1 ? acc[2 * h + 1] + bias[s] : 0.f;
-            store2_nf<T>(Hk[s] + hrow * HLD + col, v0, v1, nf);
+          for (int s = 0; s < 3; ++s) {
+            // strip s keeps H rows [0, TH + 2hk), i.e. a rows [10 - hk, TH + 10 + hk): skip blocks outside (uniform)
+            if (16 * rb + 16 <= 10 - hk[s] || 16 * rb >= TH + 10 + hk[s]) continue;
+            float acc[4];
+            mma_16816_c<IsBF16<T>::value>(acc, a0, bh[s][0], cb[s]);
+            mma_16816<IsBF16<T>::value>(acc, a1, bh[s][1]);
+            const int hrow = arow - 10 + hk[s];  // the lane's first row in H_k (origin -hk); second: + 8
+            T* hp = Hk[s] + hrow * HLD + 8 * j + 2 * t;
+            if (hrow >= 0 && hrow < TH + 2 * hk[s]) {
+              const uint32_t pv = pack2<T>(yin0 && xin0 ? acc[0] : 0.f, yin0 && xin1 ? acc[1] : 0.f);
+              *reinterpret_cast<uint32_t*>(hp) = pv;
+              nonfinite_acc2<T>(nf, pv);
+            }
+            if (hrow + 8 >= 0 && hrow + 8 < TH + 2 * hk[s]) {
+              const uint32_t pv = pack2<T>(yin1 && xin0 ? acc[2] : 0.f, yin1 && xin1 ? acc[3] : 0.f);
+              *reinterpret_cast<uint32_t*>(hp + 8 * HLD) = pv;
+              nonfinite_acc2<T>(nf, pv);
+            }
           }
         }
       }
       // rows of the kx1 windows past the strip's own rows: zero (zero taps must not meet stale values)
-      const int THp = (TH + 7) / 8 * 8;
       const int tail_lo[3] = {TH + 6, TH + 10, TH + 20}, tail_hi[3] = {THp + 8, THp + 24, THp + 24};
 #pragma unroll
-      for (int s = 0; s < 3; ++s) {
-        const int n = (tail_hi[s] - tail_lo[s]) * TW;
-        for (int idx = lane; idx < n; idx += 32) {
-          const int r = idx / TW, col = idx - r * TW;
-          Hk[s][(tail_lo[s] + r) * HLD + col] = zero;
-        }
-      }
+      for (int s = 0; s < 3; ++s)
+        for (int r = tail_lo[s] + zr0; r < tail_hi[s]; r += zrpi)
+          *reinterpret_cast<uint4*>(Hk[s] + r * HLD + 8 * zk) = make_uint4(0u, 0u, 0u, 0u);
     }
     __syncwarp();
     // ---- s = a + v7 + v11 + v21 + biases on the tile -> S[c] ---------------------------------------------------
+    // Block (yb, xb): D[16 cols][8 rows] = sum over the strips of H_k^T[cols][row window] x T_k, over two
+    // accumulators (bias sum in the first), then + a.
     {
       const float* bc = bs + (int64_t)c * 6;
       // window = H_k rows [y0-hk, y0-hk+16 or 32) for 8 output rows y0..
@@ -313,43 +356,52 @@ MSCA_DEV void compute_s_tile_tc_impl(T* S, unsigned char* work_raw, const MscaGe
       const uint32_t bv11[2][2] = {{q6.z, q6.w}, {q7.x, q7.y}};
       const uint32_t bv21[2][2] = {{q7.z, q7.w}, {q8.x, q8.y}};
       const float bsum = bc[1] + bc[3] + bc[5];
+      const float cb[4] = {bsum, bsum, bsum, bsum};
       T* Sc = S + (size_t)c * gm.s_ld;
-      const int nbx = TW >> 4;
-      for (int it = 0; it < ((TH + 7) >> 3) * nbx; ++it) {
-        const int yb = it / nbx, xb = it - yb * nbx;
-        const int y0 = 8 * yb, x0 = 16 * xb;
-        float acc[4] = {0.f, 0.f, 0.f, 0.f};
-        uint32_t a[4];
+      // the lane's D elements: x = x0 + g + 8h, y = y0 + 2t + e (d[2h + e])
+      const T* al = A + (2 * t + 10) * ALD + g + 10;
+      T* sl = Sc + 2 * t * TW + g;
+      const int kofs = kr * HLD + mc;
+      for (int y0 = 0; y0 < TH; y0 += 8) {
+        for (int x0 = 0; x0 < TW; x0 += 16) {
+          float acc0[4], acc1[4] = {0.f, 0.f, 0.f, 0.f};
+          uint32_t f[4];
+          ldmatrix_x4<true>(f, H21 + y0 * HLD + x0 + kofs);
+          mma_16816_c<IsBF16<T>::value>(acc0, f, bv21[0], cb);
+          ldmatrix_x4<true>(f, H21 + (y0 + 16) * HLD + x0 + kofs);
+          mma_16816<IsBF16<T>::value>(acc1, f, bv21[1]);
+          ldmatrix_x4<true>(f, H11 + y0 * HLD + x0 + kofs);
+          mma_16816<IsBF16<T>::value>(acc0, f, bv11[0]);
+          ldmatrix_x4<true>(f, H11 + (y0 + 16) * HLD + x0 + kofs);
+          mma_16816<IsBF16<T>::value>(acc1, f, bv11[1]);
+          ldmatrix_x4<true>(f, H7 + y0 * HLD + x0 + kofs);
+          mma_16816<IsBF16<T>::value>(acc0, f, bv7);
+          const T* ap = al + y0 * ALD + x0;
+          T* sp = sl + y0 * TW + x0;
 #pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          ldmatrix_x4<true>(a, H21 + (y0 + 16 * q + kr) * HLD + x0 + mc);
-          mma_16816<IsBF16<T>::value>(acc, a, bv21[q]);
-          ldmatrix_x4<true>(a, H11 + (y0 + 16 * q + kr) * HLD + x0 + mc);
-          mma_16816<IsBF16<T>::value>(acc, a, bv11[q]);
-        }
-        ldmatrix_x4<true>(a, H7 + (y0 + kr) * HLD + x0 + mc);
-        mma_16816<IsBF16<T>::value>(acc, a, bv7);
-        // D[m = col x][n = row y]: d[2h + e] at x = x0 + g + 8h, y = y0 + 2t + e
+          for (int h = 0; h < 2; ++h) {
+            const bool xin = !EDGE || (unsigned)(tc.x0 + x0 + g + 8 * h) < (unsigned)tc.W;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int x = x0 + g + 8 * h;
-          const bool xin = !EDGE || (unsigned)(tc.x0 + x) < (unsigned)tc.W;
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int y = y0 + 2 * t + e;
-            if (y >= TH) continue;  // the partial last block of rows when TH % 8 == 4
-            const bool in = xin && (!EDGE || (unsigned)(tc.y0 + y) < (unsigned)tc.H);
-            const float sv = acc[2 * h + e] + to_f(A[(y + 10) * ALD + x + 10]) + bsum;
-            Sc[y * TW + x] = in ? from_f<T>(sv) : zero;
+            for (int e = 0; e < 2; ++e) {
+              const int y = y0 + 2 * t + e;
+              if (y >= TH) continue;  // the partial last block of rows when TH % 8 == 4
+              const bool in = xin && (!EDGE || (unsigned)(tc.y0 + y) < (unsigned)tc.H);
+              const float sv = acc0[2 * h + e] + acc1[2 * h + e] + to_f(ap[e * ALD + 8 * h]);
+              sp[e * TW + 8 * h] = in ? from_f<T>(sv) : zero;
+            }
           }
         }
       }
     }
-    if (warp_any(nf != 0.f)) {
+    if (warp_any(nonfinite_seen(nf))) {
       // a NaN or Inf in this channel's u tile, a or h_k: the banded products would spread it through zero taps
       // (0 * Inf = NaN). Redo the channel with the direct taps so that it propagates exactly as in eager PyTorch.
+#ifdef SEGNEXT_EMU
+      if (lane == 0) ++::emu::tc_direct_redos();  // the emulation tests check it stays 0 for finite inputs
+#endif
       __syncwarp();
       load_u_tile_tc<T, EDGE>(U, gm, u_img + (int64_t)c * sC, sH, sW, tc);
+      cp_async_wait<0>();
       __syncwarp();
       channel_s_direct<T>(U, A, H7, H11, H21, S + (size_t)c * gm.s_ld, gm, w0 + (int64_t)c * 25, b0[c],
                           ws + (int64_t)c * 78, bs + (int64_t)c * 6, tc);

@@ -29,7 +29,7 @@
 //  * Two variants of the depthwise part (compute_s_tile): fp32 FMA (above; every dtype) and, for fp16/bf16 by default,
 //    tensor cores (msca_dw_tc.cuh: each 1-D convolution as a product with a banded matrix on mma.sync, one warp per
 //    channel; about 0.4 mma per output element and channel instead of about 205 FFMA on a 16x32 tile). Tiles with
-//    TH % 4 == 0 and TW % 16 == 0 only; msca_choose_variant decides, SEGNEXT_MSCA_CUDA_DW forces.
+//    TH % 4 == 0 and TW in {16, 32, 64} only; msca_choose_variant decides, SEGNEXT_MSCA_CUDA_DW forces.
 //  * Not measured yet (no GPU where this was written): which depthwise variant wins, tile costs, 1.25 occupancy
 //    penalty, carveout, the choice of G, and whether the u halo re-reads stay in L1/L2. bench/gpu_check.sh measures
 //    against eager and Triton (bench.msca's "cuda_fma" rows time the FMA variant beside the default).
@@ -162,7 +162,9 @@ static inline int odd_units8(int n) {
 }
 
 bool msca_tile_tc_ok(int cfg) {
-  return cfg >= 0 && cfg < MSCA_NUM_TILE_CFGS && kTileTable[cfg].TH % 4 == 0 && kTileTable[cfg].TW % 16 == 0;
+  // TW in {16, 32, 64}: TW / 8 divides 32 and a u row is at most 32 groups of 4 (the loops of msca_dw_tc.cuh)
+  return cfg >= 0 && cfg < MSCA_NUM_TILE_CFGS && kTileTable[cfg].TH % 4 == 0 && kTileTable[cfg].TW % 16 == 0 &&
+         kTileTable[cfg].TW <= 64 && 32 % (kTileTable[cfg].TW / 8) == 0;
 }
 
 MscaGeom msca_make_geom(int cfg, int64_t B, int64_t C, int64_t H, int64_t W, int elem_bytes, int mode, int dw_tc) {

@@ -137,7 +137,7 @@ const MscaTileCfg* msca_tile_table();
 // tc = 1: the tensor-core depthwise variant (elem_bytes 2, a tile with msca_tile_tc_ok).
 MscaGeom msca_make_geom(int cfg, int64_t B, int64_t C, int64_t H, int64_t W, int elem_bytes, int mode, int tc = 0);
 
-// Whether tile config `cfg` can run the tensor-core depthwise variant (TH % 4 == 0, TW % 16 == 0).
+// Whether tile config `cfg` can run the tensor-core depthwise variant (TH % 4 == 0, TW in {16, 32, 64}).
 bool msca_tile_tc_ok(int cfg);
 
 // Tile configuration for the forward (mode 0) or backward-mix (mode 1) kernel: `forced` >= 0 checks that config,

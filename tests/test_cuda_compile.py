@@ -1,7 +1,7 @@
 """Compile-check of the CUDA kernels on a machine without a GPU (kernels.md section 8).
 
 Every csrc/*.cu is compiled with ``nvcc -c`` for sm_80 and sm_90 (-O3 -std=c++17 -Xptxas -v, in parallel); the test
-fails on a compile error, on any register spill (``spill stores/loads`` > 0) in any kernel, or on a nonzero
+fails on a compile error, on a compiler warning, on any register spill (``spill stores/loads`` > 0) in any kernel, or on a nonzero
 ``bytes stack frame`` in the hot kernels. Skipped (saying so) only when nvcc is not found.
 
 Run as a script (``python tests/test_cuda_compile.py``) to print the ptxas table (registers, spills, stack).
@@ -150,6 +150,11 @@ def test_compiles_without_spills():
             if hot and e["registers"] > limit:
                 problems.append(f"{src.name} {e['arch']}: hot kernel {short_name(e['name'])} uses {e['registers']} "
                                 f"registers (> {limit})")
+        # a compiler warning is a defect too (e.g. #821-D, a device function referenced but never defined, which a
+        # later change can turn into a link error on the GPU machine)
+        warnings = [ln for ln in text.splitlines() if re.search(r"\bwarning\b", ln)]
+        if warnings:
+            problems.append(f"{src.name} sm_{arch}: compiler warnings:\n" + "\n".join(warnings[:10]))
     for h in HOT_KERNELS:
         for arch in ARCHS:
             if (h, arch) not in seen_hot:

@@ -46,6 +46,11 @@ class Emu:
     def __init__(self, so: Path):
         self.lib = ctypes.CDLL(str(so))
         self.lib.emu_set_order.argtypes = [ctypes.c_int]
+        self.lib.emu_take_tc_direct_redos.restype = ctypes.c_longlong
+
+    def take_direct_redos(self) -> int:
+        """Channels the tensor-core variant redid with the direct taps since the last call."""
+        return int(self.lib.emu_take_tc_direct_redos())
 
     @staticmethod
     def _ptr(t):
@@ -284,7 +289,9 @@ def test_unsupported_size_is_reported(emu):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_depthwise_variants(emu, dtype, dw):
     """Both depthwise variants of the half-precision kernels (tensor-core banded products / fp32 FMA), several tiles
-    in each direction, with the gradients; "auto" picks the tensor cores for fp16/bf16."""
+    in each direction, with the gradients; "auto" picks the tensor cores for fp16/bf16. Finite inputs never take the
+    direct-tap fallback (which would hide a fragment or tile-load bug behind a correct but slow path)."""
+    emu.take_direct_redos()
     _, used = run_and_check(emu, (2, 9, 37, 41), dtype, dw=dw, seed=17, strided_grad=True)
     assert (used >= 100) == (dw == "tc"), used
     # W % 4 == 0, NCHW: the tensor-core variant's tile loads move 4 elements at a time
@@ -292,6 +299,7 @@ def test_depthwise_variants(emu, dtype, dw):
     assert (used >= 100) == (dw == "tc"), used
     _, used = run_and_check(emu, (1, 3, 5, 6), dtype, backward=False, seed=18)
     assert used >= 100, "auto should run fp16/bf16 on the tensor-core variant"
+    assert emu.take_direct_redos() == 0
 
 
 @pytest.mark.parametrize("shape, cfg, dtype", [((1, 5, 44, 60), 1, torch.bfloat16), ((1, 4, 45, 61), 1, torch.float16),
@@ -305,8 +313,10 @@ def test_tc_variant_interior_tiles(emu, shape, cfg, dtype):
     interior = [(y0, x0) for y0 in range(0, H, TH) for x0 in range(0, W, TW)
                 if y0 >= 12 and y0 + TH + 12 <= H and x0 >= 12 and x0 + TW + 12 <= W]
     assert interior, "the shape must have interior tiles"
+    emu.take_direct_redos()
     _, used = run_and_check(emu, shape, dtype, cfg=cfg, dw="tc", seed=23)
     assert used == 100 + cfg
+    assert emu.take_direct_redos() == 0, "finite inputs took the direct-tap fallback"
 
 
 def test_depthwise_variant_choice_and_refusals(emu):
@@ -329,8 +339,10 @@ def test_tc_variant_nonfinite_like_eager(emu, dtype):
     ud = ud.clone()
     ud[0, 1, 3, 4] = math.nan      # an edge tile
     ud[0, 3, 24, 40] = math.inf    # an interior tile (16x16 tiles: y0 = 16, x0 = 32)
+    emu.take_direct_redos()
     out, used = emu.forward(ud, packed, dw="tc", cfg=1)
     assert used == 101
+    assert emu.take_direct_redos() >= 2, "the tiles holding the NaN / Inf must take the direct-tap path"
     leaves = [t.detach().to(dtype) for t in (args[1], args[2], *args[3], *args[4], args[5], args[6])]
     eager = msca_reference(ud, leaves[0], leaves[1], leaves[2:8], leaves[8:14], leaves[14], leaves[15])
     for what, f in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
@@ -350,8 +362,10 @@ def test_tc_variant_fp16_strip_overflow_like_eager(emu):
     ws[1, 57:78] = 0.1              # 21x1 of channel 1: positive taps (v21 = +Inf where they meet the Inf row)
     ud = ud.clone()
     ud[0, 1, 20, 30] = 60000.0      # finite in fp16; a(20, 30) = 60000, h21 on row 20 = 90000 -> Inf in fp16
+    emu.take_direct_redos()
     out, used = emu.forward(ud, (w0, b0, ws, bs, w3, b3), dw="tc", cfg=1)
     assert used == 101
+    assert emu.take_direct_redos() >= 1, "the overflowing tile must take the direct-tap path"
     # eager in fp16 with the same (fp16-rounded) weights
     C = 3
     sw = [ws[:, o:o + n].to(torch.float16).reshape(C, 1, *sh) for o, n, sh in

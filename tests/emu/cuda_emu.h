@@ -32,7 +32,17 @@
 
 namespace emu {
 
+// One cp.async copy, done when its group is waited for (cp.async.wait_group), not when issued: a read of the
+// destination before the wait sees the old bytes, as on the GPU.
+struct PendingCopy {
+  void* dst;
+  const void* src;
+  int bytes, src_bytes;  // src_bytes < bytes: the rest zero-filled (0: src not read)
+};
+
 struct Fiber {
+  std::vector<PendingCopy> open;                 // issued, not yet committed
+  std::vector<std::vector<PendingCopy>> groups;  // committed groups, oldest first
   ucontext_t ctx;
   char* stack = nullptr;
   int tid = 0;
@@ -132,6 +142,7 @@ inline void run_block(int nthreads, const std::function<void()>& body) {
   for (int i = 0; i < nthreads; ++i) {
     Fiber& f = s.fibers[i];
     f.tid = i; f.done = false; f.wait = 0;
+    f.open.clear(); f.groups.clear();
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = f.stack;
     f.ctx.uc_stack.ss_size = s.stack_bytes;
@@ -164,6 +175,7 @@ inline void run_block(int nthreads, const std::function<void()>& body) {
         ++ndone;
         if (s.bar_count != 0) throw std::runtime_error("emu: a thread exited while others wait at __syncthreads");
         if (s.warps[i / 32].count != 0) throw std::runtime_error("emu: a lane exited while its warp waits in a collective");
+        if (!f.open.empty() || !f.groups.empty()) throw std::runtime_error("emu: a thread exited with cp.async copies never waited for");
       }
     }
     if (!progress) throw std::runtime_error("emu: deadlock (divergent barrier or warp collective)");
@@ -182,7 +194,7 @@ inline void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_
   State& s = S();
   gDim() = grid;
   bDim() = block;
-  // garbage-filled like real shared memory, followed by a canary zone that must stay untouched
+  // garbage-filled like real shared memory (with NaN bytes, below), followed by a canary zone that must stay untouched
   const size_t kCanary = 4096;
   s.smem.assign(smem_bytes + 16 + kCanary, 0xCD);
   s.smem_bytes = smem_bytes;
@@ -191,7 +203,10 @@ inline void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
         bIdx() = make_uint3(x, y, z);
+        // data area: 0xFF bytes, a NaN in every float dtype (fp32, fp16, bf16), so that an uninitialised value that
+        // meets a zero weight (0 * NaN = NaN) shows in the results; canary after it: 0xCD
         std::memset(s.smem.data(), 0xCD, s.smem.size());
+        std::memset(dyn_smem(), 0xFF, smem_bytes);
         run_block(nthreads, [&]() { kernel(args...); });
         const unsigned char* base = dyn_smem();
         for (size_t i = smem_bytes; i < smem_bytes + kCanary; ++i)
@@ -199,6 +214,39 @@ inline void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_
       }
 }
 
+
+// ---- counters the tests read (emu_main.cpp) ------------------------------------------------------------------------
+// channels that the tensor-core depthwise variant redid with the direct taps (a NaN / Inf seen): finite inputs must
+// leave it at 0, or a fragment bug would hide behind the (correct but slow) fallback
+inline long long& tc_direct_redos() { static long long n = 0; return n; }
+
+// ---- cp.async (sm_80): deferred copies ---------------------------------------------------------------------------
+inline void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
+  State& s = S();
+  const unsigned char* lo = dyn_smem();
+  const unsigned char* d = static_cast<const unsigned char*>(dst);
+  if (d < lo || d + bytes > lo + s.smem_bytes) throw std::runtime_error("emu: cp.async destination outside the dynamic shared memory");
+  if (((uintptr_t)dst % bytes) != 0 || (src_bytes > 0 && ((uintptr_t)src % bytes) != 0))
+    throw std::runtime_error("emu: cp.async address not aligned to the copy size");
+  s.fibers[s.cur].open.push_back(PendingCopy{dst, src, bytes, src_bytes});
+}
+inline void cp_async_commit() {
+  Fiber& f = S().fibers[S().cur];
+  f.groups.push_back(std::move(f.open));
+  f.open.clear();
+}
+// cp.async.wait_group n: every committed group but the newest n completes
+inline void cp_async_wait(int n) {
+  Fiber& f = S().fibers[S().cur];
+  while ((int)f.groups.size() > n) {
+    for (const PendingCopy& c : f.groups.front()) {
+      unsigned char* d = static_cast<unsigned char*>(c.dst);
+      if (c.src_bytes > 0) std::memcpy(d, c.src, c.src_bytes);
+      std::memset(d + c.src_bytes, 0, c.bytes - c.src_bytes);
+    }
+    f.groups.erase(f.groups.begin());
+  }
+}
 
 // ---- warp collectives -----------------------------------------------------------------
 template <typename T>

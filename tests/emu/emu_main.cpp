@@ -26,6 +26,13 @@ struct AlignedBuf {
 // differ between orders reveal a missing __syncthreads().
 extern "C" void emu_set_order(int order) { emu::S().order = order; }
 
+// Channels the tensor-core depthwise variant redid with the direct taps since the last call (then reset to 0).
+extern "C" long long emu_take_tc_direct_redos() {
+  const long long n = emu::tc_direct_redos();
+  emu::tc_direct_redos() = 0;
+  return n;
+}
+
 // cfg_out: the tile config used, + 100 when the depthwise part ran on tensor cores. dw_variant: MscaDwVariant.
 // u_dw / udws: the copy read by the depthwise tile loads (the binding passes an NCHW copy of a channels_last u);
 // null means u itself.
