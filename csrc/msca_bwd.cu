@@ -590,6 +590,7 @@ MscaBwdPlan msca_bwd_plan(const MscaBwdParams& p) {
                                       plan.error, sizeof(plan.error), &tc);
   if (cfg < 0) return plan;
   plan.geom1 = msca_make_geom(cfg, p.B, p.C, p.H, p.W, eb, 1, tc);
+  msca_tc_double_buffer(plan.geom1, 1, eb, p.smem_limit);
   const MscaGeom g2 = k2_geom(p.B, p.C, p.H, p.W);
   plan.ctas2 = g2.num_ctas;
   plan.tiles2_x = g2.tiles_x;

@@ -14,11 +14,16 @@
 // the fp32 weights (rounded to the input dtype, as eager's convolutions use them) into the workspace; each warp loads
 // its lane's 36 registers per channel with 9 coalesced 16-byte loads.
 // Tensor-core MACs per output element (16x32 tile): 420 (a) + 288 (h) + 80 (v), about 0.4 mma per output element
-// and channel, against 205 FMA instructions per output element for the FMA variant. Counting the instructions of the
-// code by hand (an estimate, not a measurement) gives about 8 warp instructions per output element and channel for
-// this variant on a 16x16 tile, dominated by the mma blocks' epilogues and the tile load, against about 15 for the
-// FMA variant; the FMA floor of kernels.md section 2 corresponds to 103 / 32 = 3.2. Tiles whose halo lies inside
-// the image (most tiles of large images) skip the border masks (EDGE = false). Not measured yet.
+// and channel, against 205 FMA instructions per output element for the FMA variant.
+// Instruction count (static, from the loop bodies of the sm_90 SASS, cuobjdump; interior tiles; not a timing): per
+// channel, u tile 14 per row step (cp.async), a 30 per 16x8 block, h 96 per 16x8 block of the three strips, v 54
+// per 16x8 block (python -m bench.sass_census): on the 28x16 tile (stage 1) about 3.6 warp instructions per output
+// element and channel for the depthwise part, against the FMA floor of kernels.md section 2 of 103 / 32 = 3.2 (the FMA variant: about 15).
+// What keeps it there: no integer division in the loops, the bias in the mma accumulator input, one HFMA2 per
+// packed pair for the NaN/Inf check, two accumulators per block (mma chains of 3 and 2 instead of 5), the whole u
+// tile in flight at once (cp.async) and, where shared memory allows it at the same CTAs per SM, the next channel's
+// u tile loading into a second buffer while this one computes (MscaGeom::tc_off_x1). Tiles whose halo lies inside
+// the image (most tiles of large images) skip the border masks (EDGE = false). Not timed on a GPU yet.
 //
 // Numerics: a and h_k are rounded to the input dtype between the convolutions (where eager PyTorch rounds them
 // too); s = a + v7 + v11 + v21 + biases is summed in fp32 and rounded once into S. Zero taps of the banded
@@ -29,6 +34,7 @@
 //   U   [UH][ULD]   u tile, rows/cols from -12 (zero outside the image and outside the loaded TH+24 x TW+24)
 //   H21 [THp+24][HLD], H11 [THp+24][HLD], H7 [THp+8][HLD]   the 1xk outputs from rows -10, -5, -3 (alias U)
 //   A   [MA][ALD]   a, rows/cols from -10 (zero outside the image)
+//   (U/H a second time at tc_off_x1 when double-buffered: channel k of the warp uses buffer k % 2)
 // so the phases of a channel need only __syncwarp(); one __syncthreads() ends the tile. Row strides are odd
 // multiples of 16 bytes (conflict-free ldmatrix). Needs TH % 4 == 0 and TW in {16, 32, 64} (msca_tile_tc_ok); with TH not a
 // multiple of 8 the last block of 8 output rows is partial (THp = TH rounded up to 8 sizes the H_k windows).
@@ -205,10 +211,11 @@ MSCA_DEV void compute_s_tile_tc_impl(T* S, unsigned char* work_raw, const MscaGe
   const int TH = gm.TH, TW = gm.TW, MA = gm.tc_MA, NBA = gm.tc_nbA;
   const int ULD = gm.tc_ULD, ALD = gm.tc_ALD, HLD = gm.tc_HLD;
   T* wk = reinterpret_cast<T*>(work_raw) + (size_t)warp * gm.tc_warp;
-  T* U = wk;
-  T* H21 = wk;
-  T* H11 = wk + gm.tc_off_h11;
-  T* H7 = wk + gm.tc_off_h7;
+  // U/H buffers: channel k of this warp uses X[k % 2] (one buffer when tc_off_x1 == 0); with two, the next channel's
+  // u tile is in flight (cp.async) into the other one while this channel computes
+  T* const X0 = wk;
+  T* const X1 = wk + gm.tc_off_x1;
+  const bool dbuf = gm.tc_off_x1 != 0;
   T* A = wk + gm.tc_off_a;
   // per-lane constants: ldmatrix row addresses (non-transposed operand: rows m, 16-byte k chunks; transposed
   // operand: rows k) and the lane's D fragment position (rows g, g + 8; columns 2t, 2t + 1)
@@ -219,10 +226,25 @@ MSCA_DEV void compute_s_tile_tc_impl(T* S, unsigned char* work_raw, const MscaGe
   // zeroing of the H_k tails: 16-byte chunks, cpr per row (TW / 8 divides 32: msca_tile_tc_ok)
   const int cpr = TW >> 3, zr0 = lane / cpr, zk = lane - zr0 * cpr, zrpi = 32 / cpr;
 
-  for (int c = warp; c < tc.C; c += MSCA_NT / 32) {
+  constexpr int kWarps = MSCA_NT / 32;
+  if (dbuf && warp < tc.C) load_u_tile_tc<T, EDGE>(X0, gm, u_img + (int64_t)warp * sC, sH, sW, tc);
+  int k = 0;
+  for (int c = warp; c < tc.C; c += kWarps, ++k) {
+    T* U = (k & 1) ? X1 : X0;
+    T* H21 = U;
+    T* H11 = U + gm.tc_off_h11;
+    T* H7 = U + gm.tc_off_h7;
     // ---- u tile: rows/cols [-12, TH+12) x [-12, TW+12) from the image, zero elsewhere ----------------------------
-    load_u_tile_tc<T, EDGE>(U, gm, u_img + (int64_t)c * sC, sH, sW, tc);
-    cp_async_wait<0>();
+    if (!dbuf) {
+      load_u_tile_tc<T, EDGE>(U, gm, u_img + (int64_t)c * sC, sH, sW, tc);
+      cp_async_wait<0>();
+    } else if (c + kWarps < tc.C) {
+      // the other buffer held the previous channel (done: the __syncwarp() ending its iteration)
+      load_u_tile_tc<T, EDGE>((k & 1) ? X0 : X1, gm, u_img + (int64_t)(c + kWarps) * sC, sH, sW, tc);
+      cp_async_wait<1>();  // this channel's group done, the next one's may still fly
+    } else {
+      cp_async_wait<0>();
+    }
     // A NaN or Inf in u always reaches a stored value of a (every loaded pixel is within 2 of a computed one). nf
     // accumulates v * 0 of every stored a and h_k pair as rounded to T (nonfinite_acc2): it stays +-0 unless one of
     // them is NaN or +-Inf (also after an fp16 overflow in the rounding, which eager's fp16 convolutions make too).
@@ -401,7 +423,7 @@ MSCA_DEV void compute_s_tile_tc_impl(T* S, unsigned char* work_raw, const MscaGe
 #endif
       __syncwarp();
       load_u_tile_tc<T, EDGE>(U, gm, u_img + (int64_t)c * sC, sH, sW, tc);
-      cp_async_wait<0>();
+      cp_async_wait<0>();  // (also waits for the next channel's tile when double-buffered: rare, harmless)
       __syncwarp();
       channel_s_direct<T>(U, A, H7, H11, H21, S + (size_t)c * gm.s_ld, gm, w0 + (int64_t)c * 25, b0[c],
                           ws + (int64_t)c * 78, bs + (int64_t)c * 6, tc);

@@ -167,6 +167,13 @@ bool msca_tile_tc_ok(int cfg) {
          kTileTable[cfg].TW <= 64 && 32 % (kTileTable[cfg].TW / 8) == 0;
 }
 
+// Dynamic shared memory of a geometry: forward S + work area (which the epilogue staging reuses); backward mix S +
+// the work area, which DATT reuses once s is computed.
+static void set_smem_bytes(MscaGeom& g, int mode) {
+  if (mode == 0) g.work_bytes = std::max(g.work_bytes, msca::kStgBytes);  // forward epilogue staging
+  g.smem_bytes = mode == 0 ? g.s_bytes + g.work_bytes : g.s_bytes + std::max(g.s_bytes, g.work_bytes);
+}
+
 MscaGeom msca_make_geom(int cfg, int64_t B, int64_t C, int64_t H, int64_t W, int elem_bytes, int mode, int dw_tc) {
   const MscaTileCfg& tc = kTileTable[cfg];
   MscaGeom g{};
@@ -210,9 +217,24 @@ MscaGeom msca_make_geom(int cfg, int64_t B, int64_t C, int64_t H, int64_t W, int
     g.tc_warp = (int)align_up((size_t)(g.tc_off_a + g.tc_MA * g.tc_ALD), 8);
     g.work_bytes = (size_t)(MSCA_NT / 32) * g.tc_warp * elem_bytes;
   }
-  if (mode == 0) g.work_bytes = std::max(g.work_bytes, msca::kStgBytes);  // forward epilogue staging
-  g.smem_bytes = mode == 0 ? g.s_bytes + g.work_bytes : g.s_bytes + std::max(g.s_bytes, g.work_bytes);
+  set_smem_bytes(g, mode);
   return g;
+}
+
+// CTAs per SM that shared memory and registers allow (128 registers x 256 threads: at most 2); 1 KB reserved per CTA.
+static int ctas_per_sm(size_t smem_bytes, int smem_limit) {
+  return (int)std::min<size_t>(2, ((size_t)smem_limit + 1024) / (smem_bytes + 1024));
+}
+
+void msca_tc_double_buffer(MscaGeom& g, int mode, int elem_bytes, int smem_limit) {
+  if (!g.tc || g.tc_off_x1 != 0) return;
+  MscaGeom d = g;
+  d.tc_off_x1 = d.tc_warp;                                 // after A
+  d.tc_warp = (int)align_up((size_t)(d.tc_warp + d.tc_off_a), 8);  // + one more U/H area (tc_off_a elements)
+  d.work_bytes = (size_t)(MSCA_NT / 32) * d.tc_warp * elem_bytes;
+  set_smem_bytes(d, mode);
+  if (d.smem_bytes <= (size_t)smem_limit && ctas_per_sm(d.smem_bytes, smem_limit) >= ctas_per_sm(g.smem_bytes, smem_limit))
+    g = d;
 }
 
 static double depthwise_macs_per_output(int TH, int TW) {
@@ -222,13 +244,15 @@ static double depthwise_macs_per_output(int TH, int TW) {
   return (a + h + v) / ((double)TH * TW);
 }
 
-// Tensor-core depthwise variant: mma.sync m16n8k16 per output element (a: 5 per 16x8 block of a, h: 6 per 16x8
-// block, v: 5 per 16x8 block of s), scaled by 8 to compare with FMA instructions (one mma ~ 8 FFMA issue slots:
-// an estimate, not a measurement).
+// Tensor-core depthwise variant: warp instructions per output element and channel, from the loop bodies of the
+// sm_90 SASS of msca_dw_tc.cuh (interior tiles; a static count, not a timing): u tile 14 per row step of the
+// cp.async loop, a 30 per 16x8 block, h 96 per 16-row x 8-column block (three strips), v 54 per 16x8 block. Scaled
+// by 32 to compare with the FMA variant's MACs per output (one FFMA instruction = 32 MACs).
 static double depthwise_tc_cost_per_output(int TH, int TW) {
-  const double ma = (TH + 20 + 15) / 16, nba = (TW + 20 + 7) / 8;
-  const double mmas = ma * nba * 5 + ma * (TW / 8) * 6 + ((TH + 7) / 8) * (TW / 16) * 5;
-  return 8.0 * mmas / ((double)TH * TW);
+  const int ma = (TH + 20 + 15) / 16, nba = (TW + 20 + 7) / 8, uh = 16 * ma + 4, rpi = 32 / (2 * nba + 2);
+  const double instr = 14.0 * ((uh + rpi - 1) / rpi) + 30.0 * ma * nba + 96.0 * ma * (TW / 8) +
+                       54.0 * ((TH + 7) / 8) * (TW / 16);
+  return 32.0 * instr / ((double)TH * TW);
 }
 
 // Choose a tile configuration for the forward (mode 0) or backward-mix (mode 1) kernel. Returns -1 if none fits.
@@ -328,6 +352,7 @@ MscaFwdPlan msca_fwd_plan(const MscaFwdParams& p) {
                                       plan.error, sizeof(plan.error), &tc);
   if (cfg < 0) return plan;
   plan.geom = msca_make_geom(cfg, p.B, p.C, p.H, p.W, eb, 0, tc);
+  msca_tc_double_buffer(plan.geom, 0, eb, p.smem_limit);
   if (plan.geom.num_ctas > 0x7fffffffLL) {
     snprintf(plan.error, sizeof(plan.error), "too many tiles (%lld) for one launch", plan.geom.num_ctas);
     return plan;

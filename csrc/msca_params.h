@@ -59,7 +59,9 @@ struct MscaGeom {
   int tc_nbA;         // 8-column blocks of a computed: ceil((TW+20)/8)
   int tc_UH, tc_UWc;  // u tile rows (MA+4) and columns (8*nbA+8) stored (loaded: TH+24 x TW+24, the rest zero)
   int tc_ULD, tc_ALD, tc_HLD;  // row strides of U, A, H_k: odd multiples of 8 elements
-  int tc_off_h11, tc_off_h7, tc_off_a;  // offsets in a warp's area (H21 and U at 0)
+  int tc_off_h11, tc_off_h7, tc_off_a;  // offsets in a warp's area (H21 and U at 0; H11, H7 from the U/H base)
+  int tc_off_x1;      // offset of the second U/H buffer (the next channel's u tile loads into it while this one
+                      // computes), 0: one buffer (msca_tc_double_buffer decides)
   int tc_warp;        // elements per warp area
   size_t tc_band_off; // byte offset in the launch's workspace of the packed banded B fragments (prep_band_kernel)
 };
@@ -136,6 +138,10 @@ const MscaTileCfg* msca_tile_table();
 // Geometry for tile config `cfg`; mode 0 = forward kernel, 1 = backward mix kernel (S and DATT in shared memory);
 // tc = 1: the tensor-core depthwise variant (elem_bytes 2, a tile with msca_tile_tc_ok).
 MscaGeom msca_make_geom(int cfg, int64_t B, int64_t C, int64_t H, int64_t W, int elem_bytes, int mode, int tc = 0);
+
+// Give a tensor-core geometry (g.tc) a second U/H buffer per warp when smem_limit allows it without fewer CTAs per
+// SM; updates tc_off_x1, tc_warp, work_bytes and smem_bytes. mode as in msca_make_geom.
+void msca_tc_double_buffer(MscaGeom& g, int mode, int elem_bytes, int smem_limit);
 
 // Whether tile config `cfg` can run the tensor-core depthwise variant (TH % 4 == 0, TW in {16, 32, 64}).
 bool msca_tile_tc_ok(int cfg);

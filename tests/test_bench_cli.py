@@ -228,3 +228,32 @@ def test_bad_arguments_are_reported():
         nmf.main(["--cpu", "--grad", "sideways"])
     with pytest.raises(SystemExit):
         model_bench.main(["--cpu", "--models", "xl"])
+
+
+def test_sass_census_parses_loops():
+    """bench.sass_census finds loops as backward branches and counts their instruction kinds (a SASS excerpt in
+    cuobjdump's format; the tool itself needs cuobjdump, which CI lacks)."""
+    from bench import sass_census
+
+    sass = """
+\t\tFunction : _Z6kernelv
+\t.headerflags\t@"EF_CUDA_SM90 EF_CUDA_VIRTUAL_SM(EF_CUDA_SM90)"
+        /*0000*/                   MOV R1, c[0x0][0x28] ;                  /* 0x00000a00ff017b82 */
+        /*0010*/                   LDSM.16.M88.4 R4, [R2] ;                 /* 0x000000000204783b */
+        /*0020*/                   HMMA.16816.F32.BF16 R8, R4, R12, RZ ;    /* 0x0000000c0408723c */
+        /*0030*/               @P0 LDGSTS.E.64 [R3], desc[UR4][R6.64] ;    /* 0x0000000006037fae */
+        /*0040*/                   STS [R3], R8 ;                           /* 0x0000000803007388 */
+        /*0050*/              @!P1 BRA 0x10 ;                               /* 0xfffffffc00007947 */
+        /*0060*/                   EXIT ;                                   /* 0x000000000000794d */
+        /*0070*/                   BRA 0x70;                                /* 0xfffffffc00007947 */
+\t\tFunction : _Z5otherv
+        /*0000*/                   EXIT ;                                   /* 0x000000000000794d */
+"""
+    (name, n, loops), = sass_census.census(sass, "kernel")
+    assert name == "_Z6kernelv" and n == 8
+    big = [r for r in loops if r["n"] > 1]
+    assert len(big) == 1
+    r = big[0]
+    assert (r["start"], r["end"], r["n"]) == (0x10, 0x50, 5)
+    assert (r["HMMA"], r["LDSM"], r["LDGSTS"], r["STS"], r["LDG"]) == (1, 1, 1, 1, 0)
+    assert [c[0] for c in sass_census.census(sass)] == ["_Z6kernelv", "_Z5otherv"]

@@ -47,6 +47,11 @@ class Emu:
         self.lib = ctypes.CDLL(str(so))
         self.lib.emu_set_order.argtypes = [ctypes.c_int]
         self.lib.emu_take_tc_direct_redos.restype = ctypes.c_longlong
+        self.lib.emu_last_dbuf.restype = ctypes.c_int
+
+    def last_dbuf(self) -> bool:
+        """Whether the last launch gave the tensor-core variant two U/H buffers per warp."""
+        return bool(self.lib.emu_last_dbuf())
 
     def take_direct_redos(self) -> int:
         """Channels the tensor-core variant redid with the direct taps since the last call."""
@@ -317,6 +322,30 @@ def test_tc_variant_interior_tiles(emu, shape, cfg, dtype):
     _, used = run_and_check(emu, shape, dtype, cfg=cfg, dw="tc", seed=23)
     assert used == 100 + cfg
     assert emu.take_direct_redos() == 0, "finite inputs took the direct-tap fallback"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_tc_double_buffer(emu, dtype):
+    """The tensor-core variant with two U/H buffers per warp (the next channel's u tile in flight by cp.async while
+    this one computes; chosen when shared memory allows it at the same CTAs per SM) and with one (a smaller shared
+    memory limit): 19 channels, so warps take 2 or 3 channels in turn, edge and interior tiles, forward and backward,
+    both against the reference, and neither path taking the direct-tap fallback."""
+    tiny = torch.randn(1, 19, 1, 1).to(dtype)
+    _, packed, _ = _case((1, 19, 1, 1), dtype, 5)
+    seen = {}
+    for smem in range(H100_SMEM, 60000, -2048):
+        try:
+            _, used = emu.forward(tiny, packed, cfg=1, dw="tc", smem=smem)
+        except RuntimeError:
+            break
+        seen.setdefault(emu.last_dbuf(), smem)
+    assert set(seen) == {True, False}, f"no shared-memory limit gave both buffer modes: {seen}"
+    for dbuf, smem in sorted(seen.items()):
+        emu.take_direct_redos()
+        out, used = emu.forward(tiny, packed, cfg=1, dw="tc", smem=smem)
+        assert used == 101 and emu.last_dbuf() == dbuf
+        run_and_check(emu, (1, 19, 44, 48), dtype, cfg=1, dw="tc", seed=31, smem=smem)
+        assert emu.take_direct_redos() == 0, f"dbuf={dbuf}: finite inputs took the direct-tap fallback"
 
 
 def test_depthwise_variant_choice_and_refusals(emu):

@@ -26,6 +26,10 @@ struct AlignedBuf {
 // differ between orders reveal a missing __syncthreads().
 extern "C" void emu_set_order(int order) { emu::S().order = order; }
 
+// Whether the last forward / backward launch gave the tensor-core variant two U/H buffers per warp (MscaGeom::tc_off_x1).
+static int g_last_dbuf = 0;
+extern "C" int emu_last_dbuf() { return g_last_dbuf; }
+
 // Channels the tensor-core depthwise variant redid with the direct taps since the last call (then reset to 0).
 extern "C" long long emu_take_tc_direct_redos() {
   const long long n = emu::tc_direct_redos();
@@ -54,6 +58,7 @@ extern "C" int emu_msca_fwd(int dtype, int allow_tf32, int tile_cfg, int dw_vari
     MscaFwdPlan plan = msca_fwd_plan(p);
     if (!plan.ok) { snprintf(err, errlen, "%s", plan.error); return 1; }
     *cfg_out = plan.geom.cfg + 100 * plan.geom.tc;
+    g_last_dbuf = plan.geom.tc_off_x1 != 0;
     AlignedBuf wsb(plan.workspace_bytes, 0xFF);
     p.workspace = wsb.p;
     msca_fwd_launch(p, nullptr);
@@ -86,6 +91,7 @@ extern "C" int emu_msca_bwd(int dtype, int allow_tf32, int tile_cfg, int dw_vari
     MscaBwdPlan plan = msca_bwd_plan(p);
     if (!plan.ok) { snprintf(err, errlen, "%s", plan.error); return 1; }
     *cfg_out = plan.geom1.cfg + 100 * plan.geom1.tc;
+    g_last_dbuf = plan.geom1.tc_off_x1 != 0;
     AlignedBuf wsb(plan.workspace_bytes, 0xFF);
     p.workspace = wsb.p;
     msca_bwd_launch(p, nullptr);
