@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(256) prep_band_kernel(const float* __restrict_
 // case: sW == 1, W and sH multiples of 4, 8-byte aligned plane) move as one 8-byte cp.async each (the tile origin
 // x0 - 12 is a multiple of 4, so a group of 4 columns is wholly inside or wholly outside the image), committed as
 // one group: the caller waits (cp_async_wait<0>) and __syncwarp()s before reading U. Other layouts: element by
-// element, synchronously.
+// element, synchronously (and an empty group).
 template <typename T, bool EDGE>
 MSCA_DEV void load_u_tile_tc(T* U, const MscaGeom& gm, const T* __restrict__ src, int64_t sH, int64_t sW,
                              const TileCtx& tc) {
@@ -146,6 +146,7 @@ MSCA_DEV void load_u_tile_tc(T* U, const MscaGeom& gm, const T* __restrict__ src
     col += dc;
     if (col >= UWc) { col -= UWc; ++r; }
   }
+  cp_async_commit();  // an empty group: one group per call on either path keeps the callers' wait counts right
 }
 
 // s of one channel with the direct taps (no banded products), on the same buffers and with the same roundings as

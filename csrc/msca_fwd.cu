@@ -265,7 +265,7 @@ int msca_choose_tile(int forced, int64_t B, int64_t C, int64_t H, int64_t W, int
     }
     if (tc && !msca_tile_tc_ok(forced)) {
       snprintf(err, errlen, "tile config %d cannot run the tensor-core depthwise variant (needs TH %% 4 == 0 and "
-               "TW %% 16 == 0)", forced);
+               "TW in {16, 32, 64})", forced);
       return -1;
     }
     const MscaGeom g = msca_make_geom(forced, B, C, H, W, elem_bytes, mode, tc);
