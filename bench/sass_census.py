@@ -29,6 +29,8 @@ _BRA = re.compile(r"BRA\s+(?:\S+,\s*)?(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))")
 
 
 def sass_of(src: Path, arch: str) -> str:
+    """cuobjdump -sass text of ``src`` compiled with nvcc -O3 for sm_<arch>. Raises SystemExit when nvcc or cuobjdump
+    is not on PATH, CalledProcessError when the compile fails."""
     nvcc, cuobjdump = shutil.which("nvcc"), shutil.which("cuobjdump")
     if nvcc is None or cuobjdump is None:
         raise SystemExit("needs nvcc and cuobjdump on PATH (CUDA toolkit, or pip install nvidia-cuda-cuobjdump)")

@@ -5,8 +5,8 @@
 //   sums over (B,H,W) of upstream grad x shifted input of that conv (u for conv0, a for the 1xk, h_k for the kx1).
 //
 // K1 msca_bwd_mix_kernel (one CTA per TH x TW tile, geometry chosen like the forward's): recomputes s for all channels
-//    into shared memory (same code as the forward, tensor-core or FMA depthwise variant), att = w3 s + b3 on tensor cores; epilogue d_att = g*u into shared
-//    memory (input dtype) and du_gate = g*att into du. Then dw3/db3 per-CTA partials = d_att x s^T (tensor cores,
+//    into shared memory (same code as the forward, tensor-core or FMA depthwise variant), att = w3 s + b3 on tensor
+//    cores; epilogue d_att = g*u into shared memory (input dtype) and du_gate = g*att into du. Then dw3/db3 per-CTA partials = d_att x s^T (tensor cores,
 //    k = pixels of the tile) straight to global memory, and d_s = w3^T d_att (tensor cores) into a scratch tensor in
 //    u's dtype and memory format.
 // K2 msca_bwd_dw_kernel (16x16 tiles, 2 channels at a time, 64 KB shared memory): per channel recomputes a and h_k

@@ -18,7 +18,8 @@
 // Instruction count (static, from the loop bodies of the sm_90 SASS, cuobjdump; interior tiles; not a timing): per
 // channel, u tile 14 per row step (cp.async), a 30 per 16x8 block, h 96 per 16x8 block of the three strips, v 54
 // per 16x8 block (python -m bench.sass_census): on the 28x16 tile (stage 1) about 3.6 warp instructions per output
-// element and channel for the depthwise part, against the FMA floor of kernels.md section 2 of 103 / 32 = 3.2 (the FMA variant: about 15).
+// element and channel for the depthwise part, against the FMA floor of kernels.md section 2 of 103 / 32 = 3.2
+// (the FMA variant: about 15 by an earlier hand count, not from the SASS).
 // What keeps it there: no integer division in the loops, the bias in the mma accumulator input, one HFMA2 per
 // packed pair for the NaN/Inf check, two accumulators per block (mma chains of 3 and 2 instead of 5), the whole u
 // tile in flight at once (cp.async) and, where shared memory allows it at the same CTAs per SM, the next channel's
@@ -340,7 +341,7 @@ MSCA_DEV void compute_s_tile_tc_impl(T* S, unsigned char* work_raw, const MscaGe
 #pragma unroll
           for (int s = 0; s < 3; ++s) {
             // strip s keeps H rows [0, TH + 2hk), i.e. a rows [10 - hk, TH + 10 + hk): skip blocks outside (uniform)
-            if (16 * rb + 16 <= 10 - hk[s] || 16 * rb >= TH + 10 + hk[s]) continue;
+            if (16 * rb >= TH + 10 + hk[s]) continue;  // (10 - hk >= 0: no block lies wholly above them)
             float acc[4];
             mma_16816_c<IsBF16<T>::value>(acc, a0, bh[s][0], cb[s]);
             mma_16816<IsBF16<T>::value>(acc, a1, bh[s][1]);

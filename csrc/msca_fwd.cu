@@ -284,7 +284,7 @@ int msca_choose_tile(int forced, int64_t B, int64_t C, int64_t H, int64_t W, int
     if (g.smem_bytes > (size_t)smem_limit) continue;
     const double coverage = (double)g.tiles_y * g.TH * g.tiles_x * g.TW / ((double)std::max<int64_t>(H, 1) *
                                                                           (double)std::max<int64_t>(W, 1));
-    const bool two_per_sm = 2 * (g.smem_bytes + 1024) <= (size_t)smem_limit + 1024;
+    const bool two_per_sm = ctas_per_sm(g.smem_bytes, smem_limit) == 2;
     const double per_output = tc ? depthwise_tc_cost_per_output(g.TH, g.TW) : depthwise_macs_per_output(g.TH, g.TW);
     const double cost = per_output * coverage * (two_per_sm ? 1.0 : 1.25);
     if (best < 0 || cost < best_cost) { best = cfg; best_cost = cost; }
