@@ -5,14 +5,17 @@
 //   sums over (B,H,W) of upstream grad x shifted input of that conv (u for conv0, a for the 1xk, h_k for the kx1).
 //
 // K1 msca_bwd_mix_kernel (one CTA per TH x TW tile, geometry chosen like the forward's): recomputes s for all channels
-//    into shared memory (same code as the forward, tensor-core or FMA depthwise variant), att = w3 s + b3 on tensor
-//    cores; epilogue d_att = g*u into shared memory (input dtype) and du_gate = g*att into du. Then dw3/db3 per-CTA partials = d_att x s^T (tensor cores,
-//    k = pixels of the tile) straight to global memory, and d_s = w3^T d_att (tensor cores) into a scratch tensor in
-//    u's dtype and memory format.
-// K2 msca_bwd_dw_kernel (16x16 tiles, 2 channels at a time, 64 KB shared memory): per channel recomputes a and h_k
-//    from u (12-pixel halo), reads d_s with a 12-pixel halo, computes d_h_k (tile rows +-2, cols +-12), d_a (tile
-//    +-2), du += dw5x5^T(d_a), and the 110 depthwise weight/bias gradients of the tile as warp jobs whose per-lane
-//    partial sums are combined by a fixed-order shuffle transpose-reduction into per-CTA partials (no atomics).
+//    into shared memory (same code as the forward, tensor-core or FMA depthwise variant; when the depthwise weight
+//    gradients are wanted it also writes a = dw5x5(u) + b0 of its pixels to a scratch tensor for K2), att = w3 s + b3
+//    on tensor cores; epilogue d_att = g*u into shared memory (input dtype) and du_gate = g*att into du. Then dw3/db3
+//    per-CTA partials = d_att x s^T (tensor cores, k = pixels of the tile) straight to global memory, and
+//    d_s = w3^T d_att (tensor cores) into a scratch tensor in u's dtype and memory format.
+// K2 msca_bwd_dw_kernel (16x16 tiles, 2 channels at a time, 67 KiB shared memory): per channel reads d_s with a
+//    12-pixel halo, computes d_h_k (tile rows +-2, cols +-12), d_a (tile +-2), du += dw5x5^T(d_a); when the
+//    depthwise weight gradients are wanted, also reads a (10-pixel halo; K1's, instead of recomputing the 5x5 on
+//    36x36 pixels per 16x16 tile: a quarter of K2's multiply-adds) and u (2-pixel halo), recomputes h_k from a, and
+//    computes the 110 depthwise weight/bias gradients of the tile as warp jobs whose per-lane partial sums are
+//    combined by a fixed-order shuffle transpose-reduction into per-CTA partials (no atomics).
 // K3 msca_bwd_reduce_kernel: sums the per-CTA partials in a fixed order into dw3, db3, dw0, db0, dws, dbs.
 //
 // Trade-off: the per-CTA dw3 partial is C*C floats per tile of P pixels, i.e. 8*C/P bytes per element written and
@@ -39,6 +42,7 @@ struct MixArgs {
   int64_t ds_sB, ds_sC, ds_sH, ds_sW;
   float* p1;         // dw3/db3 partials [num_ctas][C*C + C]
   int need_ds;
+  ASave as;          // a of the tile's pixels for K2 (ptr null unless K2 computes depthwise weight gradients)
 };
 
 // TC: recompute s with the tensor-core depthwise variant (msca_dw_tc.cuh; MODE 0 only).
@@ -55,7 +59,7 @@ __global__ void __launch_bounds__(MSCA_NT, 2) msca_bwd_mix_kernel(const MscaBwdP
   T* du_img = p.need_du ? reinterpret_cast<T*>(p.du) + (int64_t)tc.b * p.du_sB : nullptr;
   constexpr bool kTF32 = MODE == 1;
 
-  compute_s_tile_of<T, TC>(S, smem, gm, p, tc, kTF32);
+  compute_s_tile_of<T, TC, true>(S, smem, gm, p, tc, kTF32, ma.as);
 
   const int warp = threadIdx.x >> 5, lane = lane_id();
   const int g = lane >> 2, t = lane & 3;
@@ -441,8 +445,51 @@ MSCA_DEV void job_du(const float* DA, const float* __restrict__ w0c, T* du_c, in
 struct DwArgs {
   const void* ds;
   int64_t ds_sB, ds_sC, ds_sH, ds_sW;
-  float* p2;   // [num_ctas][C][MSCA_NTAP]
+  const void* a;  // a = dw5x5(u) + b0 written by K1 (strides ds_s*; read only when need_dwdw)
+  float* p2;      // [num_ctas][C][MSCA_NTAP]
 };
+
+// Load rows and cols [ORG, ORG + NH) x [ORG, ORG + NW) (tile coordinates) of channels [cbase, cbase + G) of one image
+// into the channel work areas at float offset DST, row stride LD; zero outside the image and for channels >= C.
+// Mapping of threads as in load_tile_group (channels_last: consecutive threads, consecutive channels). Sizes are
+// template arguments: divisions by constants, and no spill in K2 at 128 registers (sm_80).
+template <typename T, int DST, int LD, int ORG, int NH, int NW>
+MSCA_DEV void load_region_group(float* work, const T* __restrict__ src, int64_t sC, int64_t sH, int64_t sW, int cbase,
+                                const TileCtx& tc) {
+  constexpr int dst_off = DST, ld = LD, y_org = ORG, x_org = ORG, nw = NW, n = NH * NW;
+  const int tid = threadIdx.x;
+  if (sC == 1 && tc.C > 1) {
+#pragma unroll 2
+    for (int idx = tid; idx < k2::G * n; idx += MSCA_NT) {
+      const int gi = idx % k2::G, pix = idx / k2::G;
+      const int r = pix / nw, col = pix - r * nw;
+      const int c = cbase + gi, yy = tc.y0 + y_org + r, xx = tc.x0 + x_org + col;
+      float v = 0.f;
+      if (c < tc.C && (unsigned)yy < (unsigned)tc.H && (unsigned)xx < (unsigned)tc.W)
+        v = to_f(src[(int64_t)c * sC + (int64_t)yy * sH + (int64_t)xx * sW]);
+      work[gi * k2::CH + dst_off + r * ld + col] = v;
+    }
+  } else {
+    const int gi = tid / k2::NTC, t = tid % k2::NTC;
+    const int c = cbase + gi;
+    const bool cv = c < tc.C;
+    const T* s = src + (int64_t)(cv ? c : 0) * sC;
+    float* d = work + gi * k2::CH + dst_off;
+    const int dr = k2::NTC / nw, dc = k2::NTC - dr * nw;
+    int r = t / nw, col = t - r * nw;
+#pragma unroll 2
+    for (int pix = t; pix < n; pix += k2::NTC) {
+      const int yy = tc.y0 + y_org + r, xx = tc.x0 + x_org + col;
+      float v = 0.f;
+      if (cv && (unsigned)yy < (unsigned)tc.H && (unsigned)xx < (unsigned)tc.W)
+        v = to_f(s[(int64_t)yy * sH + (int64_t)xx * sW]);
+      d[r * ld + col] = v;
+      r += dr;
+      col += dc;
+      if (col >= nw) { col -= nw; ++r; }
+    }
+  }
+}
 
 template <typename T>
 __global__ void __launch_bounds__(MSCA_NT, 2) msca_bwd_dw_kernel(const MscaBwdParams p, const MscaGeom gm,
@@ -472,15 +519,20 @@ __global__ void __launch_bounds__(MSCA_NT, 2) msca_bwd_dw_kernel(const MscaBwdPa
     const int c = cbase + gi;
     const bool cv = c < tc.C;
     const float* wsc = p.ws + (int64_t)(cv ? c : 0) * 78;
-    load_tile_group<T>(work, gm, k2::OFF_U, u_img, p.udw_sC, p.udw_sH, p.udw_sW, cbase, tc);
+    if (p.need_dwdw) {
+      // a (from K1) on rows/cols [-10, T+10); u only on [-2, T+2) (the 5x5 weight gradient's window)
+      load_region_group<T, k2::OFF_A, k2::AW, -10, k2::AH, k2::AW>(
+          work, reinterpret_cast<const T*>(da.a) + (int64_t)tc.b * da.ds_sB, da.ds_sC, da.ds_sH, da.ds_sW, cbase, tc);
+      load_region_group<T, k2::OFF_U + 10 * k2::UW + 10, k2::UW, -2, k2::TH + 4, k2::TW + 4>(
+          work, u_img, p.udw_sC, p.udw_sH, p.udw_sW, cbase, tc);
+    }
     load_tile_group<T>(work, gm, k2::OFF_DS, ds_img, da.ds_sC, da.ds_sH, da.ds_sW, cbase, tc);
     __syncthreads();
-    phase_a(U, A, gm, p.w0, p.b0, c, cv, t, tc);
     phase_dh<21>(DS, DH21, k2::W21, wsc + 57, cv, t, tc);
     phase_dh<11>(DS, DH11, k2::W11, wsc + 25, cv, t, tc);
     phase_dh<7>(DS, DH7, k2::W7, wsc + 7, cv, t, tc);
     __syncthreads();
-    phase_h(A, H21, H11, H7, gm, p.ws, p.bs, c, cv, t, tc);
+    if (p.need_dwdw) phase_h(A, H21, H11, H7, gm, p.ws, p.bs, c, cv, t, tc);
     phase_da(DS, DH21, DH11, DH7, DA, wsc, cv, t, tc);
     __syncthreads();
     if (cv) {
@@ -617,6 +669,7 @@ MscaBwdPlan msca_bwd_plan(const MscaBwdParams& p) {
   plan.off_w3a = off; off = align256(off + pack);
   plan.off_w3t = off; off = align256(off + pack);
   plan.off_ds = off;  off = align256(off + (need_k2 ? (size_t)(B * C * H * W) * eb : 0));
+  plan.off_a = off;   off = align256(off + (p.need_dwdw ? (size_t)(B * C * H * W) * eb : 0));
   plan.off_p1 = off;  off = align256(off + (p.need_w3 ? (size_t)plan.geom1.num_ctas * (C * C + C) * 4 : 0));
   plan.off_p2 = off;  off = align256(off + (p.need_dwdw ? (size_t)plan.ctas2 * C * MSCA_NTAP * 4 : 0));
   if (plan.geom1.tc) {
@@ -651,6 +704,10 @@ void launch_bwd_typed(const MscaBwdParams& p, const MscaBwdPlan& plan, cudaStrea
   ma.ds_sB = plan.ds_sB; ma.ds_sC = plan.ds_sC; ma.ds_sH = plan.ds_sH; ma.ds_sW = plan.ds_sW;
   ma.p1 = reinterpret_cast<float*>(ws + plan.off_p1);
   ma.need_ds = need_k2 ? 1 : 0;
+  if (p.need_dwdw) {
+    ma.as.ptr = ws + plan.off_a;
+    ma.as.sB = plan.ds_sB; ma.as.sC = plan.ds_sC; ma.as.sH = plan.ds_sH; ma.as.sW = plan.ds_sW;
+  }
   bool k1_done = false;
   if constexpr (MODE == 0) {
     if (g1.tc) {
@@ -671,6 +728,7 @@ void launch_bwd_typed(const MscaBwdParams& p, const MscaBwdPlan& plan, cudaStrea
     msca::DwArgs da{};
     da.ds = ws + plan.off_ds;
     da.ds_sB = plan.ds_sB; da.ds_sC = plan.ds_sC; da.ds_sH = plan.ds_sH; da.ds_sW = plan.ds_sW;
+    da.a = ws + plan.off_a;
     da.p2 = reinterpret_cast<float*>(ws + plan.off_p2);
     const MscaGeom g2 = k2_geom(p.B, p.C, p.H, p.W);
     auto k2 = msca::msca_bwd_dw_kernel<T>;

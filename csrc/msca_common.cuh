@@ -257,6 +257,13 @@ struct TileCtx {
   int H, W, C;
 };
 
+// Where the backward mix kernel writes a = dw5x5(u) + b0 for the depthwise-backward kernel (B, C, H, W) in the input
+// dtype, strides in elements; ptr == nullptr: not written.
+struct ASave {
+  void* ptr = nullptr;
+  int64_t sB = 0, sC = 0, sH = 0, sW = 0;
+};
+
 // Load a (TH+24) x (TW+24) tile (origin -12,-12) of channels [cbase, cbase+G) of one image of a dtype-T tensor into
 // the channel work areas at float offset `dst_off`; zero outside the image and for channels >= C.
 // src: pointer to the image (already offset by b * sB). Channels-last tensors (sC == 1) map consecutive threads to
@@ -496,12 +503,32 @@ MSCA_DEV void zero_s_padding(ST* S, const MscaGeom& gm, const TileCtx& tc) {
   for (int i = threadIdx.x; i < n; i += MSCA_NT) s0[i] = st_zero<ST>();
 }
 
+// The NTC threads of channel c's group write its a (A: fp32, rows/cols origin -10, stride AW) on the tile's pixels
+// inside the image to as, rounded to T.
+template <typename T>
+MSCA_DEV void store_a_tile(const float* A, const MscaGeom& gm, const ASave& as, int c, int t, const TileCtx& tc) {
+  T* dst = reinterpret_cast<T*>(as.ptr) + (int64_t)tc.b * as.sB + (int64_t)c * as.sC;
+  const int TW = gm.TW, n = gm.TH * TW;
+  // pix = y * TW + x advances by NTC per iteration: step (y, x) without a division per element
+  const int dy = gm.NTC / TW, dx = gm.NTC - dy * TW;
+  int y = t / TW, x = t - y * TW;
+  for (int pix = t; pix < n; pix += gm.NTC) {
+    const int yy = tc.y0 + y, xx = tc.x0 + x;
+    if (yy < tc.H && xx < tc.W)
+      dst[(int64_t)yy * as.sH + (int64_t)xx * as.sW] = from_f<T>(A[(y + 10) * gm.AW + x + 10]);
+    y += dy;
+    x += dx;
+    if (x >= TW) { x -= TW; ++y; }
+  }
+}
+
 // Compute s for all channels of the tile into S[CP][s_ld] (rows >= C zeroed). Ends with a __syncthreads().
-template <typename T, typename ST>
+// SAVE_A: also write a on the tile's pixels to as (when as.ptr is not null; see ASave).
+template <typename T, typename ST, bool SAVE_A = false>
 MSCA_DEV void compute_s_tile(ST* S, float* work, const MscaGeom& gm, const T* __restrict__ u_img, int64_t sC,
                              int64_t sH, int64_t sW, const float* __restrict__ w0, const float* __restrict__ b0,
                              const float* __restrict__ ws, const float* __restrict__ bs, const TileCtx& tc,
-                             bool tf32) {
+                             bool tf32, const ASave& as = ASave{}) {
   const int tid = threadIdx.x;
   zero_s_padding<ST>(S, gm, tc);
   const int gi = tid / gm.NTC, t = tid % gm.NTC;
@@ -521,6 +548,9 @@ MSCA_DEV void compute_s_tile(ST* S, float* work, const MscaGeom& gm, const T* __
     phase_h(A, H21, H11, H7, gm, ws, bs, c, cv, t, tc);
     __syncthreads();
     if (cv) phase_v<ST>(A, H21, H11, H7, S + (size_t)c * gm.s_ld, gm, ws, bs, c, t, tc, tf32);
+    if constexpr (SAVE_A) {
+      if (cv && as.ptr != nullptr) store_a_tile<T>(A, gm, as, c, t, tc);
+    }
     __syncthreads();
   }
 }

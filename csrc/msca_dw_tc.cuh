@@ -200,13 +200,33 @@ MSCA_DEV void channel_s_direct(const T* U, T* A, T* H7, T* H11, T* H21, T* Sc, c
   }
 }
 
+// One warp writes channel c's a (A: rows/cols origin -10, in T) on the tile's pixels inside the image to the a
+// scratch of the backward (as.ptr: tensor base; tc.b selects the image). Lane = (row offset, column), TW in
+// {16, 32, 64}: consecutive lanes store consecutive columns.
+template <typename T, bool EDGE>
+MSCA_DEV void store_a_tile_tc(const T* A, const MscaGeom& gm, const ASave& as, int c, const TileCtx& tc) {
+  const int lane = lane_id();
+  const int TH = gm.TH, TW = gm.TW, ALD = gm.tc_ALD;
+  T* dst = reinterpret_cast<T*>(as.ptr) + (int64_t)tc.b * as.sB + (int64_t)c * as.sC;
+  const int rpi = TW >= 32 ? 1 : 32 / TW, r0 = TW >= 32 ? 0 : lane / TW, x1 = TW >= 32 ? lane : lane - r0 * TW;
+  for (int y = r0; y < TH; y += rpi) {
+    const int yy = tc.y0 + y;
+    if (EDGE && yy >= tc.H) break;
+    for (int x = x1; x < TW; x += 32) {
+      const int xx = tc.x0 + x;
+      if (!EDGE || xx < tc.W) dst[(int64_t)yy * as.sH + (int64_t)xx * as.sW] = A[(y + 10) * ALD + x + 10];
+    }
+  }
+}
+
 // compute_s_tile_tc for one tile; EDGE = false: the u tile with its 12-pixel halo lies inside the image, so no value
 // needs the image-border masks (the a rows/columns computed past the needed ones are finite and meet only zero taps).
-template <typename T, bool EDGE>
+template <typename T, bool EDGE, bool SAVE_A>
 MSCA_DEV void compute_s_tile_tc_impl(T* S, unsigned char* work_raw, const MscaGeom& gm, const T* __restrict__ u_img,
                                 int64_t sC, int64_t sH, int64_t sW, const float* __restrict__ w0,
                                 const float* __restrict__ b0, const float* __restrict__ ws,
-                                const float* __restrict__ bs, const uint4* __restrict__ band, const TileCtx& tc) {
+                                const float* __restrict__ bs, const uint4* __restrict__ band, const TileCtx& tc,
+                                const ASave& as) {
   zero_s_padding<T>(S, gm, tc);
   const int warp = threadIdx.x >> 5, lane = lane_id();
   const int g = lane >> 2, t = lane & 3;
@@ -430,39 +450,45 @@ MSCA_DEV void compute_s_tile_tc_impl(T* S, unsigned char* work_raw, const MscaGe
       channel_s_direct<T>(U, A, H7, H11, H21, S + (size_t)c * gm.s_ld, gm, w0 + (int64_t)c * 25, b0[c],
                           ws + (int64_t)c * 78, bs + (int64_t)c * 6, tc);
     }
+    if constexpr (SAVE_A) {
+      if (as.ptr != nullptr) store_a_tile_tc<T, EDGE>(A, gm, as, c, tc);
+    }
     __syncwarp();  // the next channel's u tile overwrites H
   }
   __syncthreads();
 }
 
 // Compute s for all channels of the tile into S[CP][s_ld] (rows >= C zeroed). Ends with a __syncthreads().
-template <typename T>
+template <typename T, bool SAVE_A>
 MSCA_DEV void compute_s_tile_tc(T* S, unsigned char* work_raw, const MscaGeom& gm, const T* __restrict__ u_img,
                                 int64_t sC, int64_t sH, int64_t sW, const float* __restrict__ w0,
                                 const float* __restrict__ b0, const float* __restrict__ ws,
-                                const float* __restrict__ bs, const uint4* __restrict__ band, const TileCtx& tc) {
+                                const float* __restrict__ bs, const uint4* __restrict__ band, const TileCtx& tc,
+                                const ASave& as) {
   const bool interior = tc.y0 >= 12 && tc.y0 + gm.TH + 12 <= tc.H && tc.x0 >= 12 && tc.x0 + gm.TW + 12 <= tc.W;
   if (interior)
-    compute_s_tile_tc_impl<T, false>(S, work_raw, gm, u_img, sC, sH, sW, w0, b0, ws, bs, band, tc);
+    compute_s_tile_tc_impl<T, false, SAVE_A>(S, work_raw, gm, u_img, sC, sH, sW, w0, b0, ws, bs, band, tc, as);
   else
-    compute_s_tile_tc_impl<T, true>(S, work_raw, gm, u_img, sC, sH, sW, w0, b0, ws, bs, band, tc);
+    compute_s_tile_tc_impl<T, true, SAVE_A>(S, work_raw, gm, u_img, sC, sH, sW, w0, b0, ws, bs, band, tc, as);
 }
 
 // s of the tile for the forward and backward-mix kernels (P: MscaFwdParams or MscaBwdParams; both hold u_dw, its
 // strides and the packed weights): the tensor-core variant (TC, fp16/bf16; band fragments at gm.tc_band_off of
-// p.workspace) or the FMA one (tf32: S rounded to TF32 for the TF32 channel mix). Ends with a __syncthreads().
-template <typename T, bool TC, typename P>
+// p.workspace) or the FMA one (tf32: S rounded to TF32 for the TF32 channel mix). SAVE_A (backward mix kernel): also
+// write a = dw5x5(u) + b0 of the tile's pixels to as.ptr (when not null) for the depthwise-backward kernel. Ends
+// with a __syncthreads().
+template <typename T, bool TC, bool SAVE_A = false, typename P>
 MSCA_DEV void compute_s_tile_of(T* S, unsigned char* smem, const MscaGeom& gm, const P& p, const TileCtx& tc,
-                                bool tf32) {
+                                bool tf32, const ASave& as = ASave{}) {
   const T* udw_img = reinterpret_cast<const T*>(p.u_dw) + (int64_t)tc.b * p.udw_sB;
   if constexpr (TC)
-    compute_s_tile_tc<T>(S, smem + gm.s_bytes, gm, udw_img, p.udw_sC, p.udw_sH, p.udw_sW, p.w0, p.b0, p.ws, p.bs,
-                         reinterpret_cast<const uint4*>(static_cast<const unsigned char*>(p.workspace) +
-                                                        gm.tc_band_off),
-                         tc);
+    compute_s_tile_tc<T, SAVE_A>(S, smem + gm.s_bytes, gm, udw_img, p.udw_sC, p.udw_sH, p.udw_sW, p.w0, p.b0, p.ws,
+                                 p.bs, reinterpret_cast<const uint4*>(static_cast<const unsigned char*>(p.workspace) +
+                                                                      gm.tc_band_off),
+                                 tc, as);
   else
-    compute_s_tile<T, T>(S, reinterpret_cast<float*>(smem + gm.s_bytes), gm, udw_img, p.udw_sC, p.udw_sH, p.udw_sW,
-                         p.w0, p.b0, p.ws, p.bs, tc, tf32);
+    compute_s_tile<T, T, SAVE_A>(S, reinterpret_cast<float*>(smem + gm.s_bytes), gm, udw_img, p.udw_sC, p.udw_sH,
+                                 p.udw_sW, p.w0, p.b0, p.ws, p.bs, tc, tf32, as);
 }
 
 }  // namespace msca

@@ -126,8 +126,8 @@ struct MscaBwdPlan {
   long long ctas2;    // depthwise-backward kernel CTAs (16x16 tiles)
   int tiles2_x, tiles2_y;
   size_t smem2;
-  size_t off_w3a, off_w3t, off_ds, off_p1, off_p2;  // byte offsets inside the workspace
-  int64_t ds_sB, ds_sC, ds_sH, ds_sW;                // strides of the d_s scratch (u's memory format, dense)
+  size_t off_w3a, off_w3t, off_ds, off_a, off_p1, off_p2;  // byte offsets inside the workspace
+  int64_t ds_sB, ds_sC, ds_sH, ds_sW;  // strides of the d_s and a scratch tensors (u's memory format, dense)
   size_t workspace_bytes;
 };
 
