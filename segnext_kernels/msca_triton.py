@@ -206,7 +206,7 @@ def _mix(w3_ptr, src_ptr, src_cstride, src_pix, pix_mask, co, com, C, TRANSPOSE:
             w = tl.load(w3_ptr + co[:, None] * C + ci[None, :], mask=com[:, None] & cim[None, :], other=0.0)
         sv = tl.load(src_ptr + ci.to(tl.int64)[:, None] * src_cstride + src_pix[None, :],
                      mask=cim[:, None] & pix_mask[None, :], other=0.0)
-        acc = tl.dot(w.to(DOT_DTYPE), sv.to(DOT_DTYPE), acc, input_precision=DOT_PREC)
+        acc = tl.dot(w.to(DOT_DTYPE), sv.to(DOT_DTYPE), acc, input_precision=DOT_PREC, out_dtype=ACC)
     return acc
 
 
@@ -340,7 +340,7 @@ def _msca_bwd_w3_kernel(datt_ptr, s_ptr, dw3_ptr, db3_ptr, C, HW, n_pchunks, n_w
                      mask=com[:, None] & pm[None, :], other=0.0)
         sv = tl.load(s_ptr + base + ci.to(tl.int64)[None, :] * HW + p[:, None],
                      mask=cim[None, :] & pm[:, None], other=0.0)
-        acc = tl.dot(da, sv, acc, input_precision=DOT_PREC)
+        acc = tl.dot(da, sv, acc, input_precision=DOT_PREC, out_dtype=ACC)
         dbias += tl.sum(da, axis=1)
     out = dw3_ptr + pid_s.to(tl.int64) * C * C + co[:, None] * C + ci[None, :]
     tl.store(out, acc, mask=com[:, None] & cim[None, :])

@@ -107,7 +107,8 @@ def _load_dr(base, d, dm, rr, rm, R):
 @triton.jit
 def _rmw_partial(pbase, d, dm, rr, part, t, p, RP: tl.constexpr):
     """Accumulate part [BD, RP] into a per-program (D, RP) partial; the program's first tile (t == p) overwrites,
-    so the buffer needs no zeroing."""
+    so the buffer needs no zeroing. Other threads of the program may have stored the rows at tile t - P (the load's
+    and the store's layouts need not match): the callers' tile loops begin with a barrier."""
     off = pbase + d[:, None].to(tl.int64) * RP + rr[None, :]
     keep = (rr * 0 + t) != p
     prev = tl.load(off, mask=dm[:, None] & keep[None, :], other=0.0)
@@ -181,6 +182,7 @@ def _nmf_coef_kernel(x_ptr, sxb, sxd, sxn, bases_ptr, g_ptr, cin_ptr, cout_ptr, 
     pbase = pxc_ptr + (b * P + p) * D * RP
     cc = tl.zeros([RP, RP], ACC)
     for t in range(p, T, P):
+        tl.debug_barrier()  # the previous tile's _rmw_partial stores before this tile's loads of the same rows
         n = t * BN + nn
         nm = n < N
         a = tl.zeros([BN, RP], ACC)
@@ -262,6 +264,7 @@ def _nmf_bwd_kernel(x_ptr, sxb, sxd, sxn, gy_ptr, sgb, sgd, sgn,
     pyb = pgy_ptr + (b * P + p) * D * RP
     gG = tl.zeros([RP, RP], ACC)
     for t in range(p, T, P):
+        tl.debug_barrier()  # the previous tile's _rmw_partial stores before this tile's loads of the same rows
         n = t * BN + nn
         nm = n < N
         cm = nm[:, None] & rm[None, :]
