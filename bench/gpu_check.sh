@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One-shot check of the CUDA backend (MSCA and NMF2D kernels) on a GPU machine (no network needed). Run from the repository root:
 #
-#     bash bench/gpu_check.sh
+#     BENCH_COMMIT=<commit> bash bench/gpu_check.sh
+#
+# <commit>: the commit being checked, written literally (e.g. the output of `git rev-parse --short HEAD` on the
+# machine that sends the working tree): a copy without .git cannot name it, and the result files record it.
 #
 # 1. builds segnext_kernels._C in place (SEGNEXT_KERNELS_FORCE_BUILD=1 python3 setup.py build_ext --inplace) for the
 #    local GPU's architecture (override with TORCH_CUDA_ARCH_LIST),
@@ -11,8 +14,9 @@
 #    production (CUDA graphs, autocast, opcheck, memory) GPU tests,
 # 4. runs the quick benchmarks (python3 -m bench.msca --quick, python3 -m bench.nmf --quick: bf16, SegNeXt stage
 #    shapes; cuda, triton, eager NCHW, eager channels_last, torch.compile), each within a time budget,
-# and writes everything to bench/results/ (log, build log, junit xml, CSV), copied to $OUT after every step when $OUT
-# is set. Each step's time limit shrinks to keep the whole script under GPU_CHECK_SECONDS (default 560 s); a failing
+# and writes everything to bench/results/ (log, build log, junit xml, CSV, JSON, PNG). When $OUT is set, after every
+# step the log is copied there and the rest packed into one archive, gpu_check_<stamp>.tar.gz (the device tool
+# returns at most 8 files): unpack it into bench/results/ (tar -xzf ... -C bench/results). Each step's time limit shrinks to keep the whole script under GPU_CHECK_SECONDS (default 560 s); a failing
 # step is reported and the next one still runs. Order: build, ptxas, cuda tests, triton tests, benchmarks.
 set -u
 cd "$(dirname "$0")/.."
@@ -23,24 +27,40 @@ MARK=$(mktemp)   # result files newer than this are this run's
 export BENCH_COMMIT=${BENCH_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 LOG="$RES/gpu_check_$STAMP.log"
 exec > >(tee -a "$LOG") 2>&1
+if [ "$BENCH_COMMIT" = unknown ]; then
+  echo "!!! BENCH_COMMIT is not set and this copy has no git history: the results are labelled commit 'unknown'."
+  echo "!!! Run it as BENCH_COMMIT=<commit> bash bench/gpu_check.sh"
+fi
+# pytest-xdist (on the GPU image): the Triton tests JIT-compile a few hundred kernel variants, serially about 10-18
+# minutes; parallel workers share the GPU
+if python3 -c "import xdist" 2>/dev/null; then
+  NW=$(( $(nproc) > 8 ? 8 : $(nproc) )); XDIST="-n $NW --dist loadfile"
+else
+  XDIST=""
+fi
 T0=$(date +%s)
 DEADLINE=$(( T0 + ${GPU_CHECK_SECONDS:-560} ))   # the device tool allows 600 s per call
 step() { echo; echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
 STATUS=0
-fail() { echo "!!! $1 failed (exit $2)"; STATUS=1; }
+fail() {
+  if [ "$2" -eq 124 ] || [ "$2" -eq 137 ]; then echo "!!! $1 timed out (exit $2)"; else echo "!!! $1 failed (exit $2)"; fi
+  STATUS=1
+}
 # cap LIMIT RESERVE: LIMIT seconds, or less so that RESERVE seconds stay for the later steps (at least 20)
 cap() { local c=$1 l=$(( DEADLINE - $(date +%s) - $2 )); [ $l -lt $c ] && c=$l; [ $c -lt 20 ] && c=20; echo $c; }
 # copy the results so far to $OUT (if set): a call cut short still returns what it has
 save() {
   [ -n "${OUT:-}" ] || return 0
   mkdir -p "$OUT"
-  for f in "$LOG" "$RES/build_$STAMP.log" "$RES/pytest_cuda_$STAMP.xml"; do
-    [ -f "$f" ] && cp "$f" "$OUT/" 2>/dev/null
-  done
-  find "$RES" -maxdepth 1 -type f \( -name 'msca_*' -o -name 'nmf_*' -o -name 'model_*' \) ! -name '*.tmp' \
-    -newer "$MARK" -exec cp {} "$OUT/" \; 2>/dev/null
+  cp "$LOG" "$OUT/" 2>/dev/null
+  # this run's other files, as one archive (names relative to bench/results)
+  (cd "$RES" && find . -maxdepth 1 -type f ! -name '*.tmp' ! -name "$(basename "$LOG")" -newer "$MARK" -printf '%P\n' |
+     tar -czf "$OUT/gpu_check_$STAMP.tar.gz.part" -T - 2>/dev/null) &&
+    mv "$OUT/gpu_check_$STAMP.tar.gz.part" "$OUT/gpu_check_$STAMP.tar.gz"
   return 0
 }
+trap save EXIT
+trap 'save; exit 143' TERM
 
 step "environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
@@ -87,13 +107,14 @@ done
 
 step "GPU tests of the cuda backend"
 timeout "$(cap 240 130)" python3 -m pytest tests/test_msca_cuda.py tests/test_nmf_cuda.py -q -rs -p no:cacheprovider \
-  --junitxml="$RES/pytest_cuda_$STAMP.xml" || fail "cuda backend tests" $?
+  $XDIST --junitxml="$RES/pytest_cuda_$STAMP.xml" || fail "cuda backend tests" $?
 save
 
-step "GPU tests of the Triton kernels, fused modules and production behaviour (MSCA, NMF)"
+step "GPU tests of the Triton kernels, fused modules and production behaviour (MSCA, NMF) ($XDIST)"
 PROD=$(ls tests/test_production_gpu.py 2>/dev/null)
 timeout "$(cap 180 100)" python3 -m pytest tests/test_msca_triton.py tests/test_msca_modules.py \
-  tests/test_nmf_triton.py tests/test_nmf_modules.py $PROD -q -rs -p no:cacheprovider || fail "triton tests" $?
+  tests/test_nmf_triton.py tests/test_nmf_modules.py $PROD -q -rs -p no:cacheprovider $XDIST \
+  --junitxml="$RES/pytest_triton_$STAMP.xml" || fail "triton tests" $?
 save
 
 step "quick benchmarks (bf16)"
