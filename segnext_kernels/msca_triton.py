@@ -394,7 +394,9 @@ def _strip_wgrad(part_ptr, c_idx, cmask, up, src_scr, src_base, vo, ACC: tl.cons
     tl.store(part_ptr + c_idx * 110 + 104 + BIDX, tl.sum(up, axis=1), mask=cmask)
 
 
-@triton.jit
+# n_ty, n_tx not specialised: equal to 1 (stage 4 at 512 x 512: one 16 x 16 tile per image) the JIT made them
+# constants and ptxas spilled 8 B for sm_90 (Triton 3.9); they only index tiles.
+@triton.jit(do_not_specialize=["n_ty", "n_tx"])
 def _msca_bwd_dw_kernel(u_ptr, w0_ptr, b0_ptr, ws_ptr, bs_ptr, ds_ptr, dug_ptr, du_ptr, scr_ptr, part_ptr,
                         C, H, W, sB, sC, sH, sW, dB, dC, dH, dW, n_ty, n_tx, n_tiles,
                         TH: tl.constexpr, TW: tl.constexpr, PA: tl.constexpr, PH: tl.constexpr, PO: tl.constexpr,

@@ -25,6 +25,9 @@ RUNS = (
               "segnext"]),
     ("msca_odd", ["--arch", "90,80", "--dtypes", "bf16,fp32", "--kernels", "msca", "--specialize", "--msca-shape",
                   "odd"]),
+    # the other stage geometries (several tiles each way, one tile per image, batch 1; see MSCA_SHAPES), sm_90 only
+    *((f"msca_{sh}", ["--arch", "90", "--dtypes", "bf16,fp32", "--kernels", "msca", "--specialize", "--msca-shape", sh])
+      for sh in ("multi", "stage4", "batch1")),
     ("nmf", ["--arch", "90,80", "--dtypes", "bf16,fp32", "--kernels", "nmf", "--ranks", "16,64", "--specialize"]),
     ("fp64", ["--arch", "90", "--dtypes", "fp64", "--ranks", "16"]),
 )
@@ -65,10 +68,12 @@ def test_every_kernel_compiles_for_sm90_and_sm80(rows):
 
 
 def test_msca_kernels_spill_free(rows):
-    msca = [r for r in rows if r["run"] in ("msca", "msca_odd")]
+    msca = [r for r in rows if r["run"].startswith("msca")]
     assert {(r["kernel"], r["run"], r["arch"], r["dtype"]) for r in msca} >= {
         (k, run, a, d) for k in ("_msca_fwd_kernel", "_msca_bwd_mix_kernel", "_msca_bwd_dw_kernel")
-        for run in ("msca", "msca_odd") for a in ("sm_90", "sm_80") for d in ("bf16", "fp32")}
+        for run in ("msca", "msca_odd") for a in ("sm_90", "sm_80") for d in ("bf16", "fp32")} | {
+        (k, f"msca_{sh}", "sm_90", d) for k in ("_msca_fwd_kernel", "_msca_bwd_mix_kernel", "_msca_bwd_dw_kernel")
+        for sh in ("multi", "stage4", "batch1") for d in ("bf16", "fp32")}
     spills = [f"{r['kernel']} ({r['run']}) {r['dtype']} {r['arch']}: {r['regs']} registers, stack {r['stack']} B"
               for r in msca if r["stack"] or r["local"]]
     assert not spills, "\n".join(spills)

@@ -83,7 +83,9 @@ def _spec(kernel, args, kwargs, specialize=False):
             sig[p.name] = "constexpr"
             const[(i,)] = v
         elif specialize and not isinstance(v, (bool, float)):
-            ty, attr = native_specialize_impl(CUDABackend, v, False, True, True)
+            # as the JIT: do_not_specialize / do_not_specialize_on_alignment of @triton.jit switch either part off
+            ty, attr = native_specialize_impl(CUDABackend, v, False, not p.do_not_specialize,
+                                              not p.do_not_specialize_on_alignment)
             if ty == "constexpr":
                 sig[p.name] = "constexpr"
                 const[(i,)] = v
@@ -132,8 +134,12 @@ NMF_SHAPES = {16: (2, 48, 300), 64: (2, 48, 320)}
 
 #: MSCA input shapes (B, C, H, W): "segnext" is a SegNeXt stage (C and H*W multiples of 16, as at every stage of
 #: 512 x 512 and 2048 x 1024 inputs: the JIT then specialises strides and sizes as divisible by 16); "odd" has no
-#: such divisibility (whole-image inference at arbitrary sizes).
-MSCA_SHAPES = {"segnext": (2, 64, 32, 32), "odd": (2, 40, 37, 45)}
+#: such divisibility (whole-image inference at arbitrary sizes). What else reaches the compiled code: the tile sizes
+#: (min of the GPU tile and H, W) and ints equal to 1 (one tile per row or column, batch 1): "multi" has several
+#: tiles each way (stages 1-3 at 512 x 512), "stage4" one 16 x 16 tile per image (stage 4 at 512 x 512, C = 512),
+#: "batch1" B = 1 with several tiles (Cityscapes 2048 x 1024).
+MSCA_SHAPES = {"segnext": (2, 64, 32, 32), "odd": (2, 40, 37, 45), "multi": (2, 64, 64, 64), "stage4": (2, 512, 16, 16),
+               "batch1": (1, 64, 64, 128)}
 
 
 def msca_launches(dtype, shape="odd") -> list:
