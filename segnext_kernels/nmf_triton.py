@@ -23,13 +23,16 @@ Forward kernels (everything accumulated in fp32, fp64 for fp64 inputs; x may be 
       once per tile, no atomics; the same x tile is re-read right after sweep 1, so that re-read is expected to
       hit L1/L2 rather than HBM -- not measured yet). The partials cost 2 x D x R x 4 bytes of L2 traffic per
       N-tile against D x BN x sizeof(x) bytes of x: BN (GPU_BLOCKS) is chosen large for that reason.
-  ``_nmf_bases_kernel`` (UPDATE=True), one program per sample: E = sum_p E partial[p] and H = sum_p H partial[p]
-      in a fixed order (deterministic), B_{k+1} = B_k * E / (B_k H + eps), and G_{k+1} = B_{k+1}^T B_{k+1}.
+  The bases update (as csrc/nmf_fwd.cu's): ``_nmf_psum_kernel`` H = sum_p H partial[p]; ``_nmf_bases_kernel``
+      (UPDATE=True), grid (NCH, B), one program per group of D chunks: E = sum_p E partial[p] on its rows,
+      B_{k+1} = B_k * E / (B_k H + eps) and its part of G_{k+1} = B_{k+1}^T B_{k+1}; ``_nmf_psum_kernel`` G = sum of
+      the parts. Every sum in a fixed order (deterministic). (One program per sample read all P partials, P x D x R
+      x 4 bytes, alone: about 35 MB per step at Cityscapes batch 1, R = 64.)
   ``_nmf_coef_kernel`` with RECON=True: the final coef update (init folded in too when K = 0) and the
       reconstruction Y_tile = B_K C_F_tile^T, written in x's dtype.
   Passes over x: one per step plus one for the final pass, K + 1 in total, plus one write of Y (eager PyTorch:
   2K + 2 reads: init, two per step, final). coef (N x R, fp32) is read and written once per step.
-  Launches: 2K + 2 (Gram, K coef passes, K bases updates, final) where eager needs about 90 for K = 7.
+  Launches: 4K + 2 (Gram, K coef passes, K bases updates of 3 kernels, final) where eager needs about 90 for K = 7.
 
 Backward (grad modes of ``nmf2d_reference``):
   "unrolled" (official SegNeXt / mmseg: back-prop through every step) and "one_step" (Hamburger paper /
@@ -116,25 +119,25 @@ def _rmw_partial(pbase, d, dm, rr, part, t, p, RP: tl.constexpr):
 
 
 @triton.jit
-def _nmf_bases_kernel(bin_ptr, bout_ptr, g_ptr, pxc_ptr, pcc_ptr, e_ptr, h_ptr, sc_ptr, D, R, P,
-                      BD: tl.constexpr, RP: tl.constexpr, UPDATE: tl.constexpr, STORE_EH: tl.constexpr,
+def _nmf_bases_kernel(bin_ptr, bout_ptr, gp_ptr, pxc_ptr, e_ptr, h_ptr, sc_ptr, D, R, P,
+                      BD: tl.constexpr, RP: tl.constexpr, UPDATE: tl.constexpr, STORE_E: tl.constexpr,
                       ACC: tl.constexpr, PREC: tl.constexpr):
-    """One program per sample. UPDATE: E = sum_p E_part[p], H = sum_p H_part[p] (fixed order),
-    B_out = B_in * E / (B_in H + eps). Always: G = B_out^T B_out, stored padded (RP, RP)."""
-    b = tl.program_id(0).to(tl.int64)
+    """Grid (NP, B): program (j, b) takes the D-chunks j, j + NP, ... of sample b. UPDATE: E = sum_p E partial[p]
+    over the chunk (fixed order), B_out = B_in * E / (B_in H + eps) with H = sum_p H partial[p] already summed at
+    h_ptr (B, RP, RP). Always: the program's part of G = B_out^T B_out, stored padded (RP, RP) at gp[b * NP + j]
+    (NP = 1: G itself)."""
+    j = tl.program_id(0)
+    npr = tl.num_programs(0)
+    b = tl.program_id(1).to(tl.int64)
     rr = tl.arange(0, RP)
     rm = rr < R
     dd = tl.arange(0, BD)
     eps = tl.load(sc_ptr)
     rr2 = rr[:, None] * RP + rr[None, :]
-    H = tl.zeros([RP, RP], ACC)
     if UPDATE:
-        for q in range(0, P):
-            H += tl.load(pcc_ptr + (b * P + q) * RP * RP + rr2)
-        if STORE_EH:
-            tl.store(h_ptr + b * RP * RP + rr2, H)
+        H = tl.load(h_ptr + b * RP * RP + rr2)
     G = tl.zeros([RP, RP], ACC)
-    for d0 in range(0, D, BD):
+    for d0 in range(j * BD, D, npr * BD):
         d = d0 + dd
         dm = d < D
         m2 = dm[:, None] & rm[None, :]
@@ -145,13 +148,25 @@ def _nmf_bases_kernel(bin_ptr, bout_ptr, g_ptr, pxc_ptr, pcc_ptr, e_ptr, h_ptr, 
             for q in range(0, P):
                 E += tl.load(pxc_ptr + ((b * P + q) * D + d[:, None]) * RP + rr[None, :], mask=dm[:, None],
                              other=0.0)
-            if STORE_EH:
+            if STORE_E:
                 tl.store(e_ptr + off, E, mask=m2)
             den = tl.dot(bt, H, input_precision=PREC, out_dtype=ACC) + eps
             bt = tl.where(m2, bt * E / den, 0.0)
             tl.store(bout_ptr + off, bt, mask=m2)
         G += tl.dot(tl.trans(bt), bt, input_precision=PREC, out_dtype=ACC)
-    tl.store(g_ptr + b * RP * RP + rr2, G)
+    tl.store(gp_ptr + (b * npr + j) * RP * RP + rr2, G)
+
+
+@triton.jit
+def _nmf_psum_kernel(src_ptr, dst_ptr, Q, n, BLK: tl.constexpr):
+    """Grid (cdiv(n, BLK), B): dst[b, i] = sum over q = 0, 1, ..., Q - 1 (in that order) of src[b, q, i], i < n."""
+    i = tl.program_id(0) * BLK + tl.arange(0, BLK)
+    b = tl.program_id(1).to(tl.int64)
+    m = i < n
+    acc = tl.load(src_ptr + b * Q * n + i, mask=m, other=0.0)
+    for q in range(1, Q):
+        acc += tl.load(src_ptr + (b * Q + q) * n + i, mask=m, other=0.0)
+    tl.store(dst_ptr + b * n + i, acc, mask=m)
 
 
 @triton.jit
@@ -456,6 +471,7 @@ class _Config:
             # tests/triton_aot.py (which records launches on CPU tensors) compiles what a GPU would run
             sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
             target = 2 * sms
+        self.sm_target = target  # programs wanted in a launch (about 2 per SM on a GPU)
         P = None
         for k, v in BLOCK_OVERRIDES.items():
             if k == "P":
@@ -487,7 +503,11 @@ class TritonKernels:
     def config(B, D, N, R, device, dtype, backward):
         cfg = _Config(B, D, N, R, device, backward=backward)
         cfg.acc = _dtypes(dtype)
-        cfg.work_floats = 0
+        # bases update: D-chunks of BD rows, at most one program per chunk, about 2 programs per SM in all
+        chunks = triton.cdiv(D, cfg.BD)
+        cfg.NCH = max(1, min(chunks, triton.cdiv(cfg.sm_target, max(B, 1))))
+        cfg.BLK_SUM = min(1024, cfg.RP * cfg.RP)
+        cfg.work_floats = B * cfg.RP * cfg.RP * (1 + cfg.NCH)
         cfg.sc = {}
         return cfg
 
@@ -507,17 +527,26 @@ class TritonKernels:
     @staticmethod
     def gram(cfg, bases, G):
         B, D, R = bases.shape
-        _nmf_bases_kernel[(B,)](bases, bases, G, G, G, G, G, G, D, R, 1,
-                                BD=cfg.BD, RP=cfg.RP, UPDATE=False, STORE_EH=False, ACC=cfg.acc[1],
-                                PREC=cfg.acc[2], num_warps=cfg.num_warps)
+        # one program per sample (NP = 1: G itself); unused pointers (eps too: UPDATE=False) get G
+        _nmf_bases_kernel[(1, B)](bases, bases, G, G, G, G, G, D, R, 1,
+                                  BD=cfg.BD, RP=cfg.RP, UPDATE=False, STORE_E=False, ACC=cfg.acc[1],
+                                  PREC=cfg.acc[2], num_warps=cfg.num_warps)
 
     @classmethod
     def bases_update(cls, cfg, bin, bout, G, pxc, pcc, E, H, eps, store_eh, work):
+        """Three launches: H = sum_p pcc; per D-chunk program E, B_out and a part of G; G = sum of the parts (every
+        sum in a fixed order). work: (B, RP, RP) for H unless stored, then (B, NCH, RP, RP) for the parts of G."""
         B, D, R = bin.shape
+        RP, nch = cfg.RP, cfg.NCH
         sc = cls._sc(cfg, eps, 1.0, bin.device)
-        _nmf_bases_kernel[(B,)](bin, bout, G, pxc, pcc, E if store_eh else sc, H if store_eh else sc, sc, D, R,
-                                cfg.P, BD=cfg.BD, RP=cfg.RP, UPDATE=True, STORE_EH=bool(store_eh),
-                                ACC=cfg.acc[1], PREC=cfg.acc[2], num_warps=cfg.num_warps)
+        hsum = H if store_eh else work[:B * RP * RP]
+        gp = work[B * RP * RP:B * RP * RP * (1 + nch)]
+        grid_rr = (triton.cdiv(RP * RP, cfg.BLK_SUM), B)
+        _nmf_psum_kernel[grid_rr](pcc, hsum, cfg.P, RP * RP, BLK=cfg.BLK_SUM, num_warps=4)
+        _nmf_bases_kernel[(nch, B)](bin, bout, gp, pxc, E if store_eh else sc, hsum, sc, D, R, cfg.P,
+                                    BD=cfg.BD, RP=RP, UPDATE=True, STORE_E=bool(store_eh), ACC=cfg.acc[1],
+                                    PREC=cfg.acc[2], num_warps=cfg.num_warps)
+        _nmf_psum_kernel[grid_rr](gp, G, nch, RP * RP, BLK=cfg.BLK_SUM, num_warps=4)
 
     @classmethod
     def coef(cls, cfg, x, bases, G, cin, cout, c0, pxc, pcc, y, eps, inv_t, *, init, store_c0, accum, recon):
