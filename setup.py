@@ -14,15 +14,20 @@ torch must be importable here, so install without build isolation::
     SEGNEXT_KERNELS_FORCE_BUILD=1 pip install --no-build-isolation -e .     # with the CUDA extension
     SEGNEXT_KERNELS_FORCE_BUILD=1 python setup.py build_ext --inplace       # extension only, in place
 
-Knobs: TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), MAX_JOBS (parallel compile jobs, read by torch's ninja build),
+Knobs: TORCH_CUDA_ARCH_LIST (default "8.0;9.0"; entries below 8.0 are dropped: the kernels need sm_80), MAX_JOBS (parallel compile jobs, read by torch's ninja build),
 NVCC_THREADS (nvcc --threads, default 2: both architectures of a file compile in parallel).
 """
+import importlib.util
 import os
 import sys
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# segnext_kernels/_arch.py by path: importing the package here would need its dependencies at build time
+_spec = importlib.util.spec_from_file_location("_segnext_arch", os.path.join(ROOT, "segnext_kernels", "_arch.py"))
+_arch = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_arch)
 FORCE = os.environ.get("SEGNEXT_KERNELS_FORCE_BUILD", "0") == "1"
 
 
@@ -49,7 +54,10 @@ def _extension_kwargs():
             _log("torch has CUDA but no CUDA toolkit (nvcc / CUDA_HOME) was found: installing pure Python; the "
                  "extension will be JIT-built on first use if nvcc appears")
             return {}
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    arch, dropped = _arch.supported_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"))
+    if dropped:
+        _log(f"TORCH_CUDA_ARCH_LIST: dropping {' '.join(dropped)} (the kernels need sm_80 or newer)")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch
     nvcc_threads = os.environ.get("NVCC_THREADS", "2")
     csrc = os.path.join("csrc")
     sources = [os.path.join(csrc, f) for f in ("msca_fwd.cu", "msca_bwd.cu", "nmf_fwd.cu", "nmf_bwd.cu", "binding.cpp")]

@@ -124,8 +124,8 @@ namespace nmf {
 // Bases update / Gram (fp32 SIMT)
 // ------------------------------------------------------------------------------------------------------------------
 __global__ void __launch_bounds__(NTHR) nmf_hsum_kernel(const float* __restrict__ pcc, float* __restrict__ hw,
-                                                       float* __restrict__ H, int P, int RP) {
-  const int64_t b = blockIdx.y;
+                                                       float* __restrict__ H, int P, int RP, int64_t b0) {
+  const int64_t b = b0 + blockIdx.y;
   const int e = blockIdx.x * NTHR + threadIdx.x;
   if (e >= RP * RP) return;
   const float* src = pcc + b * P * RP * RP + e;
@@ -136,8 +136,8 @@ __global__ void __launch_bounds__(NTHR) nmf_hsum_kernel(const float* __restrict_
 }
 
 __global__ void __launch_bounds__(NTHR) nmf_gsum_kernel(const float* __restrict__ gp, float* __restrict__ G, int nch,
-                                                       int RP) {
-  const int64_t b = blockIdx.y;
+                                                       int RP, int64_t b0) {
+  const int64_t b = b0 + blockIdx.y;
   const int e = blockIdx.x * NTHR + threadIdx.x;
   if (e >= RP * RP) return;
   const float* src = gp + b * nch * RP * RP + e;
@@ -148,8 +148,8 @@ __global__ void __launch_bounds__(NTHR) nmf_gsum_kernel(const float* __restrict_
 
 // Gram without a workspace (nmf_bases_launch with update = 0 and work = null): thread (i, j) sums over all D rows.
 __global__ void __launch_bounds__(NTHR) nmf_gram_direct_kernel(const float* __restrict__ bin, float* __restrict__ G,
-                                                              int64_t D, int R, int RP) {
-  const int64_t b = blockIdx.y;
+                                                              int64_t D, int R, int RP, int64_t b0) {
+  const int64_t b = b0 + blockIdx.y;
   const int e = blockIdx.x * NTHR + threadIdx.x;
   if (e >= RP * RP) return;
   const int i = e / RP, j = e % RP;
@@ -164,7 +164,7 @@ __global__ void __launch_bounds__(NTHR) nmf_gram_direct_kernel(const float* __re
 // grid (nch, B): rows [c*BDb, (c+1)*BDb) of one sample. update: E = sum_p pxc, B_out = B_in E / (B_in H + eps);
 // always: the chunk's Gram partial of B_out (or B_in) -> gp[b][c].
 __global__ void __launch_bounds__(NTHR) nmf_bupd_kernel(NmfBasesParams p, const float* __restrict__ hw,
-                                                       float* __restrict__ gp, int BDb, int nch) {
+                                                       float* __restrict__ gp, int BDb, int nch, int64_t b0) {
   SK_DYN_SMEM(smem);
   const int RP = p.RP, R = p.R;
   const int LD = RP + 1;
@@ -172,7 +172,7 @@ __global__ void __launch_bounds__(NTHR) nmf_bupd_kernel(NmfBasesParams p, const 
   float* bi = hs + (p.update ? RP * RP : 0);    // BDb x LD: B_in
   float* es = bi + BDb * LD;                    // BDb x LD: E
   float* bo = es + BDb * LD;                    // BDb x LD: B_out
-  const int64_t b = blockIdx.y;
+  const int64_t b = b0 + blockIdx.y;
   const int c = blockIdx.x;
   const int64_t d0 = (int64_t)c * BDb;
   const int nr = (int)((p.D - d0) < BDb ? (p.D - d0) : BDb);
@@ -226,9 +226,13 @@ void nmf_bases_launch(const NmfBasesParams& p, cudaStream_t stream) {
   if (p.R < 1 || p.R > 128 || p.RP != next_pow2_rp(p.R)) throw std::runtime_error("nmf_bases_launch: bad R / RP");
   if (p.D < 1) throw std::runtime_error("nmf_bases_launch: D must be >= 1");
   if (!p.G || !p.bin) throw std::runtime_error("nmf_bases_launch: null buffer");
+  // samples on gridDim.y (at most 65535): launches over chunks of samples, b0 the chunk's first
+  constexpr int64_t kMaxY = 65535;
   if (!p.work && !p.update) {  // Gram only, no workspace: one pass per sample
     const unsigned blocks = (unsigned)((p.RP * p.RP + NTHR - 1) / NTHR);
-    SK_LAUNCH(nmf_gram_direct_kernel, dim3(blocks, (unsigned)p.B), dim3(NTHR), 0, stream, p.bin, p.G, p.D, p.R, p.RP);
+    for (int64_t b0 = 0; b0 < p.B; b0 += kMaxY)
+      SK_LAUNCH(nmf_gram_direct_kernel, dim3(blocks, (unsigned)std::min(kMaxY, p.B - b0)), dim3(NTHR), 0, stream,
+                p.bin, p.G, p.D, p.R, p.RP, b0);
     return;
   }
   if (!p.work) throw std::runtime_error("nmf_bases_launch: null workspace");
@@ -240,15 +244,17 @@ void nmf_bases_launch(const NmfBasesParams& p, cudaStream_t stream) {
   float* hw = p.work;
   float* gp = p.work + (size_t)p.B * RP * RP;
   const unsigned rr_blocks = (unsigned)((RP * RP + NTHR - 1) / NTHR);
-  if (p.update) {
-    SK_LAUNCH(nmf_hsum_kernel, dim3(rr_blocks, (unsigned)p.B), dim3(NTHR), 0, stream, p.pcc, hw,
-              p.store_eh ? p.H : (float*)nullptr, p.P, RP);
-  }
   const size_t smem = ((p.update ? (size_t)RP * RP : 0) + (size_t)3 * bd * (RP + 1)) * sizeof(float);
   SK_SET_SMEM_ATTR(nmf_bupd_kernel, smem);
-  SK_LAUNCH(nmf_bupd_kernel, dim3((unsigned)nch, (unsigned)p.B), dim3(NTHR), smem, stream, p, (const float*)hw, gp, bd,
-            nch);
-  SK_LAUNCH(nmf_gsum_kernel, dim3(rr_blocks, (unsigned)p.B), dim3(NTHR), 0, stream, (const float*)gp, p.G, nch, RP);
+  for (int64_t b0 = 0; b0 < p.B; b0 += kMaxY) {
+    const unsigned nb = (unsigned)std::min(kMaxY, p.B - b0);
+    if (p.update)
+      SK_LAUNCH(nmf_hsum_kernel, dim3(rr_blocks, nb), dim3(NTHR), 0, stream, p.pcc, hw,
+                p.store_eh ? p.H : (float*)nullptr, p.P, RP, b0);
+    SK_LAUNCH(nmf_bupd_kernel, dim3((unsigned)nch, nb), dim3(NTHR), smem, stream, p, (const float*)hw, gp, bd, nch,
+              b0);
+    SK_LAUNCH(nmf_gsum_kernel, dim3(rr_blocks, nb), dim3(NTHR), 0, stream, (const float*)gp, p.G, nch, RP, b0);
+  }
 }
 
 namespace nmf {

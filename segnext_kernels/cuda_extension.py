@@ -7,8 +7,9 @@ Loading (``load_extension``, on first use of a "cuda" backend):
    on a machine with nvcc, or a plain install there: setup.py builds it whenever torch has CUDA), else
 2. a JIT build with ``torch.utils.cpp_extension.load`` (ninja) of ``csrc/*.cu`` and ``csrc/binding.cpp`` into
    ``~/.cache/segnext_kernels/<torch version>-cu<cuda version>/`` (override with ``SEGNEXT_KERNELS_BUILD_DIR``),
-   cached by ninja. ``TORCH_CUDA_ARCH_LIST`` selects the architectures as usual (default there: the visible GPU's);
-   ``NVCC_THREADS`` is passed to nvcc; ``SEGNEXT_KERNELS_VERBOSE_BUILD=1`` shows the compiler output.
+   cached by ninja. ``TORCH_CUDA_ARCH_LIST`` selects the architectures as usual (default there: the visible GPUs'),
+   entries below sm_80 dropped with a warning (segnext_kernels/_arch.py); ``NVCC_THREADS`` is passed to nvcc;
+   ``SEGNEXT_KERNELS_VERBOSE_BUILD=1`` shows the compiler output.
 
 A failed load or build is remembered for the process: later calls raise the same error (with the build log's path)
 instead of rebuilding. Users: ``msca_cuda`` (MSCA ops, whose fake implementations are registered right after the
@@ -21,9 +22,12 @@ import importlib.util
 import os
 import shutil
 import threading
+import warnings
 from pathlib import Path
 
 import torch
+
+from ._arch import supported_arch_list
 
 __all__ = ["cuda_status", "load_extension", "BUILD_HINT"]
 
@@ -102,6 +106,17 @@ def _jit_build():
     flags = ["-O3"]  # torch adds the C++ standard its headers need (C++17 or C++20)
     nvcc_threads = os.environ.get("NVCC_THREADS")
     cuda_flags = flags + ["-lineinfo"] + ([f"--threads={int(nvcc_threads)}"] if nvcc_threads else [])
+    # architectures: TORCH_CUDA_ARCH_LIST if set, else the visible GPUs'; those below sm_80 dropped (see _arch)
+    asked = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if asked is None and torch.cuda.is_available():
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        asked = ";".join(f"{a}.{b}" for a, b in caps)
+    arch, dropped = supported_arch_list(asked)
+    if dropped:
+        warnings.warn(f"segnext_kernels: building the CUDA extension without {' '.join(dropped)} (the kernels need "
+                      "sm_80 or newer)", stacklevel=3)
+    saved_env = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch
     try:
         module = load(
             name="segnext_kernels_C",
@@ -117,6 +132,11 @@ def _jit_build():
         log.write_text(f"{type(e).__name__}: {e}\n")
         raise RuntimeError(f"building the segnext_kernels CUDA extension failed ({type(e).__name__}); compiler output "
                            f"in {log} (build directory {build_dir}). To build ahead of time: {BUILD_HINT}") from e
+    finally:
+        if saved_env is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = saved_env
     if log.exists():
         log.unlink()
     return module

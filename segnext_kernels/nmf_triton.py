@@ -24,7 +24,7 @@ Forward kernels (everything accumulated in fp32, fp64 for fp64 inputs; x may be 
       hit L1/L2 rather than HBM -- not measured yet). The partials cost 2 x D x R x 4 bytes of L2 traffic per
       N-tile against D x BN x sizeof(x) bytes of x: BN (GPU_BLOCKS) is chosen large for that reason.
   The bases update (as csrc/nmf_fwd.cu's): ``_nmf_psum_kernel`` H = sum_p H partial[p]; ``_nmf_bases_kernel``
-      (UPDATE=True), grid (NCH, B), one program per group of D chunks: E = sum_p E partial[p] on its rows,
+      (UPDATE=True), grid (B, NCH), one program per group of D chunks: E = sum_p E partial[p] on its rows,
       B_{k+1} = B_k * E / (B_k H + eps) and its part of G_{k+1} = B_{k+1}^T B_{k+1}; ``_nmf_psum_kernel`` G = sum of
       the parts. Every sum in a fixed order (deterministic). (One program per sample read all P partials, P x D x R
       x 4 bytes, alone: about 35 MB per step at Cityscapes batch 1, R = 64.)
@@ -122,13 +122,13 @@ def _rmw_partial(pbase, d, dm, rr, part, t, p, RP: tl.constexpr):
 def _nmf_bases_kernel(bin_ptr, bout_ptr, gp_ptr, pxc_ptr, e_ptr, h_ptr, sc_ptr, D, R, P,
                       BD: tl.constexpr, RP: tl.constexpr, UPDATE: tl.constexpr, STORE_E: tl.constexpr,
                       ACC: tl.constexpr, PREC: tl.constexpr):
-    """Grid (NP, B): program (j, b) takes the D-chunks j, j + NP, ... of sample b. UPDATE: E = sum_p E partial[p]
+    """Grid (B, NP): program (b, j) takes the D-chunks j, j + NP, ... of sample b (B on axis 0: no 65535 limit). UPDATE: E = sum_p E partial[p]
     over the chunk (fixed order), B_out = B_in * E / (B_in H + eps) with H = sum_p H partial[p] already summed at
     h_ptr (B, RP, RP). Always: the program's part of G = B_out^T B_out, stored padded (RP, RP) at gp[b * NP + j]
     (NP = 1: G itself)."""
-    j = tl.program_id(0)
-    npr = tl.num_programs(0)
-    b = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    npr = tl.num_programs(1)
     rr = tl.arange(0, RP)
     rm = rr < R
     dd = tl.arange(0, BD)
@@ -159,9 +159,9 @@ def _nmf_bases_kernel(bin_ptr, bout_ptr, gp_ptr, pxc_ptr, e_ptr, h_ptr, sc_ptr, 
 
 @triton.jit
 def _nmf_psum_kernel(src_ptr, dst_ptr, Q, n, BLK: tl.constexpr):
-    """Grid (cdiv(n, BLK), B): dst[b, i] = sum over q = 0, 1, ..., Q - 1 (in that order) of src[b, q, i], i < n."""
-    i = tl.program_id(0) * BLK + tl.arange(0, BLK)
-    b = tl.program_id(1).to(tl.int64)
+    """Grid (B, cdiv(n, BLK)): dst[b, i] = sum over q = 0, 1, ..., Q - 1 (in that order) of src[b, q, i], i < n."""
+    b = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(1) * BLK + tl.arange(0, BLK)
     m = i < n
     acc = tl.load(src_ptr + b * Q * n + i, mask=m, other=0.0)
     for q in range(1, Q):
@@ -528,7 +528,7 @@ class TritonKernels:
     def gram(cfg, bases, G):
         B, D, R = bases.shape
         # one program per sample (NP = 1: G itself); unused pointers (eps too: UPDATE=False) get G
-        _nmf_bases_kernel[(1, B)](bases, bases, G, G, G, G, G, D, R, 1,
+        _nmf_bases_kernel[(B, 1)](bases, bases, G, G, G, G, G, D, R, 1,
                                   BD=cfg.BD, RP=cfg.RP, UPDATE=False, STORE_E=False, ACC=cfg.acc[1],
                                   PREC=cfg.acc[2], num_warps=cfg.num_warps)
 
@@ -541,9 +541,9 @@ class TritonKernels:
         sc = cls._sc(cfg, eps, 1.0, bin.device)
         hsum = H if store_eh else work[:B * RP * RP]
         gp = work[B * RP * RP:B * RP * RP * (1 + nch)]
-        grid_rr = (triton.cdiv(RP * RP, cfg.BLK_SUM), B)
+        grid_rr = (B, triton.cdiv(RP * RP, cfg.BLK_SUM))
         _nmf_psum_kernel[grid_rr](pcc, hsum, cfg.P, RP * RP, BLK=cfg.BLK_SUM, num_warps=4)
-        _nmf_bases_kernel[(nch, B)](bin, bout, gp, pxc, E if store_eh else sc, hsum, sc, D, R, cfg.P,
+        _nmf_bases_kernel[(B, nch)](bin, bout, gp, pxc, E if store_eh else sc, hsum, sc, D, R, cfg.P,
                                     BD=cfg.BD, RP=RP, UPDATE=True, STORE_E=bool(store_eh), ACC=cfg.acc[1],
                                     PREC=cfg.acc[2], num_warps=cfg.num_warps)
         _nmf_psum_kernel[grid_rr](gp, G, nch, RP * RP, BLK=cfg.BLK_SUM, num_warps=4)

@@ -2,8 +2,10 @@
 the extension where it cannot run raises an error saying why and how to build it, and a failed build is reported
 with its log and remembered (not retried on every call). Loading on a GPU: tests/test_msca_cuda.py."""
 import importlib
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,3 +65,42 @@ def test_backends_share_the_one_loader():
 
     assert msca_cuda.load_extension is cuda_extension.load_extension
     assert msca_cuda.cuda_status is cuda_extension.cuda_status
+
+
+@pytest.mark.parametrize("value, built, dropped", [
+    (None, "8.0;9.0", []),
+    ("", "8.0;9.0", []),
+    ("8.0;9.0", "8.0;9.0", []),
+    ("7.5;8.0;9.0", "8.0;9.0", ["7.5"]),          # e.g. a container's default list: the build would fail on 7.5
+    ("6.1 7.0 8.6+PTX 9.0a", "8.6+PTX;9.0a", ["6.1", "7.0"]),
+    ("7.5", "8.0;9.0", ["7.5"]),                  # nothing left: the default
+])
+def test_arch_list_keeps_sm80_and_newer(value, built, dropped):
+    from segnext_kernels._arch import supported_arch_list
+    assert supported_arch_list(value) == (built, dropped)
+
+
+def test_arch_list_rejects_names_it_cannot_read():
+    from segnext_kernels._arch import supported_arch_list
+    with pytest.raises(ValueError, match="TORCH_CUDA_ARCH_LIST.*'Ampere'"):
+        supported_arch_list("8.0;Ampere")
+
+
+def test_setup_and_jit_build_filter_the_arch_list(monkeypatch, tmp_path):
+    """The JIT build hands torch's loader the filtered list and restores the caller's variable afterwards."""
+    from segnext_kernels import cuda_extension
+    seen = {}
+
+    def fake_load(**kw):
+        seen["arch"] = os.environ.get("TORCH_CUDA_ARCH_LIST")
+        return object()
+
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.5;9.0")
+    monkeypatch.setenv("SEGNEXT_KERNELS_BUILD_DIR", str(tmp_path))
+    monkeypatch.setattr("torch.utils.cpp_extension.load", fake_load)
+    with pytest.warns(UserWarning, match="without 7.5"):
+        cuda_extension._jit_build()
+    assert seen["arch"] == "9.0"
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "7.5;9.0"
+    src = (Path(__file__).resolve().parent.parent / "setup.py").read_text()
+    assert "supported_arch_list(os.environ.get(\"TORCH_CUDA_ARCH_LIST\"))" in src
