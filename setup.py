@@ -14,8 +14,9 @@ torch must be importable here, so install without build isolation::
     SEGNEXT_KERNELS_FORCE_BUILD=1 pip install --no-build-isolation -e .     # with the CUDA extension
     SEGNEXT_KERNELS_FORCE_BUILD=1 python setup.py build_ext --inplace       # extension only, in place
 
-Knobs: TORCH_CUDA_ARCH_LIST (default "8.0;9.0"; entries below 8.0 are dropped: the kernels need sm_80), MAX_JOBS (parallel compile jobs, read by torch's ninja build),
-NVCC_THREADS (nvcc --threads, default 2: both architectures of a file compile in parallel).
+Knobs: TORCH_CUDA_ARCH_LIST (default "8.0;9.0"; entries below 8.0 are dropped: the kernels need sm_80), MAX_JOBS
+(parallel compile jobs, read by torch's ninja build), NVCC_THREADS (nvcc --threads, default 2: both architectures of
+a file compile in parallel).
 """
 import importlib.util
 import os

@@ -16,8 +16,9 @@
 #    shapes; cuda, triton, eager NCHW, eager channels_last, torch.compile), each within a time budget,
 # and writes everything to bench/results/ (log, build log, junit xml, CSV, JSON, PNG). When $OUT is set, after every
 # step the log is copied there and the rest packed into one archive, gpu_check_<stamp>.tar.gz (the device tool
-# returns at most 8 files): unpack it into bench/results/ (tar -xzf ... -C bench/results). Each step's time limit shrinks to keep the whole script under GPU_CHECK_SECONDS (default 560 s); a failing
-# step is reported and the next one still runs. Order: build, ptxas, cuda tests, triton tests, benchmarks.
+# returns at most 8 files): unpack it into bench/results/ (tar -xzf ... -C bench/results). Each step's time limit
+# shrinks to keep the whole script under GPU_CHECK_SECONDS (default 560 s); a failing step is reported and the next
+# one still runs. Order: build, ptxas, cuda tests, triton tests, benchmarks.
 set -u
 cd "$(dirname "$0")/.."
 RES=bench/results
@@ -43,7 +44,8 @@ DEADLINE=$(( T0 + ${GPU_CHECK_SECONDS:-560} ))   # the device tool allows 600 s 
 step() { echo; echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
 STATUS=0
 fail() {
-  if [ "$2" -eq 124 ] || [ "$2" -eq 137 ]; then echo "!!! $1 timed out (exit $2)"; else echo "!!! $1 failed (exit $2)"; fi
+  if [ "$2" -eq 124 ] || [ "$2" -eq 137 ]; then echo "!!! $1 timed out (exit $2)"
+  else echo "!!! $1 failed (exit $2)"; fi
   STATUS=1
 }
 # cap LIMIT RESERVE: LIMIT seconds, or less so that RESERVE seconds stay for the later steps (at least 20)

@@ -122,10 +122,10 @@ def _rmw_partial(pbase, d, dm, rr, part, t, p, RP: tl.constexpr):
 def _nmf_bases_kernel(bin_ptr, bout_ptr, gp_ptr, pxc_ptr, e_ptr, h_ptr, sc_ptr, D, R, P,
                       BD: tl.constexpr, RP: tl.constexpr, UPDATE: tl.constexpr, STORE_E: tl.constexpr,
                       ACC: tl.constexpr, PREC: tl.constexpr):
-    """Grid (B, NP): program (b, j) takes the D-chunks j, j + NP, ... of sample b (B on axis 0: no 65535 limit). UPDATE: E = sum_p E partial[p]
-    over the chunk (fixed order), B_out = B_in * E / (B_in H + eps) with H = sum_p H partial[p] already summed at
-    h_ptr (B, RP, RP). Always: the program's part of G = B_out^T B_out, stored padded (RP, RP) at gp[b * NP + j]
-    (NP = 1: G itself)."""
+    """Grid (B, NP): program (b, j) takes the D-chunks j, j + NP, ... of sample b (B on axis 0: no 65535 limit).
+    UPDATE: E = sum_p E partial[p] over the chunk (fixed order), B_out = B_in * E / (B_in H + eps) with
+    H = sum_p H partial[p] already summed at h_ptr (B, RP, RP). Always: the program's part of G = B_out^T B_out,
+    stored padded (RP, RP) at gp[b * NP + j] (NP = 1: G itself)."""
     b = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
     npr = tl.num_programs(1)
