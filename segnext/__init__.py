@@ -3,7 +3,7 @@
 Module tree, forward order, configs and state_dict keys follow the official
 Visual-Attention-Network/SegNeXt code (see ``shared/spec/reference_model.md``).
 """
-from .checkpoint import LoadReport, load_checkpoint, read_state_dict
+from .checkpoint import CheckpointError, LoadReport, load_checkpoint, read_state_dict
 from .ham_head import (ConvModule, Hamburger, LightHamHead, NMF2D, nmf2d_reference,
                        nmf_bases_update, nmf_coef_update)
 from .mscan import (MSCAN, AttentionModule, Block, DropPath, Mlp, OverlapPatchEmbed,
@@ -16,5 +16,5 @@ __all__ = [
     "ConvModule", "NMF2D", "Hamburger", "LightHamHead", "nmf2d_reference", "nmf_coef_update",
     "nmf_bases_update",
     "SegNeXt", "segnext_t", "segnext_s", "segnext_b", "segnext_l",
-    "load_checkpoint", "read_state_dict", "LoadReport",
+    "load_checkpoint", "read_state_dict", "LoadReport", "CheckpointError",
 ]

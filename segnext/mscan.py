@@ -17,6 +17,8 @@ from typing import Mapping, Sequence, Union
 import torch
 from torch import nn
 
+from .depthwise import DepthwiseConv2d
+
 NormCfg = Union[str, Mapping, None]
 
 __all__ = ["MSCAN", "StemConv", "OverlapPatchEmbed", "AttentionModule", "SpatialAttention",
@@ -127,10 +129,10 @@ class AttentionModule(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.conv0 = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)
+        self.conv0 = DepthwiseConv2d(dim, dim, 5, padding=2, groups=dim)
         for i, k in enumerate((7, 11, 21)):
-            setattr(self, f"conv{i}_1", nn.Conv2d(dim, dim, (1, k), padding=(0, k // 2), groups=dim))
-            setattr(self, f"conv{i}_2", nn.Conv2d(dim, dim, (k, 1), padding=(k // 2, 0), groups=dim))
+            setattr(self, f"conv{i}_1", DepthwiseConv2d(dim, dim, (1, k), padding=(0, k // 2), groups=dim))
+            setattr(self, f"conv{i}_2", DepthwiseConv2d(dim, dim, (k, 1), padding=(k // 2, 0), groups=dim))
         self.conv3 = nn.Conv2d(dim, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -169,7 +171,7 @@ class DWConv(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+        self.dwconv = DepthwiseConv2d(dim, dim, 3, 1, 1, groups=dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dwconv(x)

@@ -102,7 +102,10 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"photograph to segment (default: matplotlib's sample {SAMPLE_IMAGE})")
     p.add_argument("--checkpoint", metavar="PATH",
                    help="official SegNeXt / mmseg SegNeXt-T ADE20K checkpoint (default: seeded random weights, "
-                        "which make the class map meaningless)")
+                        "which make the class map meaningless); read with torch.load(weights_only=True)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow a full pickle load of --checkpoint (RUNS CODE FROM THE FILE: trusted files only; "
+                        "needed only for mmengine files whose extra entries hold non-tensor objects)")
     p.add_argument("--size", type=int, metavar="N",
                    help=f"short side of the model input in pixels, >= {MIN_SIZE} (default: {GPU_SIZE} on cuda, "
                         f"{CPU_SIZE} on cpu where the kernels run in Triton's interpreter)")
@@ -167,7 +170,8 @@ def _set_nmf_generator(model: torch.nn.Module, gen: torch.Generator) -> None:
             m.generator = gen
 
 
-def _build_model(checkpoint: Optional[str], seed: int, gen: torch.Generator) -> torch.nn.Module:
+def _build_model(checkpoint: Optional[str], seed: int, gen: torch.Generator,
+                 trust_pickle: bool = False) -> torch.nn.Module:
     import segnext
 
     with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's global RNG
@@ -177,7 +181,7 @@ def _build_model(checkpoint: Optional[str], seed: int, gen: torch.Generator) -> 
         if not os.path.isfile(checkpoint):
             raise DemoError(f"--checkpoint: no such file: {checkpoint!r}")
         try:
-            segnext.load_checkpoint(model, checkpoint, strict=True)
+            segnext.load_checkpoint(model, checkpoint, strict=True, trust_pickle=trust_pickle)
         except (RuntimeError, TypeError, OSError, ValueError) as err:
             raise DemoError(f"--checkpoint: {checkpoint!r} does not load into SegNeXt-T (150 classes): {err}")
     return model.eval()
@@ -292,7 +296,7 @@ def _demo(args) -> int:
         raise DemoError(str(err))
 
     gen = torch.Generator(device="cpu")
-    model = _build_model(args.checkpoint, args.seed, gen).to(device)
+    model = _build_model(args.checkpoint, args.seed, gen, args.trust_pickle).to(device)
     fused = copy.deepcopy(model)
     _set_nmf_generator(fused, gen)  # one generator for both, re-seeded before each forward
     n_fused = fuse_msca(fused, backend=args.backend)

@@ -19,6 +19,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from segnext.depthwise import depthwise_conv2d
+
 #: The strip kernel sizes, in the official branch order.
 STRIP_SIZES = (7, 11, 21)
 #: Offsets of the six strip convs inside the packed (C, 78) strip-weight tensor, official order
@@ -57,15 +59,18 @@ def msca_reference(
     Returns:
         (B, C, H, W) in u's dtype. Differentiable by autograd with respect to every argument.
 
+    float16 on CPU: the depthwise convs run in float32 and round once to float16 (``segnext.depthwise``; oneDNN's
+    float16 CPU depthwise path hangs on AVX512-FP16 CPUs), the 1x1 mix in float16 as eager.
+
     No input checks: callers go through ``segnext_kernels.msca``, which validates.
     """
     C = u.shape[1]
-    a = F.conv2d(u, conv0_weight, conv0_bias, padding=2, groups=C)
+    a = depthwise_conv2d(u, conv0_weight, conv0_bias, padding=2, groups=C)
     s = a
     for i, k in enumerate(STRIP_SIZES):
         p = k // 2
-        h = F.conv2d(a, strip_weights[2 * i], strip_biases[2 * i], padding=(0, p), groups=C)
-        v = F.conv2d(h, strip_weights[2 * i + 1], strip_biases[2 * i + 1], padding=(p, 0), groups=C)
+        h = depthwise_conv2d(a, strip_weights[2 * i], strip_biases[2 * i], padding=(0, p), groups=C)
+        v = depthwise_conv2d(h, strip_weights[2 * i + 1], strip_biases[2 * i + 1], padding=(p, 0), groups=C)
         s = s + v
     att = F.conv2d(s, conv3_weight, conv3_bias)
     return att * u

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import segnext
 from segnext import MSCAN, load_checkpoint, mscan_t, segnext_t
 
 DW_KEY = "backbone.block1.0.mlp.dwconv.dwconv.weight"
@@ -165,9 +166,70 @@ def test_file_needing_weights_only_false(tmp_path, source):
     finally:
         del sys.modules[fake.__name__]  # class no longer importable at load time
     model = _fresh()
-    with pytest.warns(UserWarning, match="weights_only=False"):
-        assert load_checkpoint(model, tmp_path / "mmengine.pth") == ([], [], [])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(segnext.CheckpointError, match=r"mmengine\.pth.*trust_pickle=True") as err:
+        load_checkpoint(model, tmp_path / "mmengine.pth")
+    assert "Traceback" not in str(err.value) and err.value.__cause__ is None
+    _assert_same(model, before)
+    assert load_checkpoint(model, tmp_path / "mmengine.pth", trust_pickle=True) == ([], [], [])
     _assert_same(model, sd)
+
+
+class _Payload:
+    """Unpickling this runs code: it writes the file named by ``target``."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.target!r}, 'w').write('pwned')",))
+
+
+def test_pickle_payload_never_runs_by_default(tmp_path, source):
+    _, sd = source
+    target = tmp_path / "pwned.txt"
+    torch.save({"state_dict": sd, "meta": {"hook": _Payload(target)}}, tmp_path / "evil.pth")
+    with pytest.raises(segnext.CheckpointError, match="evil.pth"):
+        load_checkpoint(_fresh(), tmp_path / "evil.pth")
+    with pytest.raises(segnext.CheckpointError):
+        segnext.read_state_dict(tmp_path / "evil.pth")
+    assert not target.exists()
+    # the payload is real: the explicit, documented full-pickle load does run it
+    load_checkpoint(_fresh(), tmp_path / "evil.pth", trust_pickle=True)
+    assert target.read_text() == "pwned"
+
+
+def test_numpy_meta_loads_without_pickle(tmp_path, source):
+    np = pytest.importorskip("numpy")
+    _, sd = source
+    torch.save({"state_dict": sd, "meta": {"seed": np.int64(7), "hist": np.arange(3.0)}}, tmp_path / "np.pth")
+    model = _fresh()
+    assert load_checkpoint(model, tmp_path / "np.pth") == ([], [], [])
+    _assert_same(model, sd)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04truncated zip"])
+def test_corrupt_file_one_clear_error(tmp_path, content):
+    path = tmp_path / "broken.pth"
+    path.write_bytes(content)
+    with pytest.raises(segnext.CheckpointError, match=r"broken\.pth.*cannot be read") as err:
+        load_checkpoint(_fresh(), path)
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+    assert len(str(err.value).splitlines()) == 1
+    with pytest.raises(segnext.CheckpointError, match="no such file"):
+        load_checkpoint(_fresh(), tmp_path / "absent.pth")
+
+
+def test_nothing_matches_gives_a_summary(source):
+    _, sd = source
+    foreign = {f"encoder.layer{i}.weight": torch.zeros(3) for i in range(40)}
+    with pytest.raises(RuntimeError) as err:
+        load_checkpoint(_fresh(), foreign)
+    msg = str(err.value)
+    n_model = len(_fresh().state_dict())
+    assert f"{n_model} missing, 40 unexpected" in msg and "no key matches" in msg
+    assert len(msg.splitlines()) <= 1 + 2 * 6 + 2, msg
+    assert "... and 35 more unexpected keys" in msg
 
 
 def test_not_a_state_dict():
