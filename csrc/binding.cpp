@@ -17,8 +17,8 @@
 //                                                        tensor cores (fp16/bf16) or fp32 FMA (msca_dw_tc.cuh); read
 //                                                        by each op: keep it unchanged from a forward to its backward
 //
-// Built with -DSEGNEXT_EMU (g++ only, CPU torch; tests/test_cuda_backend_emu.py), the same binding registers the ops
-// for CPU tensors and the kernels run in the CPU emulation of tests/emu/cuda_emu.h: the device-runtime calls below
+// Built with -DSEGNEXT_EMU (g++ only, CPU torch; tests/integration/test_cuda_backend_emu.py), the same binding registers the ops
+// for CPU tensors and the kernels run in the CPU emulation of tests/helpers/emu/cuda_emu.h: the device-runtime calls below
 // (device guard, stream, device attributes, launch-error check) are the only lines that differ.
 #include <torch/extension.h>
 #include <torch/library.h>

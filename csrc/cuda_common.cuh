@@ -1,7 +1,7 @@
 // Device building blocks shared by every kernel of the extension (MSCA and NMF): the emulation switch, launch
 // macros, dtype helpers, tensor-core wrappers (mma.sync, ldmatrix) and warp reductions.
 //
-// Compiled by nvcc for the GPU, and by g++ with -DSEGNEXT_EMU for the CPU emulation tests (tests/emu/cuda_emu.h),
+// Compiled by nvcc for the GPU, and by g++ with -DSEGNEXT_EMU for the CPU emulation tests (tests/helpers/emu/cuda_emu.h),
 // which replace the few inline-PTX wrappers below by emulations with the documented fragment layouts.
 #pragma once
 

@@ -29,7 +29,7 @@ constexpr int NTHR = 256;  // threads of every NMF kernel
 constexpr int BD = 32;     // D-chunk of the pass kernels
 
 #ifdef SEGNEXT_EMU
-// the emulated device's opt-in shared memory per block (tests/emu/nmf_emu_main.cpp sets it)
+// the emulated device's opt-in shared memory per block (tests/helpers/emu/nmf_emu_main.cpp sets it)
 inline int& emu_smem_limit() {
   static int v = 232448;
   return v;

@@ -536,7 +536,7 @@ TILE_OVERRIDES: dict = {}
 
 #: The geometry used on a GPU, per kernel (the backward kernels exchange data only through full-size global
 #: tensors, so their tiles are independent). Chosen from the ptxas report of the AOT compile check
-#: (tests/triton_aot.py, specialised at both --msca-shape and generic): the largest tiles with no register spills and
+#: (tests/helpers/triton_aot.py, specialised at both --msca-shape and generic): the largest tiles with no register spills and
 #: no stack frame for sm_90 and sm_80, fp32 and bf16 (Triton 3.9). Not yet timed on a GPU: smaller backward tiles
 #: cost more halo recompute.
 #: fwd: phase B (1x1 mix, bias, gating, store) runs on BLOCK_P = 256 of the 512 tile pixels at a time: with all 512

@@ -406,7 +406,7 @@ BLOCK_OVERRIDES: dict = {}
 #: pipelining stages of its three D-loops (sweep 1, sweep 2 when ACCUM, the reconstruction when RECON). *_BWD: the same
 #: for ``_nmf_bwd_kernel`` (stages of its two sweeps). BN_X x BD_X: the g_X tile, RK_X: columns of R per g_X product.
 #:
-#: Chosen from the ptxas report of tests/triton_aot.py (Triton 3.9 / ptxas 12.9 and 13.4; sm_90 and sm_80; bf16 and
+#: Chosen from the ptxas report of tests/helpers/triton_aot.py (Triton 3.9 / ptxas 12.9 and 13.4; sm_90 and sm_80; bf16 and
 #: fp32; R = 16 and 64; arguments specialised as the JIT does): no stack frame in any kernel, and none with generic
 #: arguments either except the R = 64 backward (below). Every product is an fp32 "ieee" dot lowered to FMAs, so the
 #: kernels are expected to be FMA/issue-bound (not yet timed) and registers, not bandwidth, bound the tiles; BN
@@ -468,7 +468,7 @@ class _Config:
                 # the (BN, RP) register tiles grow with RP: keep them at their RP = 16 size
                 self.BN = max(16, self.BN * 16 // self.RP)
             # the GPU geometry also applies to non-CUDA tensors outside the interpreter, so that
-            # tests/triton_aot.py (which records launches on CPU tensors) compiles what a GPU would run
+            # tests/helpers/triton_aot.py (which records launches on CPU tensors) compiles what a GPU would run
             sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
             target = 2 * sms
         self.sm_target = target  # programs wanted in a launch (about 2 per SM on a GPU)

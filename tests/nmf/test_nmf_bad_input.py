@@ -105,7 +105,7 @@ def test_eps_that_rounds_to_zero_really_gives_nan():
     assert torch.isfinite(y).all()
 
 
-# unknown backend names ("cudnn") and backend="cuda" on CPU tensors: tests/test_nmf_triton.py::test_backend_selection
+# unknown backend names ("cudnn") and backend="cuda" on CPU tensors: tests/nmf/test_nmf_triton.py::test_backend_selection
 def test_backend_none():
     with pytest.raises(ValueError, match=r"backend: expected one of \('auto', 'cuda', 'triton', 'reference'\), got None"):
         _call(None)
@@ -168,4 +168,4 @@ def test_fused_nmf2d_errors_at_forward():
         m([1.0])
     with pytest.raises(TypeError, match=r"x: expected dtype float16, bfloat16, float32 or float64, got torch.int64"):
         m(x.long())
-    # C not divisible by MD_S and a wrong bases shape: tests/test_nmf_modules.py::test_generator_option_and_explicit_bases
+    # C not divisible by MD_S and a wrong bases shape: tests/nmf/test_nmf_modules.py::test_generator_option_and_explicit_bases

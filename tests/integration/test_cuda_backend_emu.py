@@ -1,6 +1,6 @@
 """The "cuda" backend end to end on the CPU: the package's own extension code (``csrc/binding.cpp`` and the kernel
 files) built with g++ and ``-DSEGNEXT_EMU`` into a torch extension whose ``segnext::`` ops take CPU tensors, the
-kernels running in the CUDA emulation of ``tests/emu/cuda_emu.h`` (``tests/emu_build.py`` builds it).
+kernels running in the CUDA emulation of ``tests/helpers/emu/cuda_emu.h`` (``tests/helpers/emu_build.py`` builds it).
 
 What this adds to the kernel-level emulation tests (test_msca_cuda_emu.py, test_nmf_cuda_emu.py, which call the
 launchers through C shims): the path a user's call takes on a GPU, from ``segnext_kernels.msca`` / ``nmf2d`` with
@@ -9,8 +9,8 @@ fakes (``torch.library.opcheck``), binding.cpp's argument checks, stride and lay
 channels_last ``u``), workspace allocation, NaN poisoning and partial-gradient handling, down to the kernels. The
 GPU tests' own check function (``test_msca_cuda.check``) runs here too. Not covered: anything of the real device
 runtime (streams, device guard, launch errors, device attributes: binding.cpp's ``SEGNEXT_EMU`` block stands in for
-them with an H100's 132 SMs and 227 KB of shared memory), timing and the hardware (tests/test_msca_cuda.py,
-tests/test_nmf_cuda.py on a GPU).
+them with an H100's 132 SMs and 227 KB of shared memory), timing and the hardware (tests/msca/test_msca_cuda_gpu.py,
+tests/nmf/test_nmf_cuda_gpu.py on a GPU).
 
 Skipped, saying why, where g++, ninja or the CUDA headers are missing. The first test builds the extension (about a
 minute; cached under pytest's cache directory, or a session temp dir with ``-p no:cacheprovider``).
@@ -30,13 +30,11 @@ from segnext_kernels import backend, cuda_extension, msca_cuda, nmf_cuda
 from segnext_kernels.msca_reference import pack_weights
 from segnext_kernels.nmf import nmf2d
 
-from msca_helpers import make_msca
+from msca_helpers import GRAD_NAMES, check_backend as msca_check, check_fused_segnext_t_matches_eager, make_msca, run_backend
 from nmf_helpers import check as nmf_check, make as nmf_make, max_err as nmf_max_err, opcheck_nmf_ops
 from autocast_checks import (check_autocast_fused_model, check_autocast_fused_msca,
                              check_autocast_nmf2d_updates_stay_fp32)
 from emu_build import build_torch_extension, skip_reason
-from test_msca_cuda import GRAD_NAMES, check as msca_check, run_backend
-from test_msca_modules import check_fused_segnext_t_matches_eager
 
 pytestmark = pytest.mark.skipif(skip_reason(torch_extension=True) is not None,
                                 reason=str(skip_reason(torch_extension=True)))
@@ -101,7 +99,7 @@ def test_msca_public_api_forward_backward(case, monkeypatch):
 
 def test_fused_segnext_t_matches_eager_model():
     """All 13 MSCA modules of SegNeXt-T on the cuda backend (C from 32 to 256): logits and every parameter gradient
-    against the eager model (the check tests/test_msca_modules.py runs for Triton)."""
+    against the eager model (the check tests/msca/test_msca_modules.py runs for Triton)."""
     check_fused_segnext_t_matches_eager("cuda", torch.device("cpu"))
 
 
@@ -264,7 +262,7 @@ def test_nmf_strided_x_return_state_and_steps_zero():
 
 
 def test_nmf_opcheck_cuda_backend():
-    """The package's NMF2D custom ops on the cuda backend (as tests/test_nmf_cuda.py does on a GPU)."""
+    """The package's NMF2D custom ops on the cuda backend (as tests/nmf/test_nmf_cuda_gpu.py does on a GPU)."""
     x, b = nmf_make(1, 16, 20, 3, dtype=torch.float32)
     opcheck_nmf_ops(x, b, "cuda")
 

@@ -1,5 +1,5 @@
-// C entry points of the CPU emulation library (tests/test_msca_cuda_emu.py loads it with ctypes).
-// Built with: g++ -std=c++17 -O1 -DSEGNEXT_EMU -shared -fPIC -x c++ csrc/msca_fwd.cu csrc/msca_bwd.cu tests/emu/emu_main.cpp
+// C entry points of the CPU emulation library (tests/msca/test_msca_cuda_emu.py loads it with ctypes).
+// Built with: g++ -std=c++17 -O1 -DSEGNEXT_EMU -shared -fPIC -x c++ csrc/msca_fwd.cu csrc/msca_bwd.cu tests/helpers/emu/emu_main.cpp
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>

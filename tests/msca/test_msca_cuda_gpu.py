@@ -14,17 +14,13 @@ import torch
 import segnext_kernels
 from segnext_kernels.msca_reference import pack_weights
 
-from msca_helpers import assert_within_rule, leaves, make_msca, max_err, rebuild, reference_fwd_bwd
+from msca_helpers import GRAD_NAMES, TOL_TF32, check_backend as check, leaves, make_msca, max_err, rebuild, run_backend
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; this machine has none")
 
 DEV = torch.device("cuda")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BORDER_SHAPES = [(1, 3, 1, 1), (2, 3, 2, 3), (1, 4, 5, 21), (1, 2, 23, 7)]
-GRAD_NAMES = (["u", "conv0.weight", "conv0.bias"] + [f"strip_w[{i}]" for i in range(6)]
-              + [f"strip_b[{i}]" for i in range(6)] + ["conv3.weight", "conv3.bias"])
-#: fp32 with torch.backends.cuda.matmul.allow_tf32: max error relative to the reference's max magnitude
-TOL_TF32 = 5e-3
 
 
 @pytest.fixture(autouse=True)
@@ -44,38 +40,6 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old_mm, old_cudnn
 
 
-def run_backend(args, grad_out=None, backend="cuda"):
-    flat = [t.detach().clone().requires_grad_(True) for t in leaves(args)]
-    out = segnext_kernels.msca(*rebuild(flat), backend=backend)
-    if grad_out is None:
-        return out.detach(), None
-    grads = torch.autograd.grad(out, flat, grad_out)
-    return out.detach(), [g.detach() for g in grads]
-
-
-def check(args, dtype, grad_out=None, tf32=False):
-    out, grads = run_backend(args, grad_out)
-    ref_out, ref_grads = reference_fwd_bwd(args, grad_out, torch.float64)
-    eager_out, eager_grads = reference_fwd_bwd(args, grad_out, dtype)
-    u = args[0]
-    assert out.dtype == dtype and out.shape == u.shape
-    if u.is_contiguous(memory_format=torch.channels_last) and not u.is_contiguous():
-        assert out.is_contiguous(memory_format=torch.channels_last), "out lost u's memory format"
-
-    def one(name, got, ref, eager):
-        if tf32:
-            assert not torch.isnan(got).any(), f"{name}: NaN"
-            scale = max(ref.abs().max().item(), 1.0) if ref.numel() else 1.0
-            assert max_err(got, ref) <= TOL_TF32 * scale, f"{name}: error {max_err(got, ref):.3e} (tf32)"
-        else:
-            assert_within_rule(name, got, ref, eager, dtype)
-
-    one("out", out, ref_out, eager_out)
-    if grad_out is not None:
-        for n, g, r, e in zip(GRAD_NAMES, grads, ref_grads, eager_grads):
-            assert g is not None and g.shape == r.shape, n
-            one(f"grad {n}", g, r, e)
-    return out, grads
 
 
 # ---------------------------------------------------------------------------------------------------------------

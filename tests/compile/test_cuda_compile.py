@@ -4,7 +4,7 @@ Every csrc/*.cu is compiled with ``nvcc -c`` for sm_80 and sm_90 (-O3 -std=c++17
 fails on a compile error, on a compiler warning, on any register spill (``spill stores/loads`` > 0) in any kernel, or on a nonzero
 ``bytes stack frame`` in the hot kernels. Skipped (saying so) only when nvcc is not found.
 
-Run as a script (``python tests/test_cuda_compile.py``) to print the ptxas table (registers, spills, stack).
+Run as a script (``python tests/compile/test_cuda_compile.py``) to print the ptxas table (registers, spills, stack).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 ARCHS = ("80", "90")
 #: kernels whose stack frame must be 0 bytes (the hot loops); every kernel must be spill-free

@@ -1,6 +1,6 @@
 """Builds the package's CUDA extension for the CPU emulation: ``csrc/binding.cpp`` and the four kernel files compiled
-by g++ with ``-DSEGNEXT_EMU`` into a torch C++ extension whose ops take CPU tensors (tests/emu/cuda_emu.h runs the
-kernels). Used by tests/test_cuda_backend_emu.py to drive the "cuda" backend end to end on a machine without a GPU:
+by g++ with ``-DSEGNEXT_EMU`` into a torch C++ extension whose ops take CPU tensors (tests/helpers/emu/cuda_emu.h runs the
+kernels). Used by tests/integration/test_cuda_backend_emu.py to drive the "cuda" backend end to end on a machine without a GPU:
 the public API, the custom ops and their fakes, binding.cpp's checks and launch code, and the kernels.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 EMU = Path(__file__).resolve().parent / "emu"
 KERNEL_SOURCES = ("msca_fwd.cu", "msca_bwd.cu", "nmf_fwd.cu", "nmf_bwd.cu")

@@ -1,4 +1,4 @@
-// Minimal single-OS-thread CUDA emulator used only by tests/test_msca_cuda_emu.py.
+// Minimal single-OS-thread CUDA emulator used only by tests/msca/test_msca_cuda_emu.py.
 //
 // It compiles the real kernel sources (csrc/*.cu) as host C++ (g++ -x c++ -DSEGNEXT_EMU) and
 // runs every CUDA thread of a block as a cooperative fiber (ucontext).  __syncthreads(),

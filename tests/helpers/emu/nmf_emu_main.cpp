@@ -1,6 +1,6 @@
-// C entry points of the CPU emulation of the CUDA NMF2D kernels (tests/test_nmf_cuda_emu.py loads it with ctypes).
+// C entry points of the CPU emulation of the CUDA NMF2D kernels (tests/nmf/test_nmf_cuda_emu.py loads it with ctypes).
 // Built with: g++ -std=c++17 -O1 -DSEGNEXT_EMU -shared -fPIC -x c++ csrc/nmf_fwd.cu csrc/nmf_bwd.cu
-//             tests/emu/nmf_emu_main.cpp
+//             tests/helpers/emu/nmf_emu_main.cpp
 // Arguments travel as arrays (pointers, int64s, floats, ints) in the order documented at each entry point.
 #include <cstdint>
 #include <cstdio>

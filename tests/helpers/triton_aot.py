@@ -14,10 +14,10 @@ constexpr, ints and pointers divisible by 16 get ``tt.divisibility = 16``); with
 The two register allocations differ, in both directions: the NMF kernels are judged specialised (their SegNeXt
 launches: contiguous x, R = 16 / 64), the MSCA ones so far generic.
 
-Usage: ``python tests/triton_aot.py [--arch 90,80] [--dtypes bf16,fp32] [--kernels nmf] [--ranks 16,64]
+Usage: ``python tests/helpers/triton_aot.py [--arch 90,80] [--dtypes bf16,fp32] [--kernels nmf] [--ranks 16,64]
 [--specialize] [--jobs N] [--json]``; exit 1 on a compile error or a stack frame (register spills) in any kernel
 compiled for fp32/fp16/bf16. fp64 variants (used by gradcheck only) must compile; their stack is reported, not
-judged. ``tests/test_triton_compile.py`` runs it in CI.
+judged. ``tests/compile/test_triton_compile.py`` runs it in CI.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ from triton.backends.nvidia.compiler import CUDABackend  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction, native_specialize_impl  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from segnext_kernels import msca_triton, nmf_triton  # noqa: E402
 from segnext_kernels.msca_reference import pack_weights, strip_weight_shapes  # noqa: E402
 

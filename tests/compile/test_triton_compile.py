@@ -1,5 +1,5 @@
 """Every Triton kernel the package launches (MSCA; NMF at R = 16 and R = 64) compiles for sm_90 and sm_80 (no GPU
-needed), and none spills registers. See tests/triton_aot.py; its table (registers, stack per kernel) is printed with
+needed), and none spills registers. See tests/helpers/triton_aot.py; its table (registers, stack per kernel) is printed with
 ``-s``.
 
 The kernels are compiled as the Triton JIT compiles them on a GPU for the package's launches (``--specialize``: ints
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-AOT = Path(__file__).with_name("triton_aot.py")
+AOT = Path(__file__).resolve().parents[1] / "helpers" / "triton_aot.py"
 #: (name, triton_aot.py arguments). The compiles are per distinct specialisation; --jobs uses every core.
 RUNS = (
     ("msca", ["--arch", "90,80", "--dtypes", "bf16,fp32", "--kernels", "msca", "--specialize", "--msca-shape",

@@ -1,11 +1,11 @@
 """The CUDA NMF2D kernels (csrc/nmf_fwd.cu, csrc/nmf_bwd.cu) run on the CPU through the fiber emulator
-(tests/emu/cuda_emu.h, entry points tests/emu/nmf_emu_main.cpp), like tests/test_msca_cuda_emu.py does for MSCA.
+(tests/helpers/emu/cuda_emu.h, entry points tests/helpers/emu/nmf_emu_main.cpp), like tests/msca/test_msca_cuda_emu.py does for MSCA.
 
 Unit tests compare every launcher against float64 torch math of its documented semantics (csrc/nmf_params.h); the
 end-to-end tests run segnext_kernels.nmf_driver over the emulated kernels (``EmuKernels``) against
 ``segnext.ham_head.nmf2d_reference`` in float64. Buffers the kernels write (outputs, partials, workspace) start as
 NaN so an unwritten element fails. What this cannot check: timing, registers, the hardware (see
-tests/test_cuda_compile.py for the ptxas report).
+tests/compile/test_cuda_compile.py for the ptxas report).
 
 Tolerances (one place): the tensor-core products run on bf16 pieces (nmf_common.cuh): precision level L = 2 (16-bit
 significand per operand, fp16/bf16 inputs and fp32 with allow_tf32) or L = 3 (fp32). ``REL[mode]`` bounds the max
@@ -29,9 +29,9 @@ import torch.nn.functional as F
 
 from emu_build import cuda_include, skip_reason
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
-EMU = Path(__file__).resolve().parent / "emu"
+EMU = ROOT / "tests" / "helpers" / "emu"
 SOURCES = [CSRC / "nmf_fwd.cu", CSRC / "nmf_bwd.cu", EMU / "nmf_emu_main.cpp"]
 HEADERS = [CSRC / "nmf_common.cuh", CSRC / "nmf_params.h", CSRC / "cuda_common.cuh", EMU / "cuda_emu.h"]
 DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

@@ -8,7 +8,7 @@ import torch
 import segnext
 from segnext_kernels import FusedMSCA, fuse_msca
 
-from msca_helpers import DEVICE
+from msca_helpers import DEVICE, check_fused_segnext_t_matches_eager
 
 
 def test_state_dict_round_trip():
@@ -54,52 +54,8 @@ def test_fuse_msca_swaps_every_module_in_place():
     segnext.segnext_t().load_state_dict(after)
 
 
-def _loss(logits, target):
-    return torch.nn.functional.cross_entropy(logits, target)
-
-
 def test_fused_segnext_t_matches_eager_model():
     check_fused_segnext_t_matches_eager("triton", DEVICE)
-
-
-def check_fused_segnext_t_matches_eager(backend, device):
-    """SegNeXt-T (all 13 MSCA modules) with fuse_msca(model, backend) against the eager model: eval logits, and every
-    parameter gradient of a training step under the same seed (also run by tests/test_cuda_backend_emu.py)."""
-    torch.manual_seed(0)
-    eager = segnext.segnext_t(num_classes=19).to(device)
-    fused = copy.deepcopy(eager)
-    assert fuse_msca(fused, backend=backend) == 13
-    images = torch.randn(1, 3, 64, 48, device=device)
-    target = torch.randint(0, 19, (1, 64, 48), device=device)
-
-    # eval: logits (NMF bases drawn from the same seed)
-    eager.eval()
-    fused.eval()
-    with torch.no_grad():
-        torch.manual_seed(1)
-        ref = eager(images)
-        torch.manual_seed(1)
-        out = fused(images)
-    assert out.shape == (1, 19, 64, 48)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
-
-    # train: same DropPath / Dropout2d / NMF draws under the same seed; compare every parameter gradient
-    eager.train()
-    fused.train()
-    torch.manual_seed(2)
-    _loss(eager(images), target).backward()
-    torch.manual_seed(2)
-    _loss(fused(images), target).backward()
-    fused_params = dict(fused.named_parameters())
-    checked = 0
-    for name, p in eager.named_parameters():
-        q = fused_params[name]
-        assert q.grad is not None, name
-        scale = p.grad.abs().max().item() + 1e-12
-        err = (q.grad - p.grad).abs().max().item()
-        assert err <= 2e-3 * scale + 1e-7, f"{name}: grad error {err:.3e} vs scale {scale:.3e}"
-        checked += 1
-    assert checked == len(list(eager.parameters()))
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])

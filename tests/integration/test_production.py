@@ -1,7 +1,7 @@
 """Production behaviour checked without a GPU: NaN/Inf propagation like eager PyTorch (on the GPU where there is
 one), 64-bit offsets in the Triton kernels, no memory growth over many runs. torch.compile of FusedNMF2D with a
-generator: tests/test_torch_integration.py. The GPU counterparts (CUDA graphs, autocast, opcheck on CUDA, GPU
-memory, tensors above 2^31 elements) are in tests/test_production_gpu.py."""
+generator: tests/integration/test_torch_integration.py. The GPU counterparts (CUDA graphs, autocast, opcheck on CUDA, GPU
+memory, tensors above 2^31 elements) are in tests/integration/test_production_gpu.py."""
 import gc
 import os
 import subprocess
@@ -19,7 +19,7 @@ from segnext_kernels import FusedMSCA, FusedNMF2D, fuse, nmf2d
 
 from msca_helpers import DEVICE
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # --------------------------------------------------------------------------------------------- NaN / Inf propagation

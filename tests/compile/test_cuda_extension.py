@@ -1,6 +1,6 @@
 """The CUDA extension loader (segnext_kernels/cuda_extension.py) without a GPU: importing builds nothing, asking for
 the extension where it cannot run raises an error saying why and how to build it, and a failed build is reported
-with its log and remembered (not retried on every call). Loading on a GPU: tests/test_msca_cuda.py."""
+with its log and remembered (not retried on every call). Loading on a GPU: tests/msca/test_msca_cuda_gpu.py."""
 import importlib
 import os
 import subprocess
@@ -102,5 +102,5 @@ def test_setup_and_jit_build_filter_the_arch_list(monkeypatch, tmp_path):
         cuda_extension._jit_build()
     assert seen["arch"] == "9.0"
     assert os.environ["TORCH_CUDA_ARCH_LIST"] == "7.5;9.0"
-    src = (Path(__file__).resolve().parent.parent / "setup.py").read_text()
+    src = (Path(__file__).resolve().parents[2] / "setup.py").read_text()
     assert "supported_arch_list(os.environ.get(\"TORCH_CUDA_ARCH_LIST\"))" in src

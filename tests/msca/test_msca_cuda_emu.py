@@ -1,10 +1,10 @@
-"""The CUDA MSCA kernels (csrc/*.cu) run on the CPU through a fiber-based CUDA emulator (tests/emu/cuda_emu.h).
+"""The CUDA MSCA kernels (csrc/*.cu) run on the CPU through a fiber-based CUDA emulator (tests/helpers/emu/cuda_emu.h).
 
 The very kernel sources the GPU runs are compiled with g++ (-DSEGNEXT_EMU): every CUDA thread of a block becomes a
 cooperative fiber, __syncthreads/shuffles/ldmatrix/mma.sync are emulated with the PTX fragment layouts. This checks
 the index arithmetic, halos, zero padding, shared-memory layouts (with a canary after the dynamic size), the tensor-
 core fragment bookkeeping and the barrier placement (results must not depend on the fiber scheduling order) without
-a GPU. It cannot check timing, registers or the hardware itself: tests/test_msca_cuda.py does that on a GPU.
+a GPU. It cannot check timing, registers or the hardware itself: tests/msca/test_msca_cuda_gpu.py does that on a GPU.
 
 Skipped (saying why) when g++ or the CUDA headers (cuda_fp16.h, cuda_bf16.h) are missing.
 """
@@ -23,9 +23,9 @@ from segnext_kernels.msca_reference import msca_reference, pack_weights
 from emu_build import cuda_include, skip_reason
 from msca_helpers import make_msca
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
-EMU = Path(__file__).resolve().parent / "emu"
+EMU = ROOT / "tests" / "helpers" / "emu"
 H100_SMEM = 232448   # cudaDevAttrMaxSharedMemoryPerBlockOptin of an H100 (227 KB)
 A100_SMEM = 166912   # ... of an A100 (163 KB)
 DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

@@ -1,5 +1,5 @@
-"""Autocast checks of the fused ops, shared by the GPU tests (tests/test_production_gpu.py, torch.autocast("cuda"))
-and the CPU run of the "cuda" backend through the emulated extension (tests/test_cuda_backend_emu.py,
+"""Autocast checks of the fused ops, shared by the GPU tests (tests/integration/test_production_gpu.py, torch.autocast("cuda"))
+and the CPU run of the "cuda" backend through the emulated extension (tests/integration/test_cuda_backend_emu.py,
 torch.autocast("cpu")): the same assertions whatever the device.
 
 Rules: the fused result has eager autocast's dtype and is at least about as close to a float64 reference as eager

@@ -18,7 +18,7 @@ import pytest
 
 from emu_build import cuda_include
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 
 

@@ -1,10 +1,10 @@
 """The hand-written CUDA NMF2D backend (csrc/nmf_*.cu, segnext_kernels/nmf_cuda.py) on a GPU.
 
-Compared with the float64 eager reference (``nmf2d_reference``) under the rule of tests/nmf_helpers.py (kernel
+Compared with the float64 eager reference (``nmf2d_reference``) under the rule of tests/helpers/nmf_helpers.py (kernel
 error <= ERR_FACTOR x eager error in the same dtype + atol x scale), forward and both gradient modes, and with the
 Triton backend. Every buffer the driver hands to the CUDA kernels is poisoned with NaN (``nmf_cuda._empty``), so an
 unwritten element fails. Skipped only where there is no CUDA device; a failing build fails the tests.
-The CPU emulation of the same kernels is tests/test_nmf_cuda_emu.py.
+The CPU emulation of the same kernels is tests/nmf/test_nmf_cuda_emu.py.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Shared helpers of the NMF2D kernel tests (tests/test_nmf_triton.py, tests/test_nmf_cuda.py).
+"""Shared helpers of the NMF2D kernel tests (tests/nmf/test_nmf_triton.py, tests/nmf/test_nmf_cuda_gpu.py).
 
 Tolerance rule (kernels.md section 5): a kernel's max error against a float64 reference is at most ``ERR_FACTOR`` x
 the error of the eager reference run in the same dtype, plus ``ATOL[dtype]`` x the reference's max magnitude.

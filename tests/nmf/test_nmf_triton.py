@@ -337,4 +337,4 @@ def test_backend_selection():
     assert nmf_mod.resolve_nmf_backend("reference", DEVICE) == "reference"
 
 
-# bad input (argument checks of nmf2d and FusedNMF2D): tests/test_nmf_bad_input.py
+# bad input (argument checks of nmf2d and FusedNMF2D): tests/nmf/test_nmf_bad_input.py

@@ -4,8 +4,8 @@ replay, torch.autocast, torch.library.opcheck on CUDA tensors, no memory growth 
 
 Backends: MSCA "triton" and "cuda"; NMF2D "triton" and "cuda". A "cuda" case is skipped, saying why, where the
 backend cannot run (``resolve_backend`` / ``resolve_nmf_backend`` raise, or the built extension lacks the NMF
-launchers); whether the extension builds and is right is tests/test_msca_cuda.py's and tests/test_nmf_cuda.py's
-business. The CPU counterparts are in tests/test_production.py and tests/test_torch_integration.py.
+launchers); whether the extension builds and is right is tests/msca/test_msca_cuda_gpu.py's and tests/nmf/test_nmf_cuda_gpu.py's
+business. The CPU counterparts are in tests/integration/test_production.py and tests/integration/test_torch_integration.py.
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def _extension_or_skip():
     try:
         return msca_cuda.load_extension()
     except RuntimeError as e:
-        pytest.skip(f"the CUDA extension does not load (tests/test_msca_cuda.py reports why): {e}")
+        pytest.skip(f"the CUDA extension does not load (tests/msca/test_msca_cuda_gpu.py reports why): {e}")
 
 
 def need_msca(backend):
@@ -73,7 +73,7 @@ def need_nmf(backend, dtype=torch.float32):
     except RuntimeError as e:
         pytest.skip(f"NMF2D backend {backend!r} cannot run here: {e}")
     if backend == "cuda" and not hasattr(_extension_or_skip(), "nmf_coef"):
-        pytest.skip("the built CUDA extension has no NMF2D launchers (tests/test_nmf_cuda.py reports it)")
+        pytest.skip("the built CUDA extension has no NMF2D launchers (tests/nmf/test_nmf_cuda_gpu.py reports it)")
 
 
 def nmf_inputs(B=2, D=64, N=300, R=16, dtype=torch.float32, seed=0):
@@ -206,7 +206,7 @@ def test_opcheck_msca_ops_cuda(backend, dtype):
 @pytest.mark.parametrize("mode", ["unrolled", "one_step"])
 def test_opcheck_nmf_ops_cuda_triton(mode):
     """opcheck of segnext_kernels::nmf2d_forward / nmf2d_backward with the Triton backend on CUDA tensors (the CUDA
-    backend: tests/test_nmf_cuda.py::test_opcheck_cuda_backend), and of segnext_kernels::nmf_rand_bases with a
+    backend: tests/nmf/test_nmf_cuda_gpu.py::test_opcheck_cuda_backend), and of segnext_kernels::nmf_rand_bases with a
     CUDA generator."""
     need_nmf("triton")
     x, b = nmf_inputs(B=1, D=16, N=40, R=3)
@@ -388,7 +388,7 @@ def test_nmf_int64_indexing_backward(backend):
 
 @pytest.mark.slow
 def test_msca_int64_indexing_triton():
-    """The Triton MSCA kernels on B*C*H*W > 2^31 (the CUDA backend's: tests/test_msca_cuda.py::test_int64_indexing):
+    """The Triton MSCA kernels on B*C*H*W > 2^31 (the CUDA backend's: tests/msca/test_msca_cuda_gpu.py::test_int64_indexing):
     only the last image gets a gradient, so its reference is cheap."""
     need_msca("triton")
     B, C, H, W = 2049, 64, 128, 128   # 2.15e9 elements, 4.3 GB in bf16; the Triton backward's fp32 buffers 34 GB
