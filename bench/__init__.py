@@ -2,10 +2,10 @@
 
 Commands (run from the repository root)::
 
-    python -m bench.msca    [--quick] [--shape B,C,H,W] [--dtype fp32,fp16,bf16] [--mode fwd,fwdbwd] ...
+    python -m bench.msca    [--quick | --full] [--shape B,C,H,W] [--dtype fp32,fp16,bf16] [--mode fwd,fwdbwd] ...
     python -m bench.nmf     [--quick] [--shape B,D,N,R] [--dtype ...] [--mode ...] ...
     python -m bench.model   [--quick] [--models t,s,b,l] [--precision fp32,fp16,bf16] ...
-    python -m bench.report  [--readme README.md] [--results bench/results] [--check]
+    python -m bench.report  [--readme README.md] [--results bench/results] [--write | --check]  # no flag: print
     python -m pytest bench/ --benchmark-only -q            # the same cases through pytest-benchmark
 
 Units everywhere: times in milliseconds (ms), bandwidth in GB/s (1e9 bytes per second), arithmetic in TFLOP/s
@@ -13,8 +13,11 @@ Units everywhere: times in milliseconds (ms), bandwidth in GB/s (1e9 bytes per s
 
 On a CUDA device times are medians (with 20th/80th percentiles) of ``triton.testing.do_bench`` and the inputs are
 rotated over enough copies to exceed twice the L2 cache; results are saved under ``bench/results/`` by default.
-Without a GPU every command runs on CPU at tiny default shapes with the eager baselines, labelled as CPU wall-clock
-figures (``time.perf_counter`` medians); they are written only with ``--save``. The byte and FLOP models behind
+Without a GPU every command runs on CPU, labelled as CPU wall-clock figures (``time.perf_counter`` medians), written
+only with ``--save`` (``bench.msca --full`` saves): ``bench.msca`` times the cpu backend against eager, torch.compile,
+ONNX Runtime and OpenVINO at the SegNeXt stage shapes (``bench/msca_cpu.py``); nmf and model use tiny shapes.
+Speedups are printed with their spread (``3.1x (2.8-3.4)`` from the p20/p80 of both), ``~same`` when the spreads
+overlap and ``same code`` (no ratio) when both sides run the same code. The byte and FLOP models behind
 the GB/s, TFLOP/s and floor columns are documented in ``bench/msca.py`` and ``bench/nmf.py``; the floors
 (measured copy bandwidth, datasheet fp32 FMA rate) in ``bench/common.py``.
 """

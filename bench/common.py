@@ -41,8 +41,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 #: Columns every result row carries (CSV and JSON), in this order.
-META_KEYS = ("kind", "device", "device_kind", "device_slug", "driver", "torch", "triton", "cuda", "python",
-             "commit", "date", "timer", "hbm_GBps", "hbm_source", "hbm_peak_GBps", "fma_peak_TFLOPs")
+META_KEYS = ("kind", "device", "device_kind", "device_slug", "cpu_model", "threads", "driver", "torch", "triton",
+             "cuda", "onnxruntime", "openvino", "python", "commit", "date", "timer", "hbm_GBps", "hbm_source",
+             "hbm_peak_GBps", "fma_peak_TFLOPs")
 
 #: Datasheet figures: (words that must all occur in the lower-cased device name, label, HBM TB/s,
 #: fp32 FMA TFLOP/s (non-tensor, multiply-add = 2)). Words match whole ("a10" does not match "a100"); the first
@@ -64,7 +65,7 @@ KNOWN_GPUS = (
     (("t4",), "T4", 0.32, 8.1),
 )
 
-CPU_NOTE = ("CPU figures: wall-clock medians (time.perf_counter) on the host CPU at tiny shapes; they say nothing "
+CPU_NOTE = ("CPU figures: wall-clock medians (time.perf_counter) on the host CPU; they say nothing "
             "about GPU speed")
 
 
@@ -96,6 +97,79 @@ def pick_device(force_cpu: bool = False) -> torch.device:
 
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------------------------- segnext_kernels
+# The package is being reorganised (segnext_kernels.backend -> .backends, msca_reference -> msca/reference, nmf ->
+# nmf/interface): the benchmarks use the top-level API where it exists and look the internals up here, newest
+# layout first.
+def _first_attr(modules: Sequence[str], attr: str):
+    import importlib
+
+    errors = []
+    for name in modules:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError as e:
+            errors.append(f"{name}: {e}")
+            continue
+        if hasattr(mod, attr):
+            return getattr(mod, attr)
+        errors.append(f"{name} has no {attr}")
+    raise ImportError(f"segnext_kernels: {attr} not found ({'; '.join(errors)})")
+
+
+def sk_backends():
+    """The module deciding backends (``resolve_backend``, ``cuda_status``, ``triton_status``, ``BACKENDS``)."""
+    import importlib
+
+    for name in ("segnext_kernels.backends", "segnext_kernels.backend"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise ImportError("segnext_kernels: neither segnext_kernels.backends nor segnext_kernels.backend imports")
+
+
+def sk_resolve(op: str, backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+    """The backend that actually runs ``op`` ("msca" / "nmf") for a ``backend=`` argument on ``device`` (and
+    ``dtype``): ``segnext_kernels.backends.resolve`` (the registry), or the older per-op resolvers. Raises as they
+    do when the backend cannot run."""
+    mod = sk_backends()
+    if hasattr(mod, "resolve"):
+        return mod.resolve(op, backend, device, dtype)
+    if op == "msca":
+        return mod.resolve_backend(backend, device)
+    return _first_attr(("segnext_kernels.nmf", "segnext_kernels.nmf.interface"), "resolve_nmf_backend")(
+        backend, device)
+
+
+def sk_status(op: str, backend: str, device: torch.device) -> tuple[bool, str]:
+    """(runs, why not) of a concrete backend for ``op`` on ``device``: ``segnext_kernels.supports`` where it exists,
+    else the older ``cuda_status`` / ``triton_status`` / resolvers."""
+    mod = sk_backends()
+    if hasattr(mod, "supports"):
+        return mod.supports(op, backend, device)
+    if backend in ("cuda", "triton") and hasattr(mod, f"{backend}_status"):
+        return getattr(mod, f"{backend}_status")(device)
+    try:
+        sk_resolve(op, backend, device)
+        return True, ""
+    except (RuntimeError, ValueError, TypeError) as e:
+        return False, str(e)
+
+
+def sk_resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+    return sk_resolve("msca", backend, device, dtype)
+
+
+def sk_resolve_nmf_backend(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+    return sk_resolve("nmf2d", backend, device, dtype)
+
+
+def sk_msca_reference():
+    """``segnext_kernels.msca_reference`` (the eager MSCA the baselines run)."""
+    return _first_attr(("segnext_kernels",), "msca_reference")
 
 
 # --------------------------------------------------------------------------------------------- environment
@@ -131,6 +205,107 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+def package_version(name: str) -> str:
+    """Installed version of a distribution (``importlib.metadata``, nothing imported), or 'not installed'."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cpu_flags() -> set[str]:
+    """The ``flags`` of /proc/cpuinfo (empty when unreadable)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_mhz() -> Optional[float]:
+    """The ``cpu MHz`` of /proc/cpuinfo (first core), or None (many VMs report none or a nominal figure)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("cpu mhz"):
+                    return float(line.split(":", 1)[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def cpu_vector_lanes() -> tuple[int, str]:
+    """(fp32 lanes of the widest FMA vector unit, how it was found): 16 for AVX-512, 8 for AVX2, 4 otherwise;
+    from ``torch.backends.cpu.get_cpu_capability()``, else the /proc/cpuinfo flags."""
+    try:
+        cap = str(torch.backends.cpu.get_cpu_capability()).upper()
+    except Exception:  # noqa: BLE001 - old torch
+        cap = ""
+    if "AVX512" in cap:
+        return 16, f"torch cpu capability {cap}"
+    if "AVX2" in cap:
+        return 8, f"torch cpu capability {cap}"
+    flags = cpu_flags()
+    if "avx512f" in flags:
+        return 16, "/proc/cpuinfo flag avx512f"
+    if "avx2" in flags:
+        return 8, "/proc/cpuinfo flag avx2"
+    return 4, f"no AVX2/AVX-512 found (capability {cap or 'unknown'}): 4 lanes assumed"
+
+
+#: FMA ports per core assumed by the CPU floor (Intel server cores with AVX-512: 2)
+CPU_FMA_PORTS = 2
+
+
+def measure_cpu_fma_peak(n: int = 2048, reps: int = 5) -> float:
+    """Single-thread fp32 GFLOP/s of ``torch.mm`` on n x n matrices (best of ``reps``; multiply-add = 2 FLOP): the
+    reachable peak-FMA rate of one core (a large fp32 GEMM runs at or just below the FMA peak)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.mm(a, b)
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t0)
+        return 2 * n ** 3 / best / 1e9
+    finally:
+        torch.set_num_threads(saved)
+
+
+def cpu_fma_floor_info(clock_source: str = "measured") -> dict:
+    """The CPU FMA-floor ceiling: ``fma_lanes`` (fp32, detected), ``fma_ports`` (2, assumed), ``clock_GHz`` and
+    ``clock_source`` ("derived from torch.mm": single-thread mm GFLOP/s / (2 FLOP x ports x lanes); or
+    "/proc/cpuinfo MHz"), ``core_peak_GFLOPs`` = 2 x ports x lanes x clock (FLOP/s of one core), ``mm_GFLOPs`` (the
+    measurement), ``cpuinfo_MHz``. The floor of a run on T threads is MACs / (T x ports x lanes x clock)."""
+    lanes, lanes_how = cpu_vector_lanes()
+    mhz = cpu_mhz()
+    mm = None
+    try:
+        mm = measure_cpu_fma_peak()
+    except Exception as e:  # noqa: BLE001
+        print(f"note: torch.mm peak measurement failed ({type(e).__name__}: {e})")
+    if clock_source == "cpuinfo" and mhz:
+        clock, how = mhz / 1e3, "/proc/cpuinfo MHz"
+    elif mm:
+        clock, how = mm / (2 * CPU_FMA_PORTS * lanes), "derived from torch.mm (1 thread GFLOP/s / (2 x ports x lanes))"
+    elif mhz:
+        clock, how = mhz / 1e3, "/proc/cpuinfo MHz (torch.mm measurement failed)"
+    else:
+        clock, how = None, "unknown"
+    return {"fma_lanes": lanes, "fma_lanes_source": lanes_how, "fma_ports": CPU_FMA_PORTS,
+            "clock_GHz": round(clock, 3) if clock else None, "clock_source": how,
+            "core_peak_GFLOPs": round(2 * CPU_FMA_PORTS * lanes * clock, 1) if clock else None,
+            "mm_GFLOPs": round(mm, 1) if mm else None, "cpuinfo_MHz": mhz}
+
+
 def slugify(text: str, max_len: int = 40) -> str:
     text = re.sub(r"\((r|tm)\)", "", text.lower())
     text = re.sub(r"[^a-z0-9]+", "-", text).strip("-")
@@ -152,17 +327,21 @@ def environment(device: torch.device) -> dict:
         driver = drv[0].strip() if drv else "unknown"
         slug = slugify(name)
     else:
-        name = f"CPU: {cpu_name()} ({torch.get_num_threads()} threads)"
+        name = f"CPU: {cpu_name()}"
         driver = "n/a"
         slug = "cpu-" + slugify(cpu_name(), 30)
     return {
         "device": name,
         "device_kind": device.type,
         "device_slug": slug,
+        "cpu_model": cpu_name(),
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "driver": driver,
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda or "none",
+        "onnxruntime": package_version("onnxruntime"),
+        "openvino": package_version("openvino"),
         "python": platform.python_version(),
         "commit": git_commit(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -314,20 +493,62 @@ def short_error(e: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------------------------- derived columns
+def _sig2(v: float) -> str:
+    """Two significant digits (three from 100 up): 3.1, 0.45, 12, 140."""
+    if v >= 100:
+        return f"{v:.0f}"
+    return f"{v:#.2g}".rstrip(".")
+
+
+def compare_timings(base: dict, this: dict, same_code: bool = False) -> dict:
+    """How much faster ``this`` is than ``base`` (both dicts with ``median_ms``, ``p20_ms``, ``p80_ms``), with the
+    spread: ``ratio`` = base median / this median, ``lo`` = base p20 / this p80, ``hi`` = base p80 / this p20 (the
+    ratio's range over the two [p20, p80] spreads), ``verdict`` and ``text``:
+
+      * ``same code``: the two run the same code (no ratio is given: a backend is never compared with itself);
+      * ``~same``: the two [p20, p80] ranges overlap, i.e. no measurable difference (ratio not printed);
+      * ``faster`` / ``slower``: ``text`` = e.g. ``3.1x (2.8-3.4)``.
+    Without quantiles the ratio alone is given (``text`` = ``3.1x``)."""
+    if same_code:
+        return {"ratio": None, "lo": None, "hi": None, "verdict": "same code", "text": "same code"}
+    bm, tm = base.get("median_ms"), this.get("median_ms")
+    if not bm or not tm:
+        return {"ratio": None, "lo": None, "hi": None, "verdict": None, "text": None}
+    ratio = bm / tm
+    b20, b80, t20, t80 = (base.get("p20_ms"), base.get("p80_ms"), this.get("p20_ms"), this.get("p80_ms"))
+    if not all(isinstance(v, (int, float)) and v > 0 for v in (b20, b80, t20, t80)):
+        return {"ratio": ratio, "lo": None, "hi": None, "verdict": "faster" if ratio > 1 else "slower",
+                "text": f"{_sig2(ratio)}x"}
+    lo, hi = b20 / t80, b80 / t20
+    if max(b20, t20) <= min(b80, t80):
+        return {"ratio": ratio, "lo": lo, "hi": hi, "verdict": "~same", "text": "~same"}
+    return {"ratio": ratio, "lo": lo, "hi": hi, "verdict": "faster" if ratio > 1 else "slower",
+            "text": f"{_sig2(ratio)}x ({_sig2(lo)}-{_sig2(hi)})"}
+
+
 def add_derived(rows: list[dict], group_keys: Sequence[str], baselines: Sequence[str], impl_key: str = "impl",
                 floors: Optional[dict] = None) -> None:
-    """In place: ``speedup_vs_<b>`` = baseline median / row median for every baseline ``b`` measured in the same
-    group; with ``floors``, ``GBps``, ``TFLOPs`` (from the row's ``bytes`` / ``flops``), ``hbm_frac`` and
-    ``fma_frac`` (from ``bytes`` / ``fma_flops``)."""
-    groups: dict[tuple, dict[str, float]] = {}
+    """In place: for every baseline ``b`` measured in the same group, ``speedup_vs_<b>`` = baseline median / row
+    median, ``speedup_vs_<b>_lo`` / ``_hi`` (its range over the p20-p80 spreads) and ``vs_<b>`` (the text of
+    ``compare_timings``: a ratio with its spread, ``~same`` when the spreads overlap, ``same code`` when the row and
+    the baseline carry the same non-empty ``code`` column, i.e. ran the same code; then no ratio). A row is never
+    compared with itself. With ``floors``, ``GBps``, ``TFLOPs`` (from the row's ``bytes`` / ``flops``),
+    ``hbm_frac`` and ``fma_frac`` (from ``bytes`` / ``fma_flops``)."""
+    groups: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         if r.get("median_ms"):
-            groups.setdefault(tuple(r[k] for k in group_keys), {})[r[impl_key]] = r["median_ms"]
+            groups.setdefault(tuple(r.get(k) for k in group_keys), {})[r[impl_key]] = r
     for r in rows:
         med = r.get("median_ms")
-        base = groups.get(tuple(r[k] for k in group_keys), {})
+        base = groups.get(tuple(r.get(k) for k in group_keys), {})
         for b in baselines:
-            r[f"speedup_vs_{b}"] = (base[b] / med) if med and b in base else None
+            keys = (f"speedup_vs_{b}", f"speedup_vs_{b}_lo", f"speedup_vs_{b}_hi", f"vs_{b}")
+            if not med or b not in base or r[impl_key] == b:
+                r.update(dict.fromkeys(keys))
+                continue
+            same = bool(r.get("code")) and r.get("code") == base[b].get("code")
+            c = compare_timings(base[b], r, same_code=same)
+            r.update(zip(keys, (c["ratio"], c["lo"], c["hi"], c["text"])))
         if floors is None:
             continue
         sec = med * 1e-3 if med else None
@@ -335,7 +556,13 @@ def add_derived(rows: list[dict], group_keys: Sequence[str], baselines: Sequence
         r["TFLOPs"] = r["flops"] / sec / 1e12 if sec and r.get("flops") else None
         hbm, fma = floors.get("hbm_GBps"), floors.get("fma_peak_TFLOPs")
         r["hbm_floor_ms"] = r["bytes"] / (hbm * 1e9) * 1e3 if hbm and r.get("bytes") else None
-        r["fma_floor_ms"] = r["fma_flops"] / (fma * 1e12) * 1e3 if fma and r.get("fma_flops") else None
+        if floors.get("cpu_fma"):  # CPU: MACs / (threads x ports x lanes x clock), per row (threads vary)
+            cf = floors["cpu_fma"]
+            rate = (r.get("threads") or 1) * cf["fma_ports"] * cf["fma_lanes"] * (cf["clock_GHz"] or 0) * 1e9
+            r["fma_floor_ms"] = r["fma_macs"] / rate * 1e3 if rate and r.get("fma_macs") else None
+            r["GFLOPs"] = r["flops"] / sec / 1e9 if sec and r.get("flops") else None
+        else:
+            r["fma_floor_ms"] = r["fma_flops"] / (fma * 1e12) * 1e3 if fma and r.get("fma_flops") else None
         r["hbm_frac"] = r["hbm_floor_ms"] / med if med and r["hbm_floor_ms"] else None
         r["fma_frac"] = r["fma_floor_ms"] / med if med and r["fma_floor_ms"] else None
 
@@ -394,10 +621,14 @@ def print_header(title: str, env: dict, floors: Optional[dict], notes: Sequence[
 
 
 # --------------------------------------------------------------------------------------------- writers
-def result_stem(kind: str, env: dict) -> str:
-    """``<kind>_<device slug>_<UTC date YYYYmmddTHHMMSSZ>``, e.g. ``msca_nvidia-h100-80gb-hbm3_20250101T120000Z``;
-    CPU slugs start with ``cpu-``."""
+def result_stem(kind: str, env: dict, extra: str = "") -> str:
+    """``<kind>_<device slug>_<UTC date YYYYmmddTHHMMSSZ>``, e.g. ``msca_nvidia-h100-80gb-hbm3_20250101T120000Z``.
+    CPU runs: ``<kind>_cpu-<cpu model>_<commit>_<date><extra>`` (``extra``, e.g. ``_t1-2_torch2.13.0-ort1.32.0``,
+    names the threads and versions), e.g. ``msca_cpu-amd-epyc_921a4b8_20261206T120000Z_t2_torch2.13.0``."""
     stamp = env["date"].replace("-", "").replace(":", "")
+    if env.get("device_kind") == "cpu":
+        commit = slugify(str(env.get("commit", "unknown")), 20)
+        return f"{kind}_{env['device_slug']}_{commit}_{stamp}{extra}"
     return f"{kind}_{env['device_slug']}_{stamp}"
 
 
@@ -432,15 +663,23 @@ class ResultWriter:
     columns) runs before each write. Every row already carries the ``META_KEYS`` columns."""
 
     def __init__(self, kind: str, env: dict, meta: dict, out_dir: Path, enabled: bool,
-                 derive: Callable[[list], None]):
+                 derive: Callable[[list], None], stem_extra: str = "", resume: Optional[Path] = None):
         self.meta, self.enabled, self.derive = dict(meta, complete=False), enabled, derive
         self.rows: list[dict] = []
-        stem = result_stem(kind, env)
-        self.out_dir = Path(out_dir)
-        n = 1
-        while enabled and any((self.out_dir / f"{stem}.{ext}").exists() for ext in ("csv", "json")):
-            n += 1  # two runs started within the same second: never overwrite the earlier one
-            stem = f"{result_stem(kind, env)}-{n}"
+        if resume is not None:  # go on writing the files of an earlier run, its rows first
+            resume = Path(resume).with_suffix(".json")
+            data = json.loads(resume.read_text())
+            self.rows = list(data["rows"])
+            self.meta = dict(data["meta"], complete=False, resumed=self.meta.get("date"))
+            self.out_dir = resume.parent
+            stem = resume.stem
+        else:
+            stem = result_stem(kind, env, stem_extra)
+            self.out_dir = Path(out_dir)
+            n = 1
+            while enabled and any((self.out_dir / f"{stem}.{ext}").exists() for ext in ("csv", "json")):
+                n += 1  # two runs started within the same second: never overwrite the earlier one
+                stem = f"{result_stem(kind, env, stem_extra)}-{n}"
         self.csv, self.json, self.png = (self.out_dir / f"{stem}.{ext}" for ext in ("csv", "json", "png"))
 
     def add(self, row: dict) -> None:
@@ -476,9 +715,12 @@ class ResultWriter:
 
 
 def bar_plot(path: Path, rows: Sequence[dict], *, facet_keys: Sequence[str], x_key: str, bar_key: str,
-             value_key: str, title: str, ylabel: str, bars: Optional[Sequence[str]] = None) -> None:
+             value_key: str, title: str, ylabel: str, bars: Optional[Sequence[str]] = None,
+             hline: Optional[float] = 1.0, logy: bool = False,
+             err_keys: Optional[tuple[str, str]] = None) -> None:
     """Grouped bar chart (matplotlib, Agg): one panel per distinct ``facet_keys`` value, x positions ``x_key``,
-    one bar per ``bar_key`` value, heights ``value_key``; a dashed line at 1 (the baseline)."""
+    one bar per ``bar_key`` value, heights ``value_key``; a dashed line at ``hline`` (1: the baseline; None: none);
+    ``logy``: log scale; ``err_keys`` = (low, high) row keys drawn as error bars (e.g. p20 / p80)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -495,9 +737,18 @@ def bar_plot(path: Path, rows: Sequence[dict], *, facet_keys: Sequence[str], x_k
         xs = list(dict.fromkeys(r[x_key] for r in sub))
         width = 0.8 / max(1, len(bars))
         for j, b in enumerate(bars):
-            vals = [next((r[value_key] for r in sub if r[x_key] == x and r[bar_key] == b), 0.0) for x in xs]
-            ax.bar([i + (j - (len(bars) - 1) / 2) * width for i in range(len(xs))], vals, width, label=b)
-        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+            hit = [next((r for r in sub if r[x_key] == x and r[bar_key] == b), None) for x in xs]
+            vals = [r[value_key] if r else 0.0 for r in hit]
+            yerr = None
+            if err_keys:
+                yerr = [[max(0.0, v - (r.get(err_keys[0]) or v)) if r else 0.0 for v, r in zip(vals, hit)],
+                        [max(0.0, (r.get(err_keys[1]) or v) - v) if r else 0.0 for v, r in zip(vals, hit)]]
+            ax.bar([i + (j - (len(bars) - 1) / 2) * width for i in range(len(xs))], vals, width, label=b,
+                   yerr=yerr, capsize=1.5 if yerr else 0, error_kw={"lw": 0.6})
+        if hline is not None:
+            ax.axhline(hline, color="k", lw=0.8, ls="--")
+        if logy:
+            ax.set_yscale("log")
         ax.set_xticks(range(len(xs)))
         ax.set_xticklabels(xs, rotation=45, ha="right", fontsize=7)
         ax.set_title(" ".join(str(f) for f in facet), fontsize=9)
@@ -568,18 +819,24 @@ def run_main(build_parser, body, argv=None) -> int:
     """Parse ``argv``, pick the device (``--cpu``), set CPU threads, then ``body(args, argv, device)``."""
     args = build_parser().parse_args(argv)
     device = pick_device(args.cpu)
-    with cpu_threads(args.threads, device):
+    with cpu_threads(args.threads if isinstance(args.threads, int) else None, device):
         return body(args, argv, device)
 
 
-def add_common_args(ap) -> None:
+def add_common_args(ap, threads_list: bool = False) -> None:
+    """The options every CLI shares; ``threads_list``: ``--threads`` takes a comma-separated list (the CLI loops over
+    it itself; ``run_main`` then leaves the thread count alone)."""
     ap.add_argument("--out", default=str(RESULTS_DIR), help="directory for the CSV/JSON/PNG (default bench/results)")
     ap.add_argument("--save", action="store_true", help="write result files also on CPU (GPU runs always save)")
     ap.add_argument("--no-save", action="store_true", help="do not write result files (also on GPU)")
     ap.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is present")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop starting new measurements after this many seconds (the rest are listed as skipped)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="CPU runs: torch threads (default 1, stable timings on a shared machine)")
+    if threads_list:
+        ap.add_argument("--threads", default=None,
+                        help="CPU runs: comma-separated torch thread counts to measure, e.g. 1,2")
+    else:
+        ap.add_argument("--threads", type=int, default=1,
+                        help="CPU runs: torch threads (default 1, stable timings on a shared machine)")
     ap.add_argument("--no-measure-bw", action="store_true",
                     help="use the datasheet bandwidth instead of measuring the copy bandwidth")

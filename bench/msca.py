@@ -1,14 +1,26 @@
-"""MSCA benchmark: the fused backends (cuda, triton, reference) against eager PyTorch (NCHW and channels_last) and
-torch.compile (default and max-autotune), for every SegNeXt stage shape, dtype and mode.
+"""MSCA benchmark: the fused backends (cuda, triton, cpu, reference) against eager PyTorch (NCHW and channels_last),
+torch.compile (default and max-autotune) and, on CPU, ONNX Runtime and OpenVINO, for every SegNeXt stage shape,
+dtype and mode.
 
-    python -m bench.msca [--quick] [--shape B,C,H,W ...] [--dtype fp32,fp16,bf16] [--mode fwd,fwdbwd]
-                         [--backends cuda,cuda_fma,triton,reference] [--baselines eager_nchw,eager_cl,compile,compile_max]
-                         [--out DIR] [--save | --no-save] [--budget-s S] [--cpu]
+    python -m bench.msca [--quick | --full] [--shape B,C,H,W ... | --shapes NAME,...] [--dtype fp32,fp16,bf16]
+                         [--mode fwd,fwdbwd] [--threads 1,2] [--backends cuda,cuda_fma,triton,cpu,reference]
+                         [--baselines eager_nchw,eager_cl,compile,compile_max,ort,openvino,openvino_default]
+                         [--resume FILE.json] [--out DIR] [--save | --no-save] [--budget-s S] [--cpu]
 
 Shapes (``SHAPES``): ADE20K 512x512 batch 16, stages 128, 64, 32, 16 pixels square; Cityscapes 2048x1024 (W x H)
 batch 1, stages 256x512, 128x256, 64x128, 32x64 (H x W); channels T (32, 64, 160, 256) and S/B/L
-(64, 128, 320, 512; the three share the stage widths, hence one "SBL" shape). On CPU the default is one tiny shape
-(1, 32, 32, 32) with the eager baselines only.
+(64, 128, 320, 512; the three share the stage widths, hence one "SBL" shape); and for CPU runs the ADE20K stages
+at batch 1 (``ade512b1-*``).
+
+On CPU (no GPU, or ``--cpu``; ``bench/msca_cpu.py`` has the details): the default run (``.ci/run``; about 25 s on
+2 cores) is SegNeXt-T stage 1 at 512x512 (1, 32, 128, 128), fwd, fp32, 2 threads, every implementation: the
+``cpu`` backend (rows say ``skipped: <reason>`` while it is missing), ``reference``, eager NCHW / channels_last,
+torch.compile (inductor) and the ONNX Runtime / OpenVINO peers (``bench/cpu_peers.py``), timed round-robin.
+``--full``: every batch-1 shape of T and S/B/L at 512x512 and 1024x2048, fp32 and bf16, fwd and fwdbwd, 1 and 2
+threads, saved (tens of minutes on 2 shared cores: the eight 512x512 shapes alone took 54 min at load 8-12, the
+1024x2048 ones are 8x larger; bf16 fwdbwd is the slowest part); select a
+subset with --shapes / --dtype / --mode / --threads / --backends / --baselines, continue a cut-off run with
+``--resume FILE.json`` (``bench.report`` merges the files of one CPU and commit).
 
 Backends: ``cuda`` (the default depthwise variant: tensor cores for fp16/bf16), ``cuda_fma`` (the cuda backend with
 ``SEGNEXT_MSCA_CUDA_DW=fma``: its depthwise part on fp32 FMA; fp16/bf16 rows only), ``triton``, ``reference``.
@@ -16,7 +28,9 @@ Backends: ``cuda`` (the default depthwise variant: tensor cores for fp16/bf16), 
 Modes: ``fwd`` (forward under no_grad) and ``fwdbwd`` (forward + ``torch.autograd.grad`` of every input: u and the
 16 weight/bias tensors, with a random grad_out).
 
-Columns: median / p20 / p80 in ms; ``vs <baseline>`` = baseline median / this median (higher is faster); GB/s and
+Columns: median / p20 / p80 in ms; ``vs <baseline>`` = baseline median / this median (higher is faster) with its
+range over the two p20-p80 spreads, e.g. ``3.1x (2.8-3.4)``; ``~same`` when the spreads overlap (no measurable
+difference) and ``same code`` when both run the same code (no ratio: ``common.compare_timings``); GB/s and
 TFLOP/s from the models below; ``%HBM`` and ``%FMA`` = floor time / median (``bench/common.py``); ``rel_err`` =
 max |out - ref| / max |ref| of the forward output against an fp32 eager reference on the same input (a sanity
 check that flags garbage, not the correctness test; limits ``CHECK_TOL``).
@@ -50,6 +64,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -64,19 +79,34 @@ for _v, _cs in _WIDTHS.items():
 for _v, _cs in _WIDTHS.items():
     for _i, _c in enumerate(_cs):
         SHAPES[f"city-{_v}-s{_i + 1}"] = (1, _c, 256 >> _i, 512 >> _i)
-CPU_SHAPES = {"cpu-tiny": (1, 32, 32, 32)}
+#: CPU shapes: the ADE20K 512x512 stages at batch 1 (and the Cityscapes ones above, batch 1 already)
+for _v, _cs in _WIDTHS.items():
+    for _i, _c in enumerate(_cs):
+        SHAPES[f"ade512b1-{_v}-s{_i + 1}"] = (1, _c, 128 >> _i, 128 >> _i)
+CPU_SHAPES = {n: s for n, s in sorted(SHAPES.items(), key=lambda t: not t[0].startswith("ade512b1")) if s[0] == 1}
+#: the default CPU run (.ci/run): one representative shape (SegNeXt-T stage 1 at 512x512), fwd, fp32, 2 threads
+CPU_DEFAULT = dict(shapes=("ade512b1-T-s1",), dtypes=("fp32",), modes=("fwd",), threads=(2,))
+#: --full on CPU: every batch-1 stage shape, fp32 and bf16, fwd and fwdbwd, 1 and 2 threads
+CPU_FULL = dict(shapes=tuple(CPU_SHAPES), dtypes=("fp32", "bf16"), modes=("fwd", "fwdbwd"), threads=(1, 2))
 #: --quick (the GPU subset run by bench/gpu_check.sh): bf16, ADE20K stages of T and S/B/L, Cityscapes stage 1.
 QUICK_SHAPES = [f"ade512-SBL-s{i}" for i in range(1, 5)] + [f"ade512-T-s{i}" for i in range(1, 5)] + \
     ["city-SBL-s1", "city-T-s1"]
 
-BACKENDS = ("cuda", "cuda_fma", "triton", "reference")
+BACKENDS = ("cuda", "cuda_fma", "triton", "cpu", "reference")
+GPU_BACKENDS = ("cuda", "cuda_fma", "triton", "reference")
+CPU_BACKENDS = ("cpu", "reference")
 #: environment each impl runs under: "cuda_fma" is the cuda backend with its depthwise part on fp32 FMA instead of
 #: tensor cores (SEGNEXT_MSCA_CUDA_DW, read by binding.cpp at each call), for fp16/bf16 (fp32 always runs FMA)
 IMPL_ENV = {"cuda": {"SEGNEXT_MSCA_CUDA_DW": "auto"}, "cuda_fma": {"SEGNEXT_MSCA_CUDA_DW": "fma"}}
-BASELINES = ("eager_nchw", "eager_cl", "compile", "compile_max")
+BASELINES = ("eager_nchw", "eager_cl", "compile", "compile_max", "ort", "openvino", "openvino_default")
+GPU_BASELINES = ("eager_nchw", "eager_cl", "compile", "compile_max")
+#: CPU peers (bench/cpu_peers.py): ONNX Runtime and OpenVINO; "openvino_default" = cpu.md's exact OpenVINO config
+#: (no precision hint), fp32 rows only: on CPUs with bf16 support OpenVINO's default inference precision is bf16
+CPU_BASELINES = ("eager_nchw", "eager_cl", "compile", "ort", "openvino", "openvino_default")
+PEERS = ("ort", "openvino", "openvino_default")
 MODES = ("fwd", "fwdbwd")
-#: rows with the same values of these share baselines (speedup columns)
-GROUP_KEYS = ("shape_name", "dtype", "mode")
+#: rows with the same values of these share baselines (speedup columns); threads is None on GPU rows
+GROUP_KEYS = ("shape_name", "dtype", "mode", "threads")
 #: rel_err above this marks the row "CHECK FAILED" (loose: TF32 1x1 mix in fp32, eager's own half rounding).
 CHECK_TOL = {"fp32": 1e-2, "fp16": 2e-2, "bf16": 6e-2}
 
@@ -87,8 +117,8 @@ def byte_flop_model(shape, dtype_name: str, mode: str) -> dict:
     E = B * C * H * W
     s = common.DTYPE_BYTES[dtype_name]
     if mode == "fwd":
-        return {"bytes": 2 * E * s, "flops": E * (2 * C + 218), "fma_flops": E * 206}
-    return {"bytes": 5 * E * s, "flops": E * (6 * C + 644), "fma_flops": E * 618}
+        return {"bytes": 2 * E * s, "flops": E * (2 * C + 218), "fma_flops": E * 206, "fma_macs": E * (103 + C)}
+    return {"bytes": 5 * E * s, "flops": E * (6 * C + 644), "fma_flops": E * 618, "fma_macs": E * (309 + 3 * C)}
 
 
 @contextlib.contextmanager
@@ -108,11 +138,20 @@ def impl_env(impl: str):
 
 
 def impl_status(impl: str, device: torch.device) -> tuple[bool, str]:
-    """(runs here, note). The note of a runnable impl is a label for its rows (e.g. the Triton interpreter)."""
+    """(runs here, note). The note of a runnable impl is a label for its rows (e.g. the Triton interpreter).
+    The "cpu" backend is always attempted on CPU: when it is missing its rows say why (skipped: <reason>)."""
+    if impl == "cpu":
+        if device.type != "cpu":
+            return False, "cpu skipped: the CPU backend is measured on CPU runs (--cpu)"
+        return True, ""
+    if impl in PEERS and device.type != "cpu":
+        return False, f"{impl} skipped: the ONNX Runtime / OpenVINO peers are measured on CPU runs (--cpu)"
+    if impl == "compile_max" and device.type != "cuda":
+        return False, "compile_max skipped: max-autotune (CUDA graphs) is measured on CUDA only"
+    if impl == "compile" and device.type == "cpu":
+        return True, ""
     if impl in ("cuda", "cuda_fma", "triton"):
-        from segnext_kernels.backend import cuda_status, triton_status
-
-        ok, why = (triton_status if impl == "triton" else cuda_status)(device)
+        ok, why = common.sk_status("msca", "triton" if impl == "triton" else "cuda", device)
         if impl == "triton" and device.type == "cpu":
             if ok:
                 return True, "Triton interpreter (TRITON_INTERPRET=1): runs, but not a speed figure"
@@ -124,18 +163,41 @@ def impl_status(impl: str, device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
+def strip_shapes(channels: int) -> list[tuple[int, int, int, int]]:
+    """The weight shapes of the six MSCA strip convs, official order: (C, 1, 1, k), (C, 1, k, 1) for k = 7, 11, 21."""
+    return [s for k in (7, 11, 21) for s in ((channels, 1, 1, k), (channels, 1, k, 1))]
+
+
+def code_of(impl: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+    """What code an implementation runs (equal strings = same code: no ratio between them). Backends are asked
+    which backend actually runs (``segnext_kernels.backend.resolve_backend``): one resolving to "reference" runs
+    ``msca_reference`` on the NCHW input, as ``eager_nchw`` does."""
+    if impl == "eager_nchw":
+        return "msca_reference NCHW"
+    if impl == "eager_cl":
+        return "msca_reference channels_last"
+    if impl in BACKENDS:
+        name = "cuda" if impl == "cuda_fma" else impl
+        try:
+            name = common.sk_resolve_backend(name, device, dtype)
+        except Exception:  # noqa: BLE001 - a backend that does not exist (yet) or cannot run is its own code
+            pass
+        if name == "reference":
+            return "msca_reference NCHW"
+        return f"backend {impl}"
+    return impl
+
+
 def make_inputs(shape, dtype: torch.dtype, device: torch.device, n_rot: int, seed: int = 0):
     """``(us, gs, weights)``: ``n_rot`` random inputs u and grad_outs (rotated to defeat the L2) and the MSCA
     weights ``[w0, b0, [6 strip w], [6 strip b], w3, b3]`` with unit-scale activations."""
-    from segnext_kernels.msca_reference import strip_weight_shapes
-
     B, C, H, W = shape
     g = torch.Generator(device=device).manual_seed(seed)
 
     def r(*s, scale=1.0):
         return torch.randn(*s, generator=g, device=device, dtype=torch.float32).mul_(scale).to(dtype)
 
-    weights = [r(C, 1, 5, 5, scale=0.2), r(C, scale=0.5), [r(*s, scale=0.25) for s in strip_weight_shapes(C)],
+    weights = [r(C, 1, 5, 5, scale=0.2), r(C, scale=0.5), [r(*s, scale=0.25) for s in strip_shapes(C)],
                [r(C, scale=0.5) for _ in range(6)], r(C, C, 1, 1, scale=C ** -0.5), r(C, scale=0.5)]
     us = [r(*shape) for _ in range(n_rot)]
     gs = [r(*shape) for _ in range(n_rot)]
@@ -144,12 +206,11 @@ def make_inputs(shape, dtype: torch.dtype, device: torch.device, n_rot: int, see
 
 def build_op(impl: str):
     """The callable ``op(u, w0, b0, strip_ws, strip_bs, w3, b3) -> out`` of one implementation."""
-    from segnext_kernels.msca_reference import msca_reference
-
+    msca_reference = common.sk_msca_reference()
     if impl in BACKENDS:
         import segnext_kernels
 
-        backend = "cuda" if impl == "cuda_fma" else impl
+        backend = "cuda" if impl == "cuda_fma" else impl  # "cpu": segnext_kernels.msca(..., backend="cpu")
 
         def op(u, *w):
             return segnext_kernels.msca(u, *w, backend=backend)
@@ -200,8 +261,7 @@ def run_cases(shapes: dict, dtypes, modes, impls, device, env_meta: dict, budget
               labels: dict, warmup_ms: float, rep_ms: float, check: bool = True, on_row=None) -> list[dict]:
     """Measure every (shape, dtype, mode, impl); the torch.compile baselines last (a spent budget skips them
     first). Returns the rows (``env_meta`` columns + case + timings; derived columns are added later)."""
-    from segnext_kernels.msca_reference import msca_reference
-
+    msca_reference = common.sk_msca_reference()
     rows = []
     phases = [[i for i in impls if not i.startswith("compile")], [i for i in impls if i.startswith("compile")]]
     for phase in (p for p in phases if p):
@@ -216,8 +276,9 @@ def run_cases(shapes: dict, dtypes, modes, impls, device, env_meta: dict, budget
                     for impl in phase:
                         row = dict(env_meta, shape_name=sname, shape="x".join(map(str, shape)), B=shape[0],
                                    C=shape[1], H=shape[2], W=shape[3], dtype=dname, mode=mode, impl=impl,
-                                   impl_type="backend" if impl in BACKENDS else "baseline", rotations=n_rot,
-                                   status="ok", median_ms=None, p20_ms=None, p80_ms=None, reps=None, rel_err=None,
+                                   impl_type="backend" if impl in BACKENDS else "baseline",
+                                   code=code_of(impl, device, dtype), rotations=n_rot, status="ok", median_ms=None,
+                                   p20_ms=None, p80_ms=None, reps=None, rel_err=None,
                                    **byte_flop_model(shape, dname, mode))
                         if labels.get(impl):
                             row["status"] = f"ok ({labels[impl]})"
@@ -272,7 +333,7 @@ def run_cases(shapes: dict, dtypes, modes, impls, device, env_meta: dict, budget
 def table(rows: list[dict], baselines) -> str:
     cols = [("shape", "shape_name", "s"), ("dtype", "dtype", "s"), ("mode", "mode", "s"), ("impl", "impl", "s"),
             ("median ms", "median_ms", ".4f"), ("p20 ms", "p20_ms", ".4f"), ("p80 ms", "p80_ms", ".4f")]
-    cols += [(f"vs {b}", f"speedup_vs_{b}", "x") for b in baselines]
+    cols += [(f"vs {b}", f"vs_{b}", "s") for b in baselines]
     cols += [("GB/s", "GBps", "g3"), ("TFLOP/s", "TFLOPs", "g3"), ("%HBM", "hbm_frac", "%"),
              ("%FMA", "fma_frac", "%"), ("rel_err", "rel_err", ".1e"), ("status", "status", "s")]
     rows = common.sort_rows(rows, ("shape_name", "dtype", "mode"))
@@ -291,19 +352,32 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="GPU subset: bf16, ADE20K stages of T and S/B/L + Cityscapes stage 1, fwd+fwdbwd, "
-                         "backends + eager_nchw, eager_cl, compile")
+                         "backends + eager_nchw, eager_cl, compile (CPU: the default run)")
+    ap.add_argument("--full", action="store_true",
+                    help="CPU: the whole matrix (every batch-1 stage shape of T and S/B/L at 512x512 and 1024x2048, "
+                         "fp32+bf16, fwd+fwdbwd, 1 and 2 threads; saved); GPU: the default")
     ap.add_argument("--shape", action="append", default=None, metavar="B,C,H,W",
                     help="custom shape (repeatable); replaces the default shape set")
     ap.add_argument("--shapes", default=None, help=f"comma-separated names from {','.join(SHAPES)}")
-    ap.add_argument("--dtype", default=None, help="comma-separated subset of fp32,fp16,bf16 (default: all)")
-    ap.add_argument("--mode", default="fwd,fwdbwd", help="fwd, fwdbwd or both")
+    ap.add_argument("--dtype", default=None, help="comma-separated subset of fp32,fp16,bf16 (default: all; "
+                                                  "CPU default fp32, --full fp32,bf16)")
+    ap.add_argument("--mode", default=None, help="fwd, fwdbwd or both (default both; CPU default fwd)")
     ap.add_argument("--backends", default=None,
-                    help="subset of cuda,cuda_fma,triton,reference (default: all that run here; cuda_fma = the cuda "
-                         "backend with its depthwise part on fp32 FMA instead of tensor cores)")
+                    help="subset of cuda,cuda_fma,triton,cpu,reference (default: GPU cuda,cuda_fma,triton,reference; "
+                         "CPU cpu,reference; cuda_fma = the cuda backend with its depthwise part on fp32 FMA)")
     ap.add_argument("--baselines", default=None,
-                    help="subset of eager_nchw,eager_cl,compile,compile_max (default: all; compile is CUDA only)")
+                    help="subset of eager_nchw,eager_cl,compile,compile_max,ort,openvino,openvino_default (default: "
+                         "GPU the first four, CPU all but compile_max)")
+    ap.add_argument("--resume", default=None, metavar="FILE.json",
+                    help="CPU: go on with an earlier run's result file (its rows are kept; errors and budget skips "
+                         "are measured again); give the same selection options")
+    ap.add_argument("--reps", type=int, default=15, help="CPU: minimum timed rounds per case (default 15)")
+    ap.add_argument("--max-reps", type=int, default=60, help="CPU: maximum timed rounds per case (default 60)")
+    ap.add_argument("--min-s", type=float, default=0.5, help="CPU: minimum timing seconds per case (default 0.5)")
+    ap.add_argument("--clock-source", choices=("measured", "cpuinfo"), default="measured",
+                    help="CPU FMA floor clock: derived from a 1-thread torch.mm (default) or /proc/cpuinfo MHz")
     common.add_timing_args(ap, "25, quick 10", "100, quick 50")
-    common.add_common_args(ap)
+    common.add_common_args(ap, threads_list=True)
     return ap
 
 
@@ -312,6 +386,14 @@ def main(argv=None) -> int:
 
 
 def _main(args, argv, device) -> int:
+    if device.type == "cpu":
+        from . import msca_cpu
+
+        return msca_cpu.main_cpu(args, argv)
+    return _main_gpu(args, argv, device)
+
+
+def _main_gpu(args, argv, device) -> int:
     gpu = device.type == "cuda"
     if args.shape:
         shapes = {}
@@ -321,15 +403,15 @@ def _main(args, argv, device) -> int:
     elif args.shapes:
         shapes = {n: SHAPES[n] for n in common.parse_list(args.shapes, list(SHAPES), "--shapes")}
     elif args.quick:
-        shapes = {n: SHAPES[n] for n in QUICK_SHAPES} if gpu else dict(CPU_SHAPES)
+        shapes = {n: SHAPES[n] for n in QUICK_SHAPES}
     else:
-        shapes = dict(SHAPES) if gpu else dict(CPU_SHAPES)
+        shapes = {n: s for n, s in SHAPES.items() if not n.startswith("ade512b1")}
     dtypes = common.parse_list(args.dtype or ("bf16" if args.quick else "fp32,fp16,bf16"), list(common.DTYPES),
                                "--dtype")
-    modes = common.parse_list(args.mode, MODES, "--mode")
-    backends = common.parse_list(args.backends or ",".join(BACKENDS), BACKENDS, "--backends")
+    modes = common.parse_list(args.mode or "fwd,fwdbwd", MODES, "--mode")
+    backends = common.parse_list(args.backends or ",".join(GPU_BACKENDS), BACKENDS, "--backends")
     baselines = common.parse_list(args.baselines or ("eager_nchw,eager_cl,compile" if args.quick
-                                                     else ",".join(BASELINES)), BASELINES, "--baselines")
+                                                     else ",".join(GPU_BASELINES)), BASELINES, "--baselines")
     notes, labels, impls = [], {}, []
     for impl in backends + baselines:
         ok, note = impl_status(impl, device)
@@ -339,8 +421,6 @@ def _main(args, argv, device) -> int:
                 labels[impl] = "Triton interpreter: not a speed figure" if "interpreter" in note else note
         if note:
             notes.append(note)
-    if not gpu:
-        notes.append("CPU run: result files are written only with --save")
     env = common.environment(device)
     floors = common.device_floors(device, env, measure=not args.no_measure_bw)
     meta_cols = common.run_meta("msca", env, floors)
@@ -362,7 +442,8 @@ def _main(args, argv, device) -> int:
     paths = writer.finish(lambda p: plot(rows, p, title))
     print()
     print(("MSCA, CPU wall-clock figures" if not gpu else f"MSCA on {env['device']}") +
-          " (median ms; vs X = X's median / this median; %HBM, %FMA = floor / median)")
+          " (median ms; vs X = X's median / this median (p20/p80 range; ~same = spreads overlap; same code = no "
+          "ratio); %HBM, %FMA = floor / median)")
     print(table(rows, present))
     common.report_saved(paths)
     bad = [r for r in rows if r["status"].startswith("CHECK FAILED")]

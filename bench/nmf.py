@@ -86,11 +86,11 @@ def impl_status(impl: str, device: torch.device) -> tuple[bool, str]:
     """(runs here, note); see bench.msca.impl_status."""
     if impl in ("cuda", "triton"):
         try:
-            from segnext_kernels.nmf import resolve_nmf_backend
+            common.sk_backends()
         except ImportError as e:
-            return False, f"{impl} skipped: segnext_kernels.nmf is not importable ({e})"
+            return False, f"{impl} skipped: segnext_kernels is not importable ({e})"
         try:
-            resolve_nmf_backend(impl, device)
+            common.sk_resolve_nmf_backend(impl, device)
         except (RuntimeError, ValueError) as e:
             if impl == "triton" and device.type == "cpu":
                 return False, ("triton skipped on CPU: the kernels need a GPU; TRITON_INTERPRET=1 would run them "
@@ -101,12 +101,26 @@ def impl_status(impl: str, device: torch.device) -> tuple[bool, str]:
         return True, ""
     if impl == "reference":
         try:
-            import segnext_kernels.nmf  # noqa: F401
+            from segnext_kernels import nmf2d  # noqa: F401
         except ImportError as e:
             return False, f"reference skipped: segnext_kernels.nmf is not importable ({e})"
     if impl.startswith("compile") and device.type != "cuda":
         return False, f"{impl} skipped: the torch.compile baselines are measured on CUDA only"
     return True, ""
+
+
+def code_of(impl: str, device: torch.device) -> str:
+    """What code an implementation runs; equal strings = same code (no speedup between them). A backend that
+    resolves to "reference" runs ``nmf2d_reference``, the ops of the "eager" baseline."""
+    if impl == "eager":
+        return "nmf2d_reference"
+    if impl in BACKENDS:
+        try:
+            name = common.sk_resolve_nmf_backend(impl, device)
+        except Exception:  # noqa: BLE001
+            name = impl
+        return "nmf2d_reference" if name == "reference" else f"backend {name}"
+    return impl
 
 
 def make_inputs(shape, dtype: torch.dtype, device: torch.device, n_rot: int, seed: int = 0):
@@ -120,19 +134,26 @@ def make_inputs(shape, dtype: torch.dtype, device: torch.device, n_rot: int, see
     return xs, gs, bases
 
 
+def _grad_kw(fn, grad: str) -> dict:
+    """The gradient-mode keyword of ``fn``: ``grad_mode`` (current API) or ``grad`` (older)."""
+    import inspect
+
+    return {"grad_mode" if "grad_mode" in inspect.signature(fn).parameters else "grad": grad}
+
+
 def build_op(impl: str, K: int, grad: str):
     """``op(x, bases) -> recon`` of one implementation."""
-    from segnext.ham_head import nmf2d_reference
+    nmf2d_reference = common._first_attr(("segnext_kernels", "segnext.ham_head"), "nmf2d_reference")
 
     if impl in BACKENDS:
-        from segnext_kernels.nmf import nmf2d
+        from segnext_kernels import nmf2d
 
         def op(x, bases):
-            return nmf2d(x, bases, K, grad=grad, backend=impl)
+            return nmf2d(x, bases, K, backend=impl, **_grad_kw(nmf2d, grad))
         return op
 
     def ref(x, bases):
-        return nmf2d_reference(x, bases, K, grad=grad)
+        return nmf2d_reference(x, bases, K, **_grad_kw(nmf2d_reference, grad))
     if impl == "eager":
         return ref
     if impl in ("compile", "compile_max"):
@@ -164,7 +185,7 @@ def make_fn(impl: str, mode: str, K: int, grad: str, xs, gs, bases):
 def run_cases(shapes: dict, dtypes, modes, impls, device, env_meta: dict, budget: common.Budget, *, steps,
               grads, labels: dict, warmup_ms: float, rep_ms: float, check: bool = True, on_row=None) -> list[dict]:
     """Measure every (shape, dtype, mode, grad, impl), torch.compile last. Rows as in bench.msca."""
-    from segnext.ham_head import nmf2d_reference
+    nmf2d_reference = common._first_attr(("segnext_kernels", "segnext.ham_head"), "nmf2d_reference")
 
     rows = []
     phases = [[i for i in impls if not i.startswith("compile")], [i for i in impls if i.startswith("compile")]]
@@ -182,7 +203,8 @@ def run_cases(shapes: dict, dtypes, modes, impls, device, env_meta: dict, budget
                             row = dict(env_meta, shape_name=sname, shape=f"{B}x{D}x{N}", B=B, D=D, N=N, R=R,
                                        K=K, dtype=dname, mode=mode, grad=grad if mode == "fwdbwd" else "-",
                                        impl=impl, impl_type="backend" if impl in BACKENDS else "baseline",
-                                       rotations=n_rot, status="ok", median_ms=None, p20_ms=None, p80_ms=None,
+                                       code=code_of(impl, device), rotations=n_rot, status="ok", median_ms=None,
+                                       p20_ms=None, p80_ms=None,
                                        reps=None, rel_err=None, **byte_flop_model(shape, dname, mode, K))
                             if labels.get(impl):
                                 row["status"] = f"ok ({labels[impl]})"
@@ -232,7 +254,7 @@ def table(rows: list[dict], baselines) -> str:
     cols = [("shape", "shape_name", "s"), ("BxDxN", "shape", "s"), ("R", "R", "d"), ("K", "K", "d"),
             ("dtype", "dtype", "s"), ("mode", "mode", "s"), ("grad", "grad", "s"), ("impl", "impl", "s"),
             ("median ms", "median_ms", ".4f"), ("p20 ms", "p20_ms", ".4f"), ("p80 ms", "p80_ms", ".4f")]
-    cols += [(f"vs {b}", f"speedup_vs_{b}", "x") for b in baselines]
+    cols += [(f"vs {b}", f"vs_{b}", "s") for b in baselines]
     cols += [("GB/s", "GBps", "g3"), ("TFLOP/s", "TFLOPs", "g3"), ("%HBM", "hbm_frac", "%"),
              ("%FMA", "fma_frac", "%"), ("rel_err", "rel_err", ".1e"), ("status", "status", "s")]
     return common.format_table(common.sort_rows(rows, ("shape_name", "dtype", "mode", "grad")), cols)
@@ -322,7 +344,8 @@ def _main(args, argv, device) -> int:
     paths = writer.finish(lambda p: plot(rows, p, title))
     print()
     print(("NMF2D, CPU wall-clock figures" if not gpu else f"NMF2D on {env['device']}") +
-          " (median ms; vs X = X's median / this median; %HBM, %FMA = floor / median)")
+          " (median ms; vs X = X's median / this median (p20/p80 range; ~same = spreads overlap; same code = no "
+          "ratio); %HBM, %FMA = floor / median)")
     print(table(rows, present))
     common.report_saved(paths)
     bad = [r for r in rows if r["status"].startswith("CHECK FAILED")]

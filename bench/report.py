@@ -1,17 +1,22 @@
-"""Regenerate the benchmark-results section of README.md from the newest GPU result files.
+"""The benchmark-results section of README.md, generated from the newest GPU result files and the newest CPU MSCA
+result files.
 
-    python -m bench.report [--readme README.md] [--results bench/results] [--dtype bf16] [--check] [--stdout]
+    python -m bench.report [--readme README.md] [--results bench/results] [--dtype bf16] [--write | --check]
+
+Without flags the section is printed to stdout and nothing is written; ``--write`` writes it into the README;
+``--check`` exits 1 when the README's section differs from what would be generated (nothing is written).
 
 Only the text between ``<!-- bench:results:start -->`` and ``<!-- bench:results:end -->`` is replaced. For each
 kind (msca, nmf, model) the newest JSON file written on a CUDA device (``meta.device_kind == "cuda"``, newest by
 ``meta.date``), merged with older GPU files of the same device and commit (a run split over several calls, the
 newest row winning), is summarised: a markdown table (median ms, speedups, fraction of the floors; images/s for
-the model), the PNG link, and the GPU, driver, versions, commit and date of the run. CPU result files are never
-used.
-Without any GPU file the section says that no GPU measurements exist yet: numbers are missing, not guessed.
-When the README lacks the markers the section is printed to stdout and the README is left alone.
-
-``--check``: exit 1 when the README section differs from what would be generated (nothing is written).
+the model), the PNG link, and the GPU, driver, versions, commit and date of the run. CPU files never stand in
+for GPU figures: without any GPU file the section says that no GPU measurements exist yet (missing, not guessed).
+After the GPU part, a CPU part from the newest CPU MSCA files (``python -m bench.msca`` on CPU, merged over files of
+the same CPU model and commit): the CPU model, commit, date and versions, per mode a table of every implementation's
+median ms at the largest thread count measured, the FMA floor, the cpu backend against its fastest peer (with the
+spread), and a plain list of what was not run. When the README lacks the markers the section is printed and the
+README is left alone.
 """
 from __future__ import annotations
 
@@ -29,12 +34,12 @@ TITLES = {"msca": "MSCA (one attention module)", "nmf": "NMF2D (Hamburger decode
 
 
 #: columns identifying one measurement; a newer file's row replaces an older one's with the same identity
-IDENTITY = {"msca": ("shape_name", "shape", "dtype", "mode", "impl"),
+IDENTITY = {"msca": ("shape_name", "shape", "dtype", "mode", "impl", "threads"),
             "nmf": ("shape_name", "shape", "R", "K", "dtype", "mode", "grad", "impl"),
             "model": ("model", "case", "batch", "H", "W", "precision", "variant")}
 
 
-def _load(results_dir: Path) -> list[tuple[tuple, Path, dict]]:
+def _load(results_dir: Path, device_kind: str = "cuda") -> list[tuple[tuple, Path, dict]]:
     found = []
     for path in sorted(Path(results_dir).glob("*.json")):
         try:
@@ -43,7 +48,7 @@ def _load(results_dir: Path) -> list[tuple[tuple, Path, dict]]:
             kind = meta["kind"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if kind in KINDS and meta.get("device_kind") == "cuda" and data.get("rows"):
+        if kind in KINDS and meta.get("device_kind") == device_kind and data.get("rows"):
             found.append(((str(meta.get("date", "")), path.name), path, data))
     return sorted(found, key=lambda t: t[0])
 
@@ -52,15 +57,27 @@ def newest_gpu_results(results_dir: Path) -> dict:
     """kind -> {"meta", "files", "rows"}: the newest GPU result file of that kind (by ``meta.date``) merged with
     the older files of the same device and commit (a run split over several calls); for a measurement present in
     several files the newest row wins. Speedup columns are recomputed over the merged rows."""
+    return _newest_results(results_dir, "cuda", KINDS)
+
+
+def newest_cpu_results(results_dir: Path) -> dict:
+    """As ``newest_gpu_results`` for the CPU MSCA files (``python -m bench.msca`` on CPU; kind "msca" only): the
+    newest file, preferring the preset runs (default / full) over custom-shape ones, merged with the other CPU
+    files of the same CPU model and commit."""
+    return _newest_results(results_dir, "cpu", ("msca",))
+
+
+def _newest_results(results_dir: Path, device_kind: str, kinds) -> dict:
     from . import model as _model, msca as _msca, nmf as _nmf
 
-    files = _load(results_dir)
+    files = _load(results_dir, device_kind)
     out = {}
-    for kind in KINDS:
+    for kind in kinds:
         mine = [(k, p, d) for k, p, d in files if d["meta"]["kind"] == kind]
         if not mine:
             continue
-        newest = mine[-1][2]["meta"]
+        preset = [t for t in mine if t[2]["meta"].get("subset") != "custom"]
+        newest = (preset or mine)[-1][2]["meta"]
         same = [(p, d) for _, p, d in mine if (d["meta"].get("device"), d["meta"].get("commit")) ==
                 (newest.get("device"), newest.get("commit"))]
         merged: dict[tuple, dict] = {}
@@ -200,18 +217,134 @@ def _model_section(rows: list[dict], meta: dict) -> list[str]:
     return out
 
 
-def build_section(results: dict, readme_dir: Path, want_dtype: str = "bf16") -> str:
-    """The markdown placed between the markers (without the markers)."""
-    lines = ["_Generated by `python -m bench.report` from the newest GPU result files in `bench/results/`; "
-             "do not edit by hand. Times are `triton.testing.do_bench` medians in ms (inputs rotated past the L2); "
-             "`vs X` = X's time / ours; floors as defined in `bench/common.py`, byte and FLOP models in "
+CPU_COLS = (("cpu", "cpu backend"), ("reference", "reference"), ("eager_nchw", "eager NCHW"),
+            ("eager_cl", "eager channels_last"), ("compile", "torch.compile"), ("ort", "ONNX Runtime"),
+            ("openvino", "OpenVINO"), ("openvino_default", "OpenVINO, default hint"))
+CPU_PEERS = ("eager_nchw", "eager_cl", "compile", "ort", "openvino", "openvino_default")
+
+
+def _cell_ms(r) -> str:
+    if r is None:
+        return "not run"
+    if _ok(r):
+        v = r["median_ms"]
+        return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
+    st = str(r.get("status", ""))
+    return "n/a" if st.startswith("n/a") else ("skipped" if st.startswith("skipped") else "error")
+
+
+def _cpu_section(res: dict, readme_dir: Path) -> list[str]:
+    """The CPU MSCA part of the section: per mode, the fp32/bf16 stage shapes at the largest thread count measured,
+    every implementation's median ms, the FMA floor and the fused cpu backend against its fastest peer (with the
+    spread); then, said plainly, what was not run."""
+    from . import msca as _m
+
+    meta, rows = res["meta"], res["rows"]
+    data = ", ".join(f"[{p.stem}]({_link(p.with_suffix('.csv'), readme_dir)}) (CSV)" for p in res["files"])
+    floors = (meta.get("floors") or {}).get("cpu_fma") or {}
+    threads = sorted({int(r["threads"]) for r in rows if str(r.get("threads", "")).isdigit()})
+    subset = meta.get("subset", "?") + (" run" if len(res["files"]) == 1 else f" run over {len(res['files'])} files")
+    if not res["complete"]:
+        subset += ", cut off before the end"
+    out = [f"**MSCA on CPU** (wall-clock `time.perf_counter` medians, implementations timed round-robin in one "
+           f"process; CPU figures, they say nothing about GPU speed): {meta.get('cpu_model', meta.get('device'))}, "
+           f"threads measured {', '.join(map(str, threads)) or '-'}; torch "
+           f"{meta.get('torch')}, onnxruntime {meta.get('onnxruntime')}, openvino {meta.get('openvino')}; commit "
+           f"`{meta.get('commit')}`, {meta.get('date')}; {subset}; data: {data}.", ""]
+    if floors:
+        out += [f"FMA floor = multiply-adds (E x (103 + C) fwd, E x (309 + 3C) fwd+bwd) / (threads x "
+                f"{floors.get('fma_ports')} FMA ports x {floors.get('fma_lanes')} fp32 lanes x "
+                f"{floors.get('clock_GHz')} GHz); clock {floors.get('clock_source')}, "
+                f"1-thread torch.mm {floors.get('mm_GFLOPs')} GFLOP/s, /proc/cpuinfo "
+                f"{floors.get('cpuinfo_MHz') or 'no'} MHz. `x (a-b)` = ratio of medians (range over the p20-p80 "
+                "spreads); `~same` = the spreads overlap.", ""]
+    # the noise of this run, from two implementations that run the same code (reference and eager NCHW)
+    pairs = []
+    for r in rows:
+        if r["impl"] == "reference" and _ok(r):
+            twin = next((e for e in rows if e["impl"] == "eager_nchw" and _ok(e) and e.get("code") == r.get("code")
+                         and all(e.get(k) == r.get(k) for k in ("shape_name", "dtype", "mode", "threads"))), None)
+            if twin:
+                pairs.append(max(r["median_ms"], twin["median_ms"]) / min(r["median_ms"], twin["median_ms"]))
+    if pairs:
+        pairs.sort()
+        out += [f"Noise check: `reference` and `eager_nchw` run the same code; their medians differ by "
+                f"{(pairs[len(pairs) // 2] - 1) * 100:.0f}% (median over {len(pairs)} cases), "
+                f"{pairs[int(0.9 * (len(pairs) - 1))]:.2g}x at the 90th percentile, at most {pairs[-1]:.2g}x: "
+                "differences of that size between other columns are not a measured speedup (a shared machine).", ""]
+    present = [(i, h) for i, h in CPU_COLS if any(r["impl"] == i for r in rows)]
+    for threads_, mode in [(t, m) for t in threads for m in _m.MODES]:
+        mrows = [r for r in rows if str(r.get("threads")) == str(threads_) and r["mode"] == mode]
+        if not mrows:
+            continue
+        out.append(f"{'Forward' if mode == 'fwd' else 'Forward + backward'}, {threads_} "
+                   f"thread{'s' * (threads_ != 1)} (median ms):")
+        out.append("")
+        header = ["shape", "C,H,W", "dtype"] + [h for _, h in present] + ["FMA floor", "cpu vs fastest other"]
+        table = []
+        for g in dict.fromkeys((r["shape_name"], r["dtype"]) for r in mrows):
+            cells = {r["impl"]: r for r in mrows if (r["shape_name"], r["dtype"]) == g}
+            first = next(iter(cells.values()))
+            line = [g[0], f"{first['C']},{first['H']},{first['W']}", g[1]]
+            line += [_cell_ms(cells.get(i)) for i, _ in present]
+            fl = first.get("fma_floor_ms")
+            line.append(f"{fl:.3g}" if fl else "-")
+            cpu = cells.get("cpu")
+            others = [r for i, r in cells.items() if i in CPU_PEERS and _ok(r)]
+            if cpu is None or not _ok(cpu):
+                line.append("cpu not run")
+            elif not others:
+                line.append("-")
+            else:
+                best = min(others, key=lambda r: r["median_ms"])
+                same = bool(cpu.get("code")) and cpu.get("code") == best.get("code")
+                c = common.compare_timings(best, cpu, same_code=same)
+                line.append(f"{c['text']} vs {best['impl']}")
+            table.append(line)
+        out += _md_table(header, table) + [""]
+    # what was not run, plainly
+    missing = []
+    reasons = {}
+    for r in rows:
+        st = str(r.get("status", ""))
+        if not _ok(r):
+            reasons.setdefault((r["impl"], st if not st.startswith("skipped (time") else "skipped (time budget)"),
+                               []).append(r)
+    for (impl, st), rs in reasons.items():
+        missing.append(f"`{impl}` {len(rs)} row(s): {st[:140]}")
+    full = _m.CPU_FULL
+    have = {(r["shape_name"], r["dtype"], r["mode"], str(r.get("threads"))) for r in rows}
+    shapes_missing = [n for n in full["shapes"] if not any(h[0] == n for h in have)]
+    if shapes_missing:
+        missing.append("shapes not measured: " + ", ".join(shapes_missing))
+    for what, key, idx in (("dtypes", "dtypes", 1), ("modes", "modes", 2), ("thread counts", "threads", 3)):
+        absent = [str(v) for v in full[key] if not any(h[idx] == str(v) for h in have)]
+        if absent:
+            missing.append(f"{what} not measured: {', '.join(absent)}")
+    out.append("Not run or not applicable in these files: " + ("; ".join(missing) if missing else "nothing") + ".")
+    pngs = [p.with_suffix(".png") for p in res["files"] if p.with_suffix(".png").is_file()]
+    if pngs:
+        out += ["", f"![MSCA on CPU: median ms by stage]({_link(pngs[-1], readme_dir)})"]
+    return out
+
+
+def build_section(results: dict, readme_dir: Path, want_dtype: str = "bf16", cpu_results=None) -> str:
+    """The markdown placed between the markers (without the markers): the GPU results, then the CPU MSCA ones."""
+    lines = ["_Generated by `python -m bench.report --write` from the newest result files in `bench/results/`; "
+             "do not edit by hand. GPU times are `triton.testing.do_bench` medians in ms (inputs rotated past the "
+             "L2); `vs X` = X's time / ours; floors as defined in `bench/common.py`, byte and FLOP models in "
              "`bench/msca.py` and `bench/nmf.py`._", ""]
+    cpu_lines = []
+    if cpu_results and "msca" in cpu_results:
+        cpu_lines = [""] + _cpu_section(cpu_results["msca"], readme_dir)
+    else:
+        cpu_lines = ["", "**MSCA on CPU**: no CPU result file yet (`python -m bench.msca --full` writes one)."]
     if not results:
         lines += ["No GPU measurements exist yet: `bench/results/` holds no result file from a GPU, so there are no "
                   "speed figures here (they are missing, not guessed). To produce them on a CUDA machine: "
                   "`python -m bench.msca`, `python -m bench.nmf`, `python -m bench.model` (or `--quick` for the "
-                  "subset `bench/gpu_check.sh` runs), then `python -m bench.report`."]
-        return "\n".join(lines)
+                  "subset `bench/gpu_check.sh` runs), then `python -m bench.report --write`."]
+        return "\n".join(lines + cpu_lines)
     for kind in KINDS:
         if kind not in results:
             lines += [f"**{TITLES[kind]}**: no GPU result file yet.", ""]
@@ -235,7 +368,7 @@ def build_section(results: dict, readme_dir: Path, want_dtype: str = "bf16") -> 
         if pngs:
             lines += ["", f"![{TITLES[kind]}: speedup]({_link(pngs[-1], readme_dir)})"]
         lines.append("")
-    return "\n".join(lines).rstrip()
+    return "\n".join(lines + cpu_lines).rstrip()
 
 
 def _names(results: dict) -> str:
@@ -256,8 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--readme", default=str(common.ROOT / "README.md"))
     ap.add_argument("--results", default=str(common.RESULTS_DIR))
     ap.add_argument("--dtype", default="bf16", help="dtype of the MSCA / NMF tables (default bf16 when measured)")
-    ap.add_argument("--check", action="store_true", help="exit 1 if the README section is out of date; write nothing")
-    ap.add_argument("--stdout", action="store_true", help="print the section instead of writing the README")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help="write the section into the README (between the markers)")
+    mode.add_argument("--check", action="store_true", help="exit 1 if the README section is out of date; write nothing")
+    mode.add_argument("--stdout", action="store_true", help="print the section (the default without --write)")
     return ap
 
 
@@ -265,28 +400,35 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     readme = Path(args.readme)
     results = newest_gpu_results(Path(args.results))
-    section = build_section(results, readme.resolve().parent, args.dtype)
+    cpu = newest_cpu_results(Path(args.results))
+    section = build_section(results, readme.resolve().parent, args.dtype, cpu_results=cpu)
     text = readme.read_text() if readme.is_file() else None
     new = splice(text, section) if text is not None else None
-    if args.stdout or new is None:
-        if new is None:
-            why = "does not exist" if text is None else f"has no {START} ... {END} markers"
-            print(f"{readme} {why}: not modified; the section follows (put it between the markers).")
-        print(START)
-        print(section)
-        print(END)
-        return 1 if args.check else 0
+    if new is None and (args.write or args.check):
+        why = "does not exist" if text is None else f"has no {START} ... {END} markers"
+        print(f"{readme} {why}: not modified; the section follows (put it between the markers).")
     if args.check:
+        if new is None:
+            print(START)
+            print(section)
+            print(END)
+            return 1
         if new != text:
-            print(f"{readme}: benchmark section is out of date (run python -m bench.report)")
+            print(f"{readme}: benchmark section is out of date (run python -m bench.report --write)")
             return 1
         print(f"{readme}: benchmark section is up to date")
         return 0
+    if not args.write or new is None:
+        print(START)
+        print(section)
+        print(END)
+        return 0
+    names = _names(results) + (", " if results and cpu else "") + _names(cpu)
     if new == text:
-        print(f"{readme}: benchmark section already up to date ({_names(results) or 'no GPU result files'})")
+        print(f"{readme}: benchmark section already up to date ({names or 'no result files'})")
         return 0
     readme.write_text(new)
-    print(f"{readme}: benchmark section regenerated from {_names(results) or 'no GPU result files (it says so)'}")
+    print(f"{readme}: benchmark section regenerated from {names or 'no result files (it says so)'}")
     return 0
 
 

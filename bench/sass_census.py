@@ -5,8 +5,8 @@ A static count, not a timing: it shows where the issue slots of a kernel go (the
 output element" figures for the tensor-core depthwise variant come from it) and catches regressions such as an
 integer division or a lost unroll in a hot loop. Speed is measured by ``python -m bench.msca`` on a GPU.
 
-    python -m bench.sass_census                        # csrc/msca_fwd.cu, sm_90, every kernel
-    python -m bench.sass_census --src csrc/msca_bwd.cu --kernel mix --arch 80
+    python -m bench.sass_census                        # csrc/msca/msca_fwd.cu, sm_90, every kernel
+    python -m bench.sass_census --src csrc/msca/msca_bwd.cu --kernel mix --arch 80
 
 Needs nvcc and cuobjdump (the CUDA toolkit, or ``pip install nvidia-cuda-cuobjdump`` with its bin/ on PATH); runs
 on a machine without a GPU. Loops are found as backward branches, so a loop's count includes any loop nested in it.
@@ -68,7 +68,7 @@ def census(sass: str, kernel_filter: str = "") -> list[tuple[str, int, list[dict
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--src", default="csrc/msca_fwd.cu", help="a .cu file of csrc/ (default: %(default)s)")
+    ap.add_argument("--src", default="csrc/msca/msca_fwd.cu", help="a .cu file of csrc/ (default: %(default)s)")
     ap.add_argument("--arch", default="90", help="SM architecture (default: %(default)s)")
     ap.add_argument("--kernel", default="", help="only kernels whose mangled name contains this")
     ap.add_argument("--min-instr", type=int, default=8, help="hide loops shorter than this (default: %(default)s)")

@@ -58,6 +58,8 @@ def _run(benchmark, fn, extra: dict) -> None:
         benchmark.pedantic(call, rounds=20, iterations=3, warmup_rounds=2)
     else:
         benchmark.pedantic(call, rounds=5, iterations=1, warmup_rounds=1)
+    if benchmark.stats is None:  # --benchmark-disable: the call ran once, nothing was measured
+        return
     med = benchmark.stats.stats.median  # seconds per call
     if med and extra.get("bytes"):
         benchmark.extra_info["GBps"] = extra["bytes"] / med / 1e9

@@ -1,7 +1,7 @@
 """MSCAN backbone of SegNeXt (pure PyTorch reference).
 
-Re-implemented from the project spec (``shared/spec/reference_model.md`` section 1), which
-describes the official ``mmseg/models/backbones/mscan.py`` of Visual-Attention-Network/SegNeXt
+Re-implemented from the facts collected in ``docs/reference_model.md`` ("MSCAN backbone"), which
+describe the official ``mmseg/models/backbones/mscan.py`` of Visual-Attention-Network/SegNeXt
 and the SegNeXt paper (Guo et al., NeurIPS 2022), section 3.1 and Table 2.
 
 Attribute names equal the official state_dict names, e.g.
@@ -12,20 +12,22 @@ layout (B, H*W, C), exactly like the official code, so results are numerically t
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from .config import as_nested_tuple, build_norm_layer, check_act_cfg
 from .depthwise import DepthwiseConv2d
 
 NormCfg = Union[str, Mapping, None]
+GELU = {"type": "GELU"}
 
 __all__ = ["MSCAN", "StemConv", "OverlapPatchEmbed", "AttentionModule", "SpatialAttention",
            "DWConv", "Mlp", "Block", "DropPath", "build_norm", "mscan_t", "mscan_s", "mscan_b",
            "mscan_l", "MSCAN_CONFIGS"]
 
-# Official ``local_configs`` (spec 1.3). Class defaults are used by no released model.
+# Official ``local_configs`` (docs/reference_model.md, "Variants"). Class defaults are used by no released model.
 MSCAN_CONFIGS = {
     "t": dict(embed_dims=(32, 64, 160, 256), depths=(3, 3, 5, 2), mlp_ratios=(8, 8, 4, 4),
               drop_path_rate=0.1),
@@ -39,24 +41,29 @@ MSCAN_CONFIGS = {
 
 
 def build_norm(norm_cfg: NormCfg, channels: int) -> nn.Module:
-    """Backbone norm layer, like mmcv ``build_norm_layer`` for the two types SegNeXt uses.
+    """Backbone norm layer, like mmcv ``build_norm_layer``.
 
     Args:
         norm_cfg: ``"BN"`` (``nn.BatchNorm2d``, mmseg configs) or ``"SyncBN"``
-            (``nn.SyncBatchNorm``, official configs), or an mmcv-style dict ``{"type": ...}``
-            (other dict entries are ignored). Both give identical state_dict keys; SyncBN without
-            an initialised process group behaves like BN.
+            (``nn.SyncBatchNorm``, official configs), or an mmcv-style dict ``{"type": ..., "requires_grad": ...,
+            ...}`` (see :func:`segnext.config.build_norm_layer`: ``requires_grad=False`` freezes the norm, the
+            layer's own keys such as ``eps`` / ``momentum`` are passed on, any other key is refused). BN and
+            SyncBN give identical state_dict keys; SyncBN without an initialised process group behaves like BN.
         channels: number of channels C of the (B, C, H, W) input.
 
     Raises:
-        ValueError: unknown norm type.
+        ValueError: unknown norm type or key.
     """
-    kind = norm_cfg.get("type", "BN") if isinstance(norm_cfg, Mapping) else (norm_cfg or "BN")
-    if kind in ("BN", "BN2d"):
-        return nn.BatchNorm2d(channels)
-    if kind == "SyncBN":
-        return nn.SyncBatchNorm(channels)
-    raise ValueError(f"norm_cfg type must be 'BN' or 'SyncBN', got {kind!r}")
+    if norm_cfg is None:
+        norm_cfg = "BN"
+    kind = norm_cfg.get("type") if isinstance(norm_cfg, Mapping) else norm_cfg
+    if kind not in ("BN", "BN2d", "SyncBN"):
+        raise ValueError(f"norm_cfg type must be 'BN' or 'SyncBN', got {kind!r}")
+    return build_norm_layer(norm_cfg, channels)[1]
+
+
+def _gelu(act_cfg) -> nn.Module:
+    return nn.GELU(**check_act_cfg(act_cfg, "GELU"))
 
 
 class DropPath(nn.Module):
@@ -90,11 +97,11 @@ class StemConv(nn.Module):
     State-dict: ``proj.{0,3}`` convs (bias), ``proj.{1,4}`` norms.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, norm_cfg: NormCfg = "BN"):
+    def __init__(self, in_channels: int, out_channels: int, norm_cfg: NormCfg = "BN", act_cfg=GELU):
         super().__init__()
         mid = out_channels // 2
         self.proj = nn.Sequential(
-            nn.Conv2d(in_channels, mid, 3, 2, 1), build_norm(norm_cfg, mid), nn.GELU(),
+            nn.Conv2d(in_channels, mid, 3, 2, 1), build_norm(norm_cfg, mid), _gelu(act_cfg),
             nn.Conv2d(mid, out_channels, 3, 2, 1), build_norm(norm_cfg, out_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,10 +157,10 @@ class SpatialAttention(nn.Module):
     residual on the (normalised) input. Shapes: (B, C, H, W) -> (B, C, H, W).
     """
 
-    def __init__(self, d_model: int):
+    def __init__(self, d_model: int, act_cfg=GELU):
         super().__init__()
         self.proj_1 = nn.Conv2d(d_model, d_model, 1)
-        self.activation = nn.GELU()
+        self.activation = _gelu(act_cfg)
         self.spatial_gating_unit = AttentionModule(d_model)
         self.proj_2 = nn.Conv2d(d_model, d_model, 1)
 
@@ -183,12 +190,12 @@ class Mlp(nn.Module):
     """
 
     def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None,
-                 drop: float = 0.0):
+                 drop: float = 0.0, act_cfg=GELU):
         super().__init__()
         out_features = out_features or in_features
         self.fc1 = nn.Conv2d(in_features, hidden_features, 1)
         self.dwconv = DWConv(hidden_features)
-        self.act = nn.GELU()
+        self.act = _gelu(act_cfg)
         self.fc2 = nn.Conv2d(hidden_features, out_features, 1)
         self.drop = nn.Dropout(drop)
 
@@ -209,19 +216,40 @@ class Block(nn.Module):
     """
 
     def __init__(self, dim: int, mlp_ratio: float = 4.0, drop: float = 0.0, drop_path: float = 0.0,
-                 norm_cfg: NormCfg = "BN", layer_scale_init: float = 1e-2):
+                 norm_cfg: NormCfg = "BN", layer_scale_init: float = 1e-2, act_cfg=GELU):
         super().__init__()
         self.layer_scale_1 = nn.Parameter(torch.full((dim,), layer_scale_init))
         self.layer_scale_2 = nn.Parameter(torch.full((dim,), layer_scale_init))
         self.norm1 = build_norm(norm_cfg, dim)
-        self.attn = SpatialAttention(dim)
+        self.attn = SpatialAttention(dim, act_cfg)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = build_norm(norm_cfg, dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop, act_cfg=act_cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.layer_scale_1[:, None, None] * self.attn(self.norm1(x)))
         return x + self.drop_path(self.layer_scale_2[:, None, None] * self.mlp(self.norm2(x)))
+
+
+#: mmseg ``MSCAN`` / ``MSCAAttention`` defaults: the SegNeXt kernels (5x5, then 1x7/7x1, 1x11/11x1, 1x21/21x1).
+ATTENTION_KERNEL_SIZES = (5, (1, 7), (1, 11), (1, 21))
+ATTENTION_KERNEL_PADDINGS = (2, (0, 3), (0, 5), (0, 10))
+
+
+def _check_mmseg_options(kernel_sizes, paddings, in_channels, pretrained, init_cfg) -> None:
+    if as_nested_tuple(kernel_sizes) != ATTENTION_KERNEL_SIZES:
+        raise ValueError(f"attention_kernel_sizes: only the SegNeXt kernels [5, [1, 7], [1, 11], [1, 21]] are "
+                         f"supported, got {kernel_sizes!r}")
+    if as_nested_tuple(paddings) != ATTENTION_KERNEL_PADDINGS:
+        raise ValueError(f"attention_kernel_paddings: only the SegNeXt paddings [2, [0, 3], [0, 5], [0, 10]] are "
+                         f"supported, got {paddings!r}")
+    if in_channels is not None and in_channels != 3:
+        raise ValueError(f"in_channels={in_channels!r}: the official and mmseg MSCAN ignore in_channels (their stem "
+                         f"always takes 3 channels); pass in_chans={in_channels!r} for a stem of that width")
+    for name, value in (("pretrained", pretrained), ("init_cfg", init_cfg)):
+        if value is not None:
+            raise ValueError(f"{name}={value!r}: weight loading at init is not supported; build the model, then "
+                             f"segnext.load_checkpoint(model, path)")
 
 
 class MSCAN(nn.Module):
@@ -235,34 +263,55 @@ class MSCAN(nn.Module):
         drop_path_rate: stochastic-depth rate, linearly increased over all blocks
             (``linspace(0, drop_path_rate, sum(depths))``).
         norm_cfg: ``"BN"`` (default) or ``"SyncBN"`` for all backbone norms except the four
-            stage-end ``nn.LayerNorm``.
+            stage-end ``nn.LayerNorm``; or an mmcv dict such as the configs' ``dict(type='BN',
+            requires_grad=True)`` (``requires_grad=False`` freezes those norms; see :func:`build_norm`).
+        num_stages: stages built (official / mmseg option, default ``len(depths)``; the stochastic-depth
+            schedule still spans ``sum(depths)``, as there).
+        act_cfg: ``{"type": "GELU"}`` (mmseg option; the only activation supported, ``approximate`` allowed).
+        attention_kernel_sizes, attention_kernel_paddings: mmseg options; only the SegNeXt values
+            ``[5, [1, 7], [1, 11], [1, 21]]`` / ``[2, [0, 3], [0, 5], [0, 10]]`` (the defaults, any list/tuple
+            nesting) are supported -- the fused kernels implement exactly these.
+        in_channels: mmseg's spelling of ``in_chans``. The official and mmseg MSCAN ignore it (their stem
+            always takes 3 channels), so only 3 is accepted; ``in_chans`` builds a stem of another width.
+        pretrained, init_cfg: official / mmseg init-time weight loading; only ``None`` is accepted (load weights
+            with :func:`segnext.load_checkpoint` after building).
 
-    Forward: images (B, in_chans, H, W), float -> list of 4 maps (B, C_i, H_i, W_i) with
+    Forward: images (B, in_chans, H, W), float -> list of num_stages maps (B, C_i, H_i, W_i) with
     strides 4/8/16/32 (each stage halves with ceil: H_1 = ceil(ceil(H/2)/2), H_{i+1} =
     ceil(H_i/2)). Each map is the LayerNorm-ed stage output, which also feeds the next stage.
 
     Weights get the official from-scratch init (``init_weights``): Conv2d ~ N(0, sqrt(2/fan_out)),
     fan_out = kh*kw*out/groups, bias 0; LayerNorm (1, 0); BN (1, 0); layer scales 1e-2.
+
+    Raises:
+        ValueError: list lengths differ, ``num_stages`` out of range, or an mmseg/official option with a value
+            this model does not implement (the message names it).
     """
 
     def __init__(self, in_chans: int = 3, embed_dims: Sequence[int] = (64, 128, 256, 512),
                  mlp_ratios: Sequence[float] = (4, 4, 4, 4), drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, depths: Sequence[int] = (3, 4, 6, 3),
-                 norm_cfg: NormCfg = "BN"):
+                 norm_cfg: NormCfg = "BN", num_stages: Optional[int] = None, act_cfg=GELU,
+                 attention_kernel_sizes=ATTENTION_KERNEL_SIZES, attention_kernel_paddings=ATTENTION_KERNEL_PADDINGS,
+                 in_channels: Optional[int] = None, pretrained=None, init_cfg=None):
         super().__init__()
         if not len(embed_dims) == len(mlp_ratios) == len(depths):
             raise ValueError("embed_dims, mlp_ratios and depths must have the same length")
+        _check_mmseg_options(attention_kernel_sizes, attention_kernel_paddings, in_channels, pretrained, init_cfg)
+        num_stages = len(depths) if num_stages is None else num_stages
+        if isinstance(num_stages, bool) or not isinstance(num_stages, int) or not 1 <= num_stages <= len(depths):
+            raise ValueError(f"num_stages: expected an int in [1, {len(depths)}] (len(depths)), got {num_stages!r}")
         self.embed_dims, self.depths = list(embed_dims), list(depths)
-        self.num_stages = len(depths)
+        self.num_stages = num_stages
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         cur = 0
         for i in range(self.num_stages):
             if i == 0:
-                patch_embed = StemConv(in_chans, embed_dims[0], norm_cfg)
+                patch_embed = StemConv(in_chans, embed_dims[0], norm_cfg, act_cfg)
             else:
                 patch_embed = OverlapPatchEmbed(embed_dims[i - 1], embed_dims[i], norm_cfg=norm_cfg)
             blocks = nn.ModuleList(
-                Block(embed_dims[i], mlp_ratios[i], drop_rate, dpr[cur + j], norm_cfg)
+                Block(embed_dims[i], mlp_ratios[i], drop_rate, dpr[cur + j], norm_cfg, act_cfg=act_cfg)
                 for j in range(depths[i]))
             setattr(self, f"patch_embed{i + 1}", patch_embed)
             setattr(self, f"block{i + 1}", blocks)

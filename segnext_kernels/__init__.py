@@ -1,22 +1,27 @@
-"""segnext-kernels: fused Triton and CUDA kernels for SegNeXt (MSCA attention, NMF2D Hamburger).
+"""segnext-kernels: fused kernels for SegNeXt (MSCA attention, NMF2D Hamburger) in C++ for CPU, CUDA and Triton.
 
 Public API:
     msca(u, conv0_weight, conv0_bias, strip_weights, strip_biases, conv3_weight, conv3_bias, *, backend="auto")
-    FusedMSCA, fuse_msca(model, backend="auto") -> int
-    nmf2d(x, bases, steps, *, grad="unrolled", eps=1e-6, inv_t=1.0, return_state=False, backend="auto")
-    FusedNMF2D, fuse_ham(model, backend="auto") -> int
-    fuse(model, backend="auto") -> {"msca": n, "ham": n}
-    msca_reference (the eager MSCA oracle), BACKENDS
+    nmf2d(x, bases, steps, *, grad_mode="unrolled", eps=1e-6, inv_t=1.0, return_state=False, backend="auto")
+    mlp(x, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, *, backend="auto"): MSCAN's Mlp
+    FusedMSCA, FusedNMF2D, FusedMlp: drop-in modules; fuse_msca / fuse_ham / fuse_mlp(model): swap them in;
+    fuse(model): MSCA and NMF2D
+    msca_reference, nmf2d_reference: the eager oracles; BACKENDS, supports(op, backend, device, dtype)
 
-Importing this package needs neither a GPU, Triton nor the CUDA extension: Triton kernels are imported on first
-use, and the extension is loaded (or built) lazily the first time the "cuda" backend runs.
+Layout: one folder per op (``msca/``, ``nmf/``) with its ``reference.py``, ``interface.py`` and one file per backend;
+``backends.py`` (which backend runs where), ``extension.py`` (the compiled extensions, loaded lazily),
+``modules.py`` (fused modules and model rewriters).
+
+Importing this package needs no GPU, no Triton and no compiled extension: Triton kernels are imported on first use,
+and an extension is loaded (or built) the first time a backend that needs it runs; only then is it said why one is
+missing and how to build it.
 """
-from .backend import BACKENDS
-from .modules import FusedMSCA, fuse_msca
-from .msca_reference import msca_reference
-from .nmf import FusedNMF2D, fuse, fuse_ham, nmf2d
-from .ops import msca
+from .backends import BACKENDS, supports
+from .mlp import mlp, mlp_reference
+from .modules import FusedMlp, FusedMSCA, FusedNMF2D, fuse, fuse_ham, fuse_mlp, fuse_msca
+from .msca import msca, msca_reference
+from .nmf import nmf2d, nmf2d_reference
 
-__all__ = ["BACKENDS", "FusedMSCA", "FusedNMF2D", "fuse", "fuse_ham", "fuse_msca", "msca", "msca_reference",
-           "nmf2d"]
+__all__ = ["BACKENDS", "FusedMSCA", "FusedMlp", "FusedNMF2D", "fuse", "fuse_ham", "fuse_mlp", "fuse_msca", "mlp",
+           "mlp_reference", "msca", "msca_reference", "nmf2d", "nmf2d_reference", "supports"]
 __version__ = "0.1.0"

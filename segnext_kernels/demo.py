@@ -3,7 +3,7 @@
 Usage::
 
     python -m segnext_kernels.demo [--image PATH] [--checkpoint PATH] [--size N] [--out PATH]
-                                   [--device cpu|cuda] [--backend triton|cuda] [--seed N]
+                                   [--device cpu|cuda] [--backend auto|cpu|cuda|triton] [--seed N] [--repeats N]
 
 What it does:
 
@@ -13,20 +13,22 @@ What it does:
 2. Builds SegNeXt-T for the 150 ADE20K classes in eval mode. ``--checkpoint`` loads official SegNeXt or
    mmsegmentation weights (``segnext.load_checkpoint``, strict). Without one the weights are a seeded random
    initialisation and the class map means nothing (the demo says so, on the terminal and in the figure).
-3. Runs the eager model and a deep copy whose MSCA modules were swapped by ``segnext_kernels.fuse_msca`` for fused
-   ones, under ``torch.inference_mode()``, with the same random NMF2D bases for both runs (the Hamburger draws
-   fresh random bases on every forward; both runs draw them from one generator re-seeded before each forward).
-4. Prints how many MSCA modules were fused, the largest absolute and relative differences of the logits, the
-   agreement of the two argmax class maps and the wall time of each forward; writes a PNG (matplotlib, Agg) of the
-   photograph and of the predicted class map blended over it.
+3. Runs the eager model and a deep copy rewritten by ``segnext_kernels.fuse`` (fused MSCA and NMF2D modules; NMF2D
+   runs its reference where no fused NMF2D kernel exists for the device), under ``torch.inference_mode()``, with
+   the same random NMF2D bases for both runs (the Hamburger draws fresh random bases on every forward; both runs
+   draw them from one generator re-seeded before each forward).
+4. Prints how many modules were fused and which backend runs them, the largest absolute and relative differences
+   of the logits, the agreement of the two argmax class maps, and the wall time of each forward (median of
+   ``--repeats`` runs after one warm-up, with min and max) and the fused model's speedup; writes a PNG (matplotlib,
+   Agg) of the photograph and of the predicted class map blended over it.
 5. Exits with status 1 if the fused logits differ from the eager ones by more than the fp32 tolerance
    ``max|fused - eager| <= 1e-3 * max(1, max|eager|)``, with status 2 on a usage or input error, 0 otherwise.
 
-On a CUDA device the fused model runs the Triton kernels (``--backend cuda``: the hand-written CUDA extension) at
-``--size 512`` by default; TF32 is switched off for the comparison so that both runs compute in true fp32. Without
-one the Triton kernels run on CPU tensors in Triton's interpreter, which is slow (its cost grows with the number of
-kernel programs times the operations per program), so the default size is reduced there. Timings printed by this
-demo are not benchmarks (one run, interpreter on CPU); the benchmarks live in ``bench/``.
+Backends (``--backend``, default ``auto``): on CPU, "auto" runs the hand-written C++ kernels ("cpu") at ``--size 512``;
+on a CUDA device the Triton kernels ("cuda": the hand-written CUDA extension), with TF32 switched off for the
+comparison so that both runs compute in true fp32. ``--backend triton`` on CPU runs the Triton kernels in Triton's
+interpreter, which is slow, so the default size is reduced there. The demo's timings are one process's medians, a
+first look; the benchmarks live in ``bench/``.
 
 The weights of SegNeXt-T trained on ADE20K: the official SegNeXt README (github.com/Visual-Attention-Network/SegNeXt,
 "ADE20K" table, SegNeXt-T) or mmsegmentation's
@@ -50,10 +52,12 @@ import torch
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
 
-#: Default short side of the model input on a CUDA device (the ADE20K evaluation crop) and on CPU, where the fused
-#: kernels run in Triton's interpreter (chosen so the whole demo takes about 2 minutes on 2 CPU cores).
-GPU_SIZE = 512
-CPU_SIZE = 256
+#: Default short side of the model input (the ADE20K evaluation crop), and with the Triton kernels in Triton's CPU
+#: interpreter (chosen so the whole demo takes about 2 minutes on 2 CPU cores).
+FULL_SIZE = 512
+INTERPRETER_SIZE = 256
+#: Timed forwards per model after the warm-up (the median is printed, with min and max).
+REPEATS = 3
 
 #: SegNeXt-T's input must be at least this large (four stride-2 stages after the stem, see ``segnext.SegNeXt``).
 MIN_SIZE = 32
@@ -107,14 +111,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="allow a full pickle load of --checkpoint (RUNS CODE FROM THE FILE: trusted files only; "
                         "needed only for mmengine files whose extra entries hold non-tensor objects)")
     p.add_argument("--size", type=int, metavar="N",
-                   help=f"short side of the model input in pixels, >= {MIN_SIZE} (default: {GPU_SIZE} on cuda, "
-                        f"{CPU_SIZE} on cpu where the kernels run in Triton's interpreter)")
+                   help=f"short side of the model input in pixels, >= {MIN_SIZE} (default: {FULL_SIZE}; "
+                        f"{INTERPRETER_SIZE} with --backend triton on cpu, where Triton's interpreter runs)")
     p.add_argument("--out", metavar="PATH", default="segnext_demo.png",
                    help="PNG to write (default: %(default)s in the current directory)")
     p.add_argument("--device", choices=("cpu", "cuda"),
                    help="cuda if available, else cpu")
-    p.add_argument("--backend", choices=("triton", "cuda"), default="triton",
-                   help="fused MSCA backend (default: %(default)s; 'cuda' = the CUDA extension, cuda device only)")
+    p.add_argument("--backend", choices=("auto", "cpu", "cuda", "triton"), default="auto",
+                   help="fused backend (default: %(default)s: 'cpu' = the C++ kernels on cpu, 'triton' on cuda; "
+                        "'cuda' = the CUDA extension, cuda device only; 'triton' on cpu = Triton's interpreter)")
+    p.add_argument("--repeats", type=int, default=REPEATS, metavar="N",
+                   help="timed forwards per model after one warm-up (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the random weights (without --checkpoint) and of the NMF2D bases (default: 0)")
     return p
@@ -191,7 +198,7 @@ def _prepare_triton_interpreter() -> None:
     """Make the Triton kernels run in Triton's CPU interpreter (must happen before the kernels are defined)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return
-    mod = sys.modules.get("segnext_kernels.msca_triton")
+    mod = sys.modules.get("segnext_kernels.msca.triton")
     if mod is not None and not getattr(mod, "INTERPRET", False):
         raise DemoError("the Triton kernels were already compiled for the GPU in this process, so they cannot run "
                         "on CPU tensors; run the demo in a fresh process (or set TRITON_INTERPRET=1 beforehand)")
@@ -210,19 +217,28 @@ def _strict_fp32():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, mm
 
 
-def _run(model, x, gen: torch.Generator, seed: int, device: torch.device, warmup: bool):
-    """(logits, seconds) of one forward; the NMF2D bases generator is re-seeded before every forward."""
-    if warmup:
+def _run(model, x, gen: torch.Generator, seed: int, device: torch.device, warmup: bool, repeats: int):
+    """(logits, seconds of each timed forward); one warm-up forward first when ``warmup``; the NMF2D bases
+    generator is re-seeded before every forward, so every run sees the same bases."""
+    def once():
         gen.manual_seed(seed)
-        model(x)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    gen.manual_seed(seed)
-    t0 = time.perf_counter()
-    out = model(x)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return out, time.perf_counter() - t0
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        y = model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return y, time.perf_counter() - t0
+
+    if warmup:
+        once()
+    runs = [once() for _ in range(max(1, repeats))]
+    return runs[-1][0], [t for _, t in runs]
+
+
+def _spread(times) -> str:
+    ts = sorted(times)
+    return f"{ts[len(ts) // 2] * 1e3:.1f} ms (min {ts[0] * 1e3:.1f}, max {ts[-1] * 1e3:.1f}, {len(ts)} runs)"
 
 
 # ----------------------------------------------------------------------------------------------------------- plot
@@ -264,6 +280,25 @@ def _save_figure(path: str, img, classes: np.ndarray, title: str, subtitle: str,
 
 
 # ----------------------------------------------------------------------------------------------------------- main
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _cpu_isa() -> str:
+    from .msca import cpu
+
+    return cpu.isa()
+
+
 def _choose_device(name: Optional[str]) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -273,14 +308,16 @@ def _choose_device(name: Optional[str]) -> torch.device:
 
 
 def _demo(args) -> int:
-    from . import fuse_msca
-    from .backend import resolve_backend
+    from . import fuse
+    from .backends import resolve
 
     device = _choose_device(args.device)
     if device.type == "cpu" and args.backend == "cuda":
-        raise DemoError("--backend cuda needs --device cuda (on CPU the demo runs the Triton kernels in Triton's "
-                        "interpreter)")
-    size = args.size if args.size is not None else (GPU_SIZE if device.type == "cuda" else CPU_SIZE)
+        raise DemoError("--backend cuda needs --device cuda (on CPU use --backend cpu, or auto)")
+    if args.repeats < 1:
+        raise DemoError(f"--repeats: expected at least 1, got {args.repeats}")
+    interpreter = device.type == "cpu" and args.backend == "triton"
+    size = args.size if args.size is not None else (INTERPRETER_SIZE if interpreter else FULL_SIZE)
     if size < MIN_SIZE:
         raise DemoError(f"--size: SegNeXt needs an input of at least {MIN_SIZE} pixels, got {size}")
     out_dir = os.path.dirname(os.path.abspath(args.out))
@@ -288,30 +325,32 @@ def _demo(args) -> int:
         raise DemoError(f"--out: directory does not exist: {out_dir!r}")
 
     img, img_name = _open_image(args.image)
-    if device.type == "cpu":
+    if interpreter:
         _prepare_triton_interpreter()
     try:
-        resolve_backend(args.backend, device)
-    except RuntimeError as err:
+        backend = resolve("msca", args.backend, device, torch.float32)
+    except (RuntimeError, TypeError) as err:
         raise DemoError(str(err))
 
     gen = torch.Generator(device="cpu")
     model = _build_model(args.checkpoint, args.seed, gen, args.trust_pickle).to(device)
     fused = copy.deepcopy(model)
     _set_nmf_generator(fused, gen)  # one generator for both, re-seeded before each forward
-    n_fused = fuse_msca(fused, backend=args.backend)
-    if n_fused == 0:
-        raise DemoError("fuse_msca found no MSCA module in SegNeXt-T")  # would mean the package is broken
+    n_fused = fuse(fused, backend=args.backend)
+    if n_fused["msca"] == 0:
+        raise DemoError("fuse found no MSCA module in SegNeXt-T")  # would mean the package is broken
     x = _preprocess(img, size).to(device)
 
     random_weights = args.checkpoint is None
     if device.type == "cuda":
         where = f"cuda ({torch.cuda.get_device_name(device)})"
-        how = f"{args.backend} kernels on the GPU"
+        how = f"{backend} kernels on the GPU"
     else:
-        where = "cpu"
-        how = "triton kernels in Triton's CPU interpreter (slow: reduced input size)"
-    print("SegNeXt-T (ADE20K, 150 classes): eager vs. fused MSCA")
+        where = f"cpu ({_cpu_name()}, {torch.get_num_threads()} threads)"
+        how = {"triton": "triton kernels in Triton's CPU interpreter (slow: reduced input size)",
+               "cpu": f"cpu (hand-written C++ kernels, {_cpu_isa()})",
+               "reference": "reference (eager PyTorch: no fused kernels could be had here, see the warning)"}[backend]
+    print("SegNeXt-T (ADE20K, 150 classes): eager vs. fused (segnext_kernels.fuse)")
     print(f"  image        : {img_name} ({img.size[0]}x{img.size[1]}) -> model input {x.shape[3]}x{x.shape[2]} "
           f"(short side {size})")
     print(f"  device       : {where}")
@@ -322,16 +361,17 @@ def _demo(args) -> int:
     else:
         print(f"  weights      : {args.checkpoint}")
     print(f"  NMF2D bases  : random, seed {args.seed}, identical for both runs")
-    print(f"  MSCA modules fused: {n_fused}")
+    print(f"  MSCA modules fused: {n_fused['msca']}, NMF2D modules: {n_fused['ham']}")
     sys.stdout.flush()
 
-    warmup = device.type == "cuda"
+    warmup = not interpreter
+    repeats = 1 if interpreter else args.repeats
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode())
         if device.type == "cuda":
             stack.enter_context(_strict_fp32())
-        ref, t_eager = _run(model, x, gen, args.seed, device, warmup)
-        got, t_fused = _run(fused, x, gen, args.seed, device, warmup)
+        ref, t_eager = _run(model, x, gen, args.seed, device, warmup, repeats)
+        got, t_fused = _run(fused, x, gen, args.seed, device, warmup, repeats)
 
     ref64, got64 = ref.double().cpu(), got.double().cpu()
     diff = (got64 - ref64).abs()
@@ -345,19 +385,28 @@ def _demo(args) -> int:
     tol = RTOL * max(1.0, max_logit)
     ok = bool(np.isfinite(max_abs)) and bool(torch.isfinite(got64).all()) and max_abs <= tol
 
-    timing_note = ("one run each after one warm-up, synchronised" if warmup else
+    timing_note = ("median after one warm-up" if warmup else
                    "one cold run each; the fused time is mostly Triton's interpreter, not a kernel speed")
     print(f"  max |logit| (eager)       : {max_logit:.4g}")
     print(f"  max abs diff (fused-eager): {max_abs:.3e}   (tolerance {tol:.3e} = {RTOL:g} * max(1, max|logit|))")
     print(f"  max rel diff              : {max_rel:.3e}   (|fused-eager| / max(|eager|, {RTOL:g} * max|logit|))")
     print(f"  argmax class-map agreement: {agree:.3f} % of {cls_ref.size} pixels")
-    print(f"  wall time eager           : {t_eager * 1e3:.1f} ms")
-    print(f"  {'wall time fused (' + args.backend + ')':<26}: {t_fused * 1e3:.1f} ms")
-    print(f"  ({timing_note}; demo timings are not benchmarks -- the benchmarks live in bench/)")
+    print(f"  wall time eager           : {_spread(t_eager)}")
+    print(f"  {'wall time fused (' + backend + ')':<26}: {_spread(t_fused)}")
+    if not interpreter and backend != "reference":
+        lo, hi = min(t_eager) / max(t_fused), max(t_eager) / min(t_fused)
+        if min(t_eager) > max(t_fused):
+            verdict = f"{sorted(t_eager)[len(t_eager) // 2] / sorted(t_fused)[len(t_fused) // 2]:.2f}x faster"
+        elif min(t_fused) > max(t_eager):
+            verdict = "slower"
+        else:
+            verdict = "no measurable difference (the runs overlap)"
+        print(f"  fused vs eager            : {verdict} (range {lo:.2f}x-{hi:.2f}x over the runs)")
+    print(f"  ({timing_note}; demo timings are a first look -- the benchmarks live in bench/)")
 
     weights = "RANDOM weights: class map meaningless" if random_weights else \
         f"weights {os.path.basename(args.checkpoint)}"
-    backend_desc = f"{args.backend} (Triton interpreter)" if device.type == "cpu" else args.backend
+    backend_desc = f"{backend} (Triton interpreter)" if interpreter else backend
     title = (f"SegNeXt-T, ADE20K 150 classes | fused MSCA backend: {backend_desc} | device: {device.type} | "
              f"{weights}\ninput {x.shape[3]}x{x.shape[2]}; fused vs eager: max abs diff {max_abs:.2e}, "
              f"class maps agree on {agree:.2f}% of pixels")
@@ -366,7 +415,7 @@ def _demo(args) -> int:
     print(f"  wrote {args.out}")
 
     if not ok:
-        print(f"FAIL: fused ({args.backend}) and eager logits disagree: max abs diff {max_abs:.3e} > tolerance "
+        print(f"FAIL: fused ({backend}) and eager logits disagree: max abs diff {max_abs:.3e} > tolerance "
               f"{tol:.3e} (or non-finite output)", file=sys.stderr)
         return 1
     print("OK: fused and eager outputs agree within the fp32 tolerance")

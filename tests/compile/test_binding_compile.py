@@ -3,8 +3,9 @@
 binding.cpp is the only file that includes <torch/extension.h>; nothing else compiles it before a GPU machine builds
 the extension. Here g++ compiles it (host code only, no link) against the installed torch's headers (a CPU torch ships
 the c10/cuda headers but not their generated ``cuda_cmake_macros.h``, which a stub replaces) and the CUDA runtime
-headers: a type error, a wrong launcher signature, a params-struct mismatch with csrc/*_params.h, infinite recursion
-or a missing return fails here.
+headers, with csrc/ as the one include dir as in the real build: a type error, a wrong launcher signature, a
+params-struct mismatch with csrc/msca/msca_params.h or csrc/nmf/nmf_params.h, infinite recursion or a missing return
+fails here.
 About 45 s on 2 cores. Skipped (saying why) without g++, the CUDA headers or torch's C++ headers.
 """
 from __future__ import annotations
@@ -16,10 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from emu_build import cuda_include
-
-ROOT = Path(__file__).resolve().parents[2]
-CSRC = ROOT / "csrc"
+from emu_build import CSRC, cuda_include
 
 
 def test_binding_cpp_compiles(tmp_path):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import segnext
-from segnext.ham_head import nmf2d_reference
+from segnext_kernels.nmf.reference import nmf2d_reference
 from segnext_kernels import FusedMSCA, fuse, nmf2d
 
 import nmf_helpers

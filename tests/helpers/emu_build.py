@@ -1,19 +1,34 @@
-"""Builds the package's CUDA extension for the CPU emulation: ``csrc/binding.cpp`` and the four kernel files compiled
-by g++ with ``-DSEGNEXT_EMU`` into a torch C++ extension whose ops take CPU tensors (tests/helpers/emu/cuda_emu.h runs the
-kernels). Used by tests/integration/test_cuda_backend_emu.py to drive the "cuda" backend end to end on a machine without a GPU:
-the public API, the custom ops and their fakes, binding.cpp's checks and launch code, and the kernels.
+"""Builds the package's CUDA kernels for the CPU emulation (tests/helpers/emu/cuda_emu.h runs them): g++ compiles the
+very sources of csrc/ with ``-DSEGNEXT_EMU`` and one include dir for them, ``csrc/`` (``#include "msca/..."``,
+``"nmf/..."``, ``"common/..."``), plus ``tests/helpers/emu`` (cuda_emu.h) and the CUDA toolkit's headers.
+
+Two kinds of build:
+
+- ``build_ctypes_library``: kernel sources + a C entry-point file (tests/helpers/emu/emu_main.cpp for MSCA,
+  nmf_emu_main.cpp for NMF2D) into a shared library for ctypes (tests/msca/test_msca_cuda_emu.py,
+  tests/nmf/test_nmf_cuda_emu.py).
+- ``build_torch_extension``: ``csrc/binding.cpp`` and every kernel source into a torch C++ extension named ``NAME``
+  whose functions take CPU tensors (tests/integration/test_cuda_backend_emu.py drives the "cuda" backend with it: the
+  public API, binding.cpp's checks and launch code, and the kernels). Like the real extension it registers nothing in
+  torch's dispatcher: its MSCA and NMF2D entry points are plain module functions (``msca_forward``,
+  ``msca_backward``, ``tile_table``, ``nmf_geom``, ``nmf_bases``, ``nmf_coef``, ``nmf_bwd_stage``, ``nmf_gx``).
 """
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 EMU = Path(__file__).resolve().parent / "emu"
-KERNEL_SOURCES = ("msca_fwd.cu", "msca_bwd.cu", "nmf_fwd.cu", "nmf_bwd.cu")
-NAME = "segnext_kernels_emu_C"
+#: the kernel sources of the CUDA extension, relative to csrc/ (binding.cpp is its one other source)
+MSCA_KERNEL_SOURCES = ("msca/msca_fwd.cu", "msca/msca_bwd.cu")
+NMF_KERNEL_SOURCES = ("nmf/nmf_fwd.cu", "nmf/nmf_bwd.cu")
+KERNEL_SOURCES = MSCA_KERNEL_SOURCES + NMF_KERNEL_SOURCES
+#: module name of the emulated extension: its own, so it never meets the real extension's in one process
+NAME = "segnext_kernels_cuda_emu"
 
 
 def cuda_include() -> Path | None:
@@ -43,9 +58,27 @@ def skip_reason(torch_extension: bool = False) -> str | None:
     return None
 
 
+def include_dirs() -> list[Path]:
+    """Include directories of an emulation build: csrc/ (the extension's one include dir), the emulator, CUDA."""
+    return [CSRC, EMU, cuda_include()]
+
+
+def build_ctypes_library(out: Path, kernel_sources, main: Path, timeout: int = 900) -> None:
+    """g++ ``kernel_sources`` (paths relative to csrc/, compiled as C++) and the entry-point file ``main`` into the
+    shared library ``out``; raises RuntimeError with the compiler's messages when the build fails."""
+    cmd = ["g++", "-std=c++17", "-O1", "-DSEGNEXT_EMU", "-shared", "-fPIC", *(f"-I{d}" for d in include_dirs())]
+    for src in kernel_sources:
+        cmd += ["-x", "c++", str(CSRC / src)]
+    cmd += ["-x", "c++", str(main), "-o", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"building the emulation failed:\n{proc.stderr[-6000:]}")
+
+
 def build_torch_extension(build_dir: Path):
     """Build (ninja keeps it incremental; torch's file lock serialises concurrent pytest-xdist workers) and import
-    the emulated extension from ``build_dir``. Returns the module; its ops are ``torch.ops.segnext.*`` on CPU."""
+    the emulated extension ``NAME`` from ``build_dir``. Returns the module (functions listed in the module docstring,
+    on CPU tensors)."""
     from torch.utils.cpp_extension import load
 
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -59,7 +92,7 @@ def build_torch_extension(build_dir: Path):
     return load(
         name=NAME,
         sources=[str(CSRC / "binding.cpp"), *wrappers],
-        extra_include_paths=[str(CSRC), str(EMU), str(cuda_include())],
+        extra_include_paths=[str(d) for d in include_dirs()],
         extra_cflags=["-O1", "-DSEGNEXT_EMU"],
         build_directory=str(build_dir),
         with_cuda=False,

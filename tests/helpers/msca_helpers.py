@@ -1,6 +1,6 @@
 """Inputs and tolerances shared by the MSCA tests.
 
-Tolerance rule (kernels.md section 5, the flash-attention rule): a fused kernel's max error against a float64
+Tolerance rule (docs/kernels.md, "Correctness protocol": the flash-attention rule): a fused kernel's max error against a float64
 reference must be at most ``ERR_FACTOR`` times the error of eager PyTorch run in the same dtype, plus ``ATOL``.
 """
 import copy
@@ -10,7 +10,7 @@ import torch
 import segnext
 import segnext_kernels
 from segnext_kernels import fuse_msca
-from segnext_kernels.msca_reference import msca_reference, strip_weight_shapes
+from segnext_kernels.msca.reference import msca_reference, strip_weight_shapes
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ERR_FACTOR = 2.0

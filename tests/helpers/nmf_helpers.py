@@ -1,13 +1,13 @@
 """Shared helpers of the NMF2D kernel tests (tests/nmf/test_nmf_triton.py, tests/nmf/test_nmf_cuda_gpu.py).
 
-Tolerance rule (kernels.md section 5): a kernel's max error against a float64 reference is at most ``ERR_FACTOR`` x
+Tolerance rule (docs/kernels.md, "Correctness protocol"): a kernel's max error against a float64 reference is at most ``ERR_FACTOR`` x
 the error of the eager reference run in the same dtype, plus ``ATOL[dtype]`` x the reference's max magnitude.
 float64 runs are compared tightly.
 """
 import torch
 import torch.nn.functional as F
 
-from segnext.ham_head import nmf2d_reference
+from segnext_kernels.nmf.reference import nmf2d_reference
 from segnext_kernels.nmf import nmf2d
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -29,9 +29,9 @@ def run(x, bases, steps, mode, backend, gy=None, dtype=None, **kw):
     bdt = torch.promote_types(xx.dtype, torch.float32)
     bb = bases.detach().to(bdt).requires_grad_(True)
     if backend == "reference":
-        y = nmf2d_reference(xx, bb, steps, grad=mode, **kw)
+        y = nmf2d_reference(xx, bb, steps, grad_mode=mode, **kw)
     else:
-        y = nmf2d(xx, bb, steps, grad=mode, backend=backend, **kw)
+        y = nmf2d(xx, bb, steps, grad_mode=mode, backend=backend, **kw)
     if gy is None:
         return y.detach(), None, None
     gx, gb = torch.autograd.grad(y, [xx, bb], gy.to(y.dtype), allow_unused=True)

@@ -2,7 +2,7 @@
 
 The Triton interpreter (how CI runs the kernels) is looser than the compiler: it accepts code that does not compile
 and says nothing about registers. This tool closes that gap. It imports the kernels as real JIT functions (run it
-WITHOUT ``TRITON_INTERPRET=1``), drives the launchers ``msca_triton.msca_forward/msca_backward`` and
+WITHOUT ``TRITON_INTERPRET=1``), drives the launchers ``msca_triton.forward/backward`` and
 ``nmf_triton.nmf_forward/nmf_backward`` (at each NMF rank in ``--ranks``: 16 for SegNeXt-T/S, 64 for SegNeXt-B/L)
 on CPU tensors with the GPU tile geometry while recording the kernel launches instead of running them, then compiles
 each distinct (kernel, signature, constexprs, attributes, num_warps) ahead of time with
@@ -43,8 +43,9 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction, native_specialize_impl  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from segnext_kernels import msca_triton, nmf_triton  # noqa: E402
-from segnext_kernels.msca_reference import pack_weights, strip_weight_shapes  # noqa: E402
+from segnext_kernels.msca import triton as msca_triton
+from segnext_kernels.nmf import triton as nmf_triton  # noqa: E402
+from segnext_kernels.msca.reference import pack_weights, strip_weight_shapes  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 _TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
@@ -146,8 +147,8 @@ def msca_launches(dtype, shape="odd") -> list:
     """Every kernel launch of the MSCA launchers for ``dtype`` at ``MSCA_SHAPES[shape]`` (GPU geometry; nothing
     runs)."""
     u, pk = _msca_inputs(dtype, *MSCA_SHAPES[shape])
-    out = record_launches(lambda: msca_triton.msca_forward(u, *pk))
-    out += record_launches(lambda: msca_triton.msca_backward(torch.randn_like(u), u, *pk, (True,) * 7))
+    out = record_launches(lambda: msca_triton.forward(u, *pk))
+    out += record_launches(lambda: msca_triton.backward(torch.randn_like(u), u, *pk, (True,) * 7))
     return out
 
 

@@ -1,13 +1,13 @@
 """The "cuda" backend end to end on the CPU: the package's own extension code (``csrc/binding.cpp`` and the kernel
-files) built with g++ and ``-DSEGNEXT_EMU`` into a torch extension whose ``segnext::`` ops take CPU tensors, the
+files) built with g++ and ``-DSEGNEXT_EMU`` into a torch extension whose functions take CPU tensors, the
 kernels running in the CUDA emulation of ``tests/helpers/emu/cuda_emu.h`` (``tests/helpers/emu_build.py`` builds it).
 
 What this adds to the kernel-level emulation tests (test_msca_cuda_emu.py, test_nmf_cuda_emu.py, which call the
 launchers through C shims): the path a user's call takes on a GPU, from ``segnext_kernels.msca`` / ``nmf2d`` with
-``backend="cuda"`` through the autograd custom ops, ``msca_cuda`` / ``nmf_cuda``, the C++ ops and their Python
-fakes (``torch.library.opcheck``), binding.cpp's argument checks, stride and layout handling (the NCHW copy of a
+``backend="cuda"`` through the autograd custom ops and their fakes (``torch.library.opcheck``), ``msca/cuda.py`` /
+``nmf/cuda.py``, binding.cpp's functions and argument checks, stride and layout handling (the NCHW copy of a
 channels_last ``u``), workspace allocation, NaN poisoning and partial-gradient handling, down to the kernels. The
-GPU tests' own check function (``test_msca_cuda.check``) runs here too. Not covered: anything of the real device
+GPU tests' own check function (``msca_helpers.check_backend``) runs here too. Not covered: anything of the real device
 runtime (streams, device guard, launch errors, device attributes: binding.cpp's ``SEGNEXT_EMU`` block stands in for
 them with an H100's 132 SMs and 227 KB of shared memory), timing and the hardware (tests/msca/test_msca_cuda_gpu.py,
 tests/nmf/test_nmf_cuda_gpu.py on a GPU).
@@ -25,9 +25,11 @@ import torch
 
 import segnext
 import segnext_kernels
-from segnext.ham_head import nmf2d_reference
-from segnext_kernels import backend, cuda_extension, msca_cuda, nmf_cuda
-from segnext_kernels.msca_reference import pack_weights
+from segnext_kernels.nmf.reference import nmf2d_reference
+from segnext_kernels import backends, extension
+from segnext_kernels.msca import cuda as msca_cuda
+from segnext_kernels.nmf import cuda as nmf_cuda
+from segnext_kernels.msca.reference import pack_weights
 from segnext_kernels.nmf import nmf2d
 
 from msca_helpers import GRAD_NAMES, check_backend as msca_check, check_fused_segnext_t_matches_eager, make_msca, run_backend
@@ -53,10 +55,11 @@ def emu_ext(request, tmp_path_factory):
 def cuda_backend_on_cpu(emu_ext, monkeypatch):
     """For one test: the emulated extension is the loaded extension and backend="cuda" accepts CPU tensors; outputs
     and workspaces of the MSCA ops and every NMF buffer are poisoned with NaN; TF32 off (the GPU tests' defaults)."""
-    monkeypatch.setattr(cuda_extension, "_ext", emu_ext)
-    monkeypatch.setattr(cuda_extension, "_load_error", None)
-    monkeypatch.setattr(backend, "cuda_status", lambda device: (True, ""))
-    msca_cuda._register_fakes()
+    monkeypatch.setattr(extension.CUDA_EXTENSION, "_ext", emu_ext)
+    monkeypatch.setattr(extension.CUDA_EXTENSION, "_error", None)
+    cuda = backends._BACKENDS["cuda"]
+    monkeypatch.setitem(backends._BACKENDS, "cuda", backends.Backend(cuda.name, cuda.what, lambda device: (True, ""),
+                                                                     cuda.hint))
     monkeypatch.setenv("SEGNEXT_MSCA_CUDA_POISON", "1")
     for knob in ("SEGNEXT_MSCA_CUDA_TILE", "SEGNEXT_MSCA_CUDA_TILE_BWD", "SEGNEXT_MSCA_CUDA_CL_DIRECT",
                  "SEGNEXT_MSCA_CUDA_DW", "SEGNEXT_NMF_P", "SEGNEXT_NMF_MTW"):
@@ -72,13 +75,6 @@ def cuda_backend_on_cpu(emu_ext, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 # MSCA
 # ---------------------------------------------------------------------------------------------------------------
-def test_extension_contents(emu_ext):
-    assert len(emu_ext.tile_table()) == 6
-    for name in ("nmf_geom", "nmf_bases", "nmf_coef", "nmf_bwd_stage", "nmf_gx"):
-        assert hasattr(emu_ext, name), name
-    assert backend.resolve_backend("cuda", torch.device("cpu")) == "cuda"
-
-
 @pytest.mark.parametrize("case", [
     (torch.float32, (2, 5, 9, 13), "nchw"),
     (torch.bfloat16, (1, 6, 11, 8), "channels_last"),        # binding's NCHW copy of u, du written back
@@ -125,25 +121,13 @@ def test_msca_partial_needs():
     u, w0, b0, sw, sb, w3, b3 = make_msca(*shape, dtype=torch.float32, device="cpu")
     packed = pack_weights(w0, b0, sw, sb, w3, b3, torch.float32)
     g = torch.randn(shape)
-    full = msca_cuda.msca_backward(g, u, *packed, (True,) * 7)
+    full = msca_cuda.backward(g, u, *packed, (True,) * 7)
     assert all(t is not None and not torch.isnan(t).any() for t in full)
     for needs in [(True,) + (False,) * 6, (False, True, False, True, False, False, False),
                   (False,) * 5 + (True, True)]:
-        part = msca_cuda.msca_backward(g, u, *packed, needs)
+        part = msca_cuda.backward(g, u, *packed, needs)
         for i, (n, p, f) in enumerate(zip(needs, part, full)):
             assert torch.equal(p, f) if n else p is None, (needs, i)
-
-
-def test_msca_opcheck_of_the_cpp_ops():
-    """The C++ ops against their Python fakes (schema, FakeTensor shapes/strides/dtypes), channels_last u included."""
-    shape = (2, 4, 5, 7)
-    u, w0, b0, sw, sb, w3, b3 = make_msca(*shape, dtype=torch.bfloat16, device="cpu", channels_last=True)
-    packed = pack_weights(w0, b0, sw, sb, w3, b3, torch.float32)
-    g = torch.randn(shape, dtype=torch.bfloat16)
-    tests = ("test_schema", "test_faketensor")
-    torch.library.opcheck(torch.ops.segnext.msca_forward.default, (u, *packed), test_utils=tests)
-    for needs in ([True] * 7, [False, True, True, True, True, False, False]):
-        torch.library.opcheck(torch.ops.segnext.msca_backward.default, (g, u, *packed, needs), test_utils=tests)
 
 
 def test_msca_custom_op_opcheck_and_compile():
@@ -151,7 +135,7 @@ def test_msca_custom_op_opcheck_and_compile():
     shape = (1, 4, 6, 5)
     u, w0, b0, sw, sb, w3, b3 = make_msca(*shape, dtype=torch.float32, device="cpu")
     packed = [t.requires_grad_() for t in pack_weights(w0, b0, sw, sb, w3, b3, torch.float32)]
-    torch.library.opcheck(torch.ops.segnext_kernels.msca_forward.default, (u.requires_grad_(), *packed, "cuda"))
+    torch.library.opcheck(torch.ops.segnext_kernels.msca_fwd.default, (u.requires_grad_(), *packed, "cuda"))
     ws = [w0, b0, *sw, *sb, w3, b3]
 
     def f(u, *ws):
@@ -162,12 +146,12 @@ def test_msca_custom_op_opcheck_and_compile():
         assert torch.equal(compiled(u, *ws), f(u, *ws))
 
 
-def test_msca_binding_rejects_bad_arguments():
-    """binding.cpp's own checks (what reaches the C++ op directly) name the argument and what was expected."""
+def test_msca_binding_rejects_bad_arguments(emu_ext):
+    """binding.cpp's own checks (what reaches its functions directly) name the argument and what was expected."""
     shape = (1, 4, 5, 6)
     u, w0, b0, sw, sb, w3, b3 = make_msca(*shape, dtype=torch.float32, device="cpu")
     packed = list(pack_weights(w0, b0, sw, sb, w3, b3, torch.float32))
-    op = torch.ops.segnext.msca_forward
+    op = emu_ext.msca_forward
     with pytest.raises(RuntimeError, match=r"u: the cuda MSCA backend supports float32, float16 and bfloat16"):
         op(u.double(), *packed)
     with pytest.raises(RuntimeError, match=r"u: expected a 4-D tensor"):
@@ -181,10 +165,10 @@ def test_msca_binding_rejects_bad_arguments():
     with pytest.raises(RuntimeError, match=r"w0: expected float32 packed weights"):
         op(u, *bad)
     with pytest.raises(RuntimeError, match=r"grad_out: expected dtype"):
-        torch.ops.segnext.msca_backward(torch.randn(shape).half(), u, *packed, [True] * 7)
+        emu_ext.msca_backward(torch.randn(shape).half(), u, *packed, [True] * 7)
     with pytest.raises(RuntimeError, match=r"grad_out: expected shape"):
-        torch.ops.segnext.msca_backward(torch.randn(1, 4, 5, 7), u, *packed, [True] * 7)
-    with pytest.raises(TypeError, match="cuda MSCA backend supports float32, float16 and bfloat16"):
+        emu_ext.msca_backward(torch.randn(1, 4, 5, 7), u, *packed, [True] * 7)
+    with pytest.raises(TypeError, match=r"backend='cuda': the cuda msca kernels take float32, float16, bfloat16"):
         segnext_kernels.msca(*make_msca(*shape, dtype=torch.float64, device="cpu"), backend="cuda")
 
 
@@ -269,7 +253,7 @@ def test_nmf_opcheck_cuda_backend():
 
 def test_nmf_float64_is_refused():
     x, bases = nmf_make(1, 8, 10, 2)
-    with pytest.raises(TypeError, match="cuda NMF2D backend supports float32, float16 and bfloat16"):
+    with pytest.raises(TypeError, match=r"backend='cuda': the cuda nmf2d kernels take float32, float16, bfloat16"):
         nmf2d(x, bases, 1, backend="cuda")
 
 

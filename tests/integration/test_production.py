@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import segnext
-from segnext.ham_head import nmf2d_reference
-from segnext_kernels import FusedMSCA, FusedNMF2D, fuse, nmf2d
+from segnext_kernels.nmf.reference import nmf2d_reference
+from segnext_kernels import FusedMSCA, FusedNMF2D, fuse_ham, fuse_msca, nmf2d
 
 from msca_helpers import DEVICE
 
@@ -33,7 +33,7 @@ def _same_nonfinite(got, ref, name):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy computing with NaN / Inf
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
 def test_msca_nan_inf_propagate_like_eager(backend):
     """A NaN and a +Inf in u: the fused output and du have NaN / +-Inf exactly where the eager module's have them
     (each spreads over its 25 x 25 receptive field through every channel; the rest stays finite and equal)."""
@@ -83,7 +83,7 @@ _INT64_SCRIPT = r'''
 import torch
 import segnext_kernels
 from segnext_kernels import nmf2d
-from segnext_kernels.msca_reference import strip_weight_shapes
+from segnext_kernels.msca.reference import strip_weight_shapes
 
 S = 2 ** 30 + 3   # a stride below 2^31 (an int32 kernel argument) whose multiples 2S, 2S + ... exceed 2^31
 try:
@@ -249,11 +249,12 @@ def _small_segnext():
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_fused_model_no_memory_growth_cpu(train):
-    """A small fused SegNeXt-T (fuse(model), backend "auto", which is the eager reference path on CPU tensors: the
-    Triton interpreter needs seconds per MSCA call) run again and again: training steps (forward, backward,
-    zero_grad) or no_grad inference. The custom-op path is covered by the next test."""
+    """A small SegNeXt-T fused onto the C++ CPU kernels (fuse(model, backend="cpu") for MSCA; NMF2D has no CPU
+    kernels, its modules run the reference) run again and again: training steps (forward, backward, zero_grad) or
+    no_grad inference, through the custom ops, their autograd and saved tensors."""
     model = _small_segnext()
-    assert fuse(model) == {"msca": 4, "ham": 1}
+    assert fuse_msca(model, backend="cpu") == 4 and fuse_ham(model) == 1
+    assert {m.backend for m in model.modules() if isinstance(m, FusedMSCA)} == {"cpu"}
     model.train(train)
     images = torch.randn(2, 3, 32, 32)
 
@@ -274,7 +275,7 @@ def test_fused_modules_custom_op_path_no_memory_growth_cpu(monkeypatch):
     FusedNMF2D runs its real Triton kernels (interpreter); FusedMSCA's two launchers are replaced by eager
     stand-ins returning what the kernels return (shapes, dtypes, fresh tensors), as the interpreter needs seconds
     per MSCA call. Forward, backward and zero_grad, again and again."""
-    from segnext_kernels import msca_triton
+    from segnext_kernels.msca import triton as msca_triton
 
     def fwd(u, w0, b0, ws, bs, w3, b3):
         return torch.empty_like(u).copy_(u * b3.to(u.dtype)[None, :, None, None])
@@ -283,8 +284,8 @@ def test_fused_modules_custom_op_path_no_memory_growth_cpu(monkeypatch):
         grads = (torch.empty_like(u).copy_(g),) + tuple(torch.zeros_like(t) for t in (w0, b0, ws, bs, w3, b3))
         return tuple(t if n else None for t, n in zip(grads, needs))
 
-    monkeypatch.setattr(msca_triton, "msca_forward", fwd)
-    monkeypatch.setattr(msca_triton, "msca_backward", bwd)
+    monkeypatch.setattr(msca_triton, "forward", fwd)
+    monkeypatch.setattr(msca_triton, "backward", bwd)
     torch.manual_seed(0)
     net = torch.nn.Sequential(FusedMSCA(8, backend="triton"), torch.nn.ReLU(),
                               FusedNMF2D(MD_R=4, train_steps=1, eval_steps=1, backend="triton",

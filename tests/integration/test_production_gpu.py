@@ -3,7 +3,7 @@ replay, torch.autocast, torch.library.opcheck on CUDA tensors, no memory growth 
 64-bit indexing of the NMF kernels (and of the Triton MSCA kernels) on tensors above 2^31 elements.
 
 Backends: MSCA "triton" and "cuda"; NMF2D "triton" and "cuda". A "cuda" case is skipped, saying why, where the
-backend cannot run (``resolve_backend`` / ``resolve_nmf_backend`` raise, or the built extension lacks the NMF
+backend cannot run (``segnext_kernels.backends.resolve`` raises, or the built extension lacks the NMF
 launchers); whether the extension builds and is right is tests/msca/test_msca_cuda_gpu.py's and tests/nmf/test_nmf_cuda_gpu.py's
 business. The CPU counterparts are in tests/integration/test_production.py and tests/integration/test_torch_integration.py.
 """
@@ -16,12 +16,12 @@ import torch.nn.functional as F
 
 import segnext
 import segnext_kernels
-from segnext.ham_head import nmf2d_reference
+from segnext_kernels.nmf.reference import nmf2d_reference
 from segnext_kernels import FusedMSCA, FusedNMF2D, fuse, nmf2d
-from segnext_kernels.backend import resolve_backend
-from segnext_kernels.msca_autograd import param_dtype
-from segnext_kernels.msca_reference import pack_weights
-from segnext_kernels.nmf import resolve_nmf_backend
+from segnext_kernels.backends import resolve
+from segnext_kernels.extension import CUDA_EXTENSION
+from segnext_kernels.msca.interface import param_dtype
+from segnext_kernels.msca.reference import pack_weights
 
 from autocast_checks import (check_autocast_fused_model, check_autocast_fused_msca,
                              check_autocast_nmf2d_updates_stay_fp32)
@@ -50,17 +50,15 @@ def no_tf32():
 
 
 def _extension_or_skip():
-    from segnext_kernels import msca_cuda
-
     try:
-        return msca_cuda.load_extension()
-    except RuntimeError as e:
-        pytest.skip(f"the CUDA extension does not load (tests/msca/test_msca_cuda_gpu.py reports why): {e}")
+        return CUDA_EXTENSION.load()
+    except RuntimeError as e:  # on a GPU machine the extension must load: a failure, not a skip
+        pytest.fail(f"the CUDA extension does not load on this GPU machine: {e}")
 
 
 def need_msca(backend):
     try:
-        resolve_backend(backend, DEV)
+        resolve("msca", backend, DEV, torch.float32)
     except RuntimeError as e:
         pytest.skip(f"MSCA backend {backend!r} cannot run here: {e}")
     if backend == "cuda":
@@ -69,7 +67,7 @@ def need_msca(backend):
 
 def need_nmf(backend, dtype=torch.float32):
     try:
-        resolve_nmf_backend(backend, DEV, dtype)
+        resolve("nmf2d", backend, DEV, dtype)
     except RuntimeError as e:
         pytest.skip(f"NMF2D backend {backend!r} cannot run here: {e}")
     if backend == "cuda" and not hasattr(_extension_or_skip(), "nmf_coef"):
@@ -290,7 +288,7 @@ def test_msca_forward_allocates_only_its_output(backend, monkeypatch):
     packed = pack_weights(w0, b0, sw, sb, w3, b3, torch.float32)
     workspace = []
     if backend == "triton":
-        from segnext_kernels import msca_triton
+        from segnext_kernels.msca import triton as msca_triton
 
         real = msca_triton._empty
 

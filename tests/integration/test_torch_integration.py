@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 import segnext
-from segnext.ham_head import nmf2d_reference
+from segnext_kernels.nmf.reference import nmf2d_reference
 from segnext_kernels import FusedMSCA, FusedNMF2D, fuse, msca, nmf2d
-from segnext_kernels.msca_autograd import param_dtype
-from segnext_kernels.msca_reference import msca_reference, pack_weights
+from segnext_kernels.msca.interface import param_dtype
+from segnext_kernels.msca.reference import msca_reference, pack_weights
 
 from msca_helpers import DEVICE, make_msca
 
@@ -115,8 +115,8 @@ def test_compile_fused_nmf2d_fullgraph(mode):
     torch.testing.assert_close(xc.grad, xe.grad, rtol=0, atol=0)
     # the functional op with return_state, too
     xf, b = _nmf_inputs()
-    f = _compiled(lambda x, b: nmf2d(x, b, 2, grad=mode, return_state=True, backend="triton"))
-    for got, ref in zip(f(xf, b), nmf2d(xf, b, 2, grad=mode, return_state=True, backend="triton")):
+    f = _compiled(lambda x, b: nmf2d(x, b, 2, grad_mode=mode, return_state=True, backend="triton"))
+    for got, ref in zip(f(xf, b), nmf2d(xf, b, 2, grad_mode=mode, return_state=True, backend="triton")):
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
 
 
@@ -234,8 +234,8 @@ def test_nmf_partial_requires_grad(mode):
         xx, bb = x.clone(), b.clone()
         leaf = xx if which == "x" else bb
         leaf.requires_grad_()
-        y = nmf2d(xx, bb, 0 if which == "bases" else 2, grad=mode, backend="triton")
-        yr = nmf2d_reference(xx, bb, 0 if which == "bases" else 2, grad=mode)
+        y = nmf2d(xx, bb, 0 if which == "bases" else 2, grad_mode=mode, backend="triton")
+        yr = nmf2d_reference(xx, bb, 0 if which == "bases" else 2, grad_mode=mode)
         g = torch.rand_like(y)
         torch.testing.assert_close(torch.autograd.grad(y, leaf, g)[0], torch.autograd.grad(yr, leaf, g)[0],
                                    rtol=1e-4, atol=1e-5)
@@ -269,7 +269,7 @@ def test_deterministic_algorithms_bitwise():
                 x, bases = _nmf_inputs(seed=5)
                 x.requires_grad_()
                 bases.requires_grad_()
-                y, bk, cf = nmf2d(x, bases, 2, grad=mode, return_state=True, backend="triton")
+                y, bk, cf = nmf2d(x, bases, 2, grad_mode=mode, return_state=True, backend="triton")
                 loss = y.sum() + cf.square().sum() + (bk.sum() if bk.requires_grad else 0)
                 gx, gb = torch.autograd.grad(loss, [x, bases], allow_unused=True)
                 runs.append([y, bk, cf, gx] + ([gb] if gb is not None else []))

@@ -235,3 +235,66 @@ def test_nothing_matches_gives_a_summary(source):
 def test_not_a_state_dict():
     with pytest.raises(TypeError):
         load_checkpoint(_fresh(), {"state_dict": {"a": 1}})
+
+
+# ----------------------------------------------------------------------- the config in meta (issue 19)
+_MMSEG_B_CFG_TEXT = """model = dict(
+    type='EncoderDecoder',
+    decode_head=dict(
+        type='LightHamHead',
+        align_corners=False,
+        ham_kwargs=dict(
+            MD_R=16, MD_S=1, eval_steps=7, inv_t=100, rand_init=True, train_steps=6),
+        in_channels=[128, 320, 512]))
+norm_cfg = dict(type='SyncBN', requires_grad=True)
+"""
+
+
+def test_meta_config_text_and_dict_applied_and_reported():
+    from segnext import segnext_b
+    sd = segnext_b().state_dict()
+    for meta, source in (({"cfg": _MMSEG_B_CFG_TEXT}, "meta['cfg'] (config text)"),
+                         ({"config": {"model": {"decode_head": {"type": "LightHamHead",
+                                                                "ham_kwargs": {"MD_R": 16}}}}},
+                          "meta['config'] (dict)")):
+        model = segnext_b()
+        with pytest.warns(UserWarning, match=r"ham\.R=16 \(model: 64\)"):
+            report = load_checkpoint(model, {"state_dict": sd, "meta": meta})
+        assert report == ([], [], []) and report.config_source == source
+        assert model.decode_head.hamburger.ham.R == 16 and report.config_applied["decode_head.hamburger.ham.R"] == 16
+        assert "config_source" in repr(report)
+    # no config: the model's (official) settings; use_config=False: the same
+    model = segnext_b()
+    assert load_checkpoint(model, {"state_dict": sd, "meta": {"seed": 1}}).config_source == "model"
+    assert model.decode_head.hamburger.ham.R == 64
+    report = load_checkpoint(model, {"state_dict": sd, "meta": {"cfg": _MMSEG_B_CFG_TEXT}}, use_config=False)
+    assert report.config_source == "model" and model.decode_head.hamburger.ham.R == 64
+
+
+def test_meta_config_unreadable_or_foreign_keeps_model_settings(tmp_path):
+    from segnext import segnext_b
+    sd = segnext_b().state_dict()
+    for meta, problem in (({"cfg": "model = dict(decode_head=dict(type='LightHamHead', ham_kwargs=make()))"},
+                           "cannot be read safely"),
+                          ({"cfg": "model = dict("}, "not Python source"),
+                          ({"cfg": "model = dict(decode_head=dict(type='UPerHead'))"}, "not a LightHamHead")):
+        model = segnext_b()
+        with pytest.warns(UserWarning, match=problem):
+            report = load_checkpoint(model, {"state_dict": sd, "meta": meta})
+        assert report.config_source == "model" and problem in report.config_problem
+        assert model.decode_head.hamburger.ham.R == 64
+    # a strict failure changes no setting
+    model = segnext_b()
+    with pytest.raises(RuntimeError):
+        load_checkpoint(model, {"state_dict": {}, "meta": {"cfg": _MMSEG_B_CFG_TEXT}})
+    assert model.decode_head.hamburger.ham.R == 64
+
+
+def test_rand_init_false_bases_key_loads_strictly():
+    model = segnext_t(ham_kwargs=dict(rand_init=False))
+    sd = dict(model.state_dict())
+    sd["decode_head.hamburger.ham.bases"] = torch.rand(1, 256, 16)
+    assert load_checkpoint(model, sd) == ([], [], [])
+    assert torch.equal(model.decode_head.hamburger.ham.bases, sd["decode_head.hamburger.ham.bases"])
+    with pytest.raises(RuntimeError, match="unexpected"):
+        load_checkpoint(segnext_t(), sd)                 # rand_init=True has no such buffer

@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import segnext
-from segnext import (NMF2D, SegNeXt, nmf2d_reference, segnext_b, segnext_l, segnext_s,
-                     segnext_t)
+from segnext import NMF2D, SegNeXt, segnext_b, segnext_l, segnext_s, segnext_t
 from segnext.mscan import DropPath
 
 FACTORIES = {"t": segnext_t, "s": segnext_s, "b": segnext_b, "l": segnext_l}
@@ -195,7 +194,7 @@ def test_one_step_vs_unrolled_same_values_different_gradients():
 
 
 def _reference_block(blk, x):
-    """Block forward written directly from the spec formulas with F.conv2d."""
+    """Block forward written directly from the formulas of docs/reference_model.md with F.conv2d."""
     p = {k: v for k, v in blk.state_dict().items()}
     C = x.shape[1]
 
@@ -293,24 +292,6 @@ def test_nmf2d_matches_independent_float64(S, training):
                                atol=1e-12)
 
 
-def test_nmf2d_reference_state_and_methods():
-    gen = torch.Generator().manual_seed(2)
-    x = torch.rand(2, 16, 30, generator=gen)
-    bases = F.normalize(torch.rand(2, 16, 5, generator=gen), dim=1)
-    recon, b, c = nmf2d_reference(x, bases, 3, return_state=True)
-    nmf = NMF2D(MD_R=5)
-    coef = torch.softmax(x.transpose(1, 2) @ bases, -1)
-    bb = bases
-    for _ in range(3):
-        bb, coef = nmf.local_step(x, bb, coef)
-    coef = nmf.compute_coef(x, bb, coef)
-    assert torch.equal(b, bb) and torch.equal(c, coef) and torch.equal(recon, bb @ coef.mT)
-    with pytest.raises(ValueError):
-        nmf2d_reference(x, bases, 3, grad="none")
-    with pytest.raises(ValueError):
-        nmf2d_reference(x, bases[:, :8], 3)
-
-
 def test_nmf2d_bases_follow_official_rng_and_errors():
     nmf = NMF2D(MD_S=2, MD_R=8)
     torch.manual_seed(11)
@@ -346,8 +327,97 @@ def test_nmf2d_low_precision_runs_in_float32(dtype):
 def test_public_exports():
     for name in ("MSCAN", "AttentionModule", "SpatialAttention", "Block", "NMF2D", "Hamburger",
                  "LightHamHead", "SegNeXt", "segnext_t", "segnext_s", "segnext_b", "segnext_l",
-                 "mscan_t", "mscan_s", "mscan_b", "mscan_l", "load_checkpoint",
-                 "nmf2d_reference"):
+                 "mscan_t", "mscan_s", "mscan_b", "mscan_l", "load_checkpoint", "CheckpointError"):
         assert hasattr(segnext, name), name
     assert isinstance(segnext_t(), SegNeXt)
     assert sum(p.numel() for p in segnext.mscan_t().parameters()) == 3_903_584
+
+
+# ------------------------------------------------------------------ official / mmseg option names (issue 19)
+def test_ham_kwargs_official_meaning():
+    from segnext.config import MMSEG_HAM_KWARGS, nmf_kwargs
+    ham = segnext.Hamburger(64, dict(MMSEG_HAM_KWARGS)).ham       # an mmseg config's dict, verbatim
+    assert (ham.S, ham.R, ham.train_steps, ham.eval_steps, ham.inv_t, ham.rand_init) == (1, 16, 6, 7, 1, True)
+    official = dict(SPATIAL=True, MD_S=1, MD_D=512, MD_R=32, TRAIN_STEPS=3, EVAL_STEPS=4, INV_T=100, ETA=0.9,
+                    RAND_INIT=True)
+    ham = segnext.Hamburger(64, official).ham
+    assert (ham.R, ham.train_steps, ham.eval_steps, ham.inv_t) == (32, 3, 4, 1)
+    assert segnext.Hamburger(64, dict(softmax_inv_t=2.5)).ham.inv_t == 2.5   # a real temperature
+    with pytest.raises(TypeError, match="'md_r'"):
+        nmf_kwargs(dict(md_r=16))
+    with pytest.raises(ValueError, match="'train_steps'=6 and 'TRAIN_STEPS'=3"):
+        nmf_kwargs(dict(train_steps=6, TRAIN_STEPS=3))
+    # factory: an official spelling replaces the variant's value
+    assert segnext_b(ham_kwargs=dict(TRAIN_STEPS=2, inv_t=100)).decode_head.hamburger.ham.train_steps == 2
+    assert segnext_b(config="mmseg").decode_head.hamburger.ham.R == 16
+    assert segnext_b().decode_head.hamburger.ham.R == 64
+    with pytest.raises(ValueError, match="config"):
+        segnext_t(config="mmcv")
+
+
+def test_nmf2d_rand_init_false_buffer_and_spatial_false():
+    x = torch.rand(2, 8, 3, 5)
+    nmf = NMF2D(MD_S=2, MD_R=3, rand_init=False).eval()
+    assert nmf.bases is None and dict(nmf.state_dict()) == {}
+    torch.manual_seed(0)
+    y = nmf(x)
+    torch.manual_seed(0)
+    b0 = F.normalize(torch.rand(2, 4, 3), dim=1)
+    assert torch.equal(nmf.bases, b0) and list(nmf.state_dict()) == ["bases"]
+    torch.testing.assert_close(y, NMF2D(MD_S=2, MD_R=3).eval()(x, b0.repeat(2, 1, 1)))
+    torch.manual_seed(5)
+    assert torch.equal(nmf(x), y)                         # the buffer is reused, never updated
+    fresh = NMF2D(MD_S=2, MD_R=3, rand_init=False)
+    fresh.load_state_dict(nmf.state_dict())               # loads before its first forward
+    assert torch.equal(fresh.bases, b0)
+    with pytest.raises(ValueError, match="stored bases"):
+        nmf(torch.rand(1, 6, 3, 5))
+    # SPATIAL=False: the matrices are (H*W, C/S)
+    ns = NMF2D(MD_S=2, MD_R=3, spatial=False).eval()
+    bases = F.normalize(torch.rand(4, 15, 3), dim=1)
+    xs = x.reshape(4, 4, 15).transpose(1, 2)               # (B*S, D=H*W, N=C/S)
+    expected = np.asarray(_numpy_nmf(xs.double().numpy(), bases.double().numpy(), 7))
+    out = ns(x, bases).reshape(4, 4, 15).transpose(1, 2)
+    torch.testing.assert_close(out.double(), torch.from_numpy(expected).reshape(out.shape), rtol=1e-4, atol=1e-5)
+
+
+def test_align_corners_reaches_the_final_resize():
+    model = segnext_t(align_corners=True).eval()
+    assert model.align_corners and model.decode_head.align_corners
+    x = torch.randn(1, 3, 40, 56)
+    gen = torch.Generator()
+    model.decode_head.hamburger.ham.generator = gen
+    gen.manual_seed(0)
+    out = model(x)
+    gen.manual_seed(0)
+    logits = model.decode_head(model.backbone(x))
+    torch.testing.assert_close(out, F.interpolate(logits, x.shape[2:], mode="bilinear", align_corners=True))
+    model.align_corners = False                            # one flag, the head's (mmseg EncoderDecoder)
+    assert not model.decode_head.align_corners
+
+
+def test_mmcv_option_names_accepted_or_refused_by_name():
+    m = segnext.mscan_t(norm_cfg=dict(type="BN", requires_grad=False, eps=1e-3), act_cfg=dict(type="GELU"),
+                        attention_kernel_sizes=[5, [1, 7], [1, 11], [1, 21]], in_channels=3, num_stages=4)
+    bn = m.block1[0].norm1
+    assert bn.eps == 1e-3 and not bn.weight.requires_grad and m.block1[0].attn.proj_1.weight.requires_grad
+    head = segnext_t(head_norm_cfg=dict(type="GN", num_groups=32, requires_grad=False)).decode_head
+    assert not head.squeeze.gn.weight.requires_grad
+    assert len(segnext.mscan_t(num_stages=3)(torch.randn(1, 3, 32, 32))) == 3
+    for kwargs, pattern in [(dict(in_channels=4), "in_channels=4"),
+                            (dict(attention_kernel_sizes=[5, [1, 9], [1, 11], [1, 21]]), "attention_kernel_sizes"),
+                            (dict(attention_kernel_paddings=[2, [0, 3]]), "attention_kernel_paddings"),
+                            (dict(init_cfg=dict(type="Pretrained", checkpoint="x.pth")), "init_cfg"),
+                            (dict(pretrained="x.pth"), "pretrained"),
+                            (dict(act_cfg=dict(type="ReLU")), "act_cfg"),
+                            (dict(norm_cfg=dict(type="BN", frozen=True)), r"\['frozen'\]"),
+                            (dict(norm_cfg=dict(type="BN", requires_grad="yes")), "requires_grad"),
+                            (dict(num_stages=5), "num_stages")]:
+        with pytest.raises(ValueError, match=pattern):
+            segnext.mscan_t(**kwargs)
+    with pytest.raises(ValueError, match="conv_cfg"):
+        segnext_t(conv_cfg=dict(type="DCN"))
+    with pytest.raises(ValueError, match="act_cfg"):
+        segnext_t(head_act_cfg=dict(type="GELU"))
+    with pytest.raises(TypeError, match="loss_decode"):
+        segnext_t(loss_decode=dict(type="CrossEntropyLoss"))

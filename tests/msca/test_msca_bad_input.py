@@ -40,7 +40,7 @@ CASES = [
      r"conv0_bias: expected dtype torch.float32 \(the dtype of u\), got torch.float64"),
     ("device mismatch", dict(conv3_bias=lambda a: a["conv3_bias"].to("meta")), RuntimeError,
      r"conv3_bias: expected a tensor on cpu \(the device of u\), got one on meta"),
-    ("unknown backend", dict(), ValueError, r"backend: expected one of \('auto', 'cuda', 'triton', 'reference'\)"),
+    ("unknown backend", dict(), ValueError, r"backend: expected one of \('auto', 'cuda', 'triton', 'cpu', 'reference'\)"),
 ]
 
 
@@ -56,8 +56,9 @@ def test_cuda_backend_on_cpu_tensors_says_why():
         segnext_kernels.msca(**_args(), backend="cuda")
 
 
-def test_auto_on_cpu_runs_reference():
+def test_auto_on_cpu_runs_the_cpu_kernels():
     args = _args()
     out = segnext_kernels.msca(**args)
+    assert torch.equal(out, segnext_kernels.msca(**args, backend="cpu"))
     ref = segnext_kernels.msca_reference(*args.values())
-    assert torch.equal(out, ref)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)

@@ -1,4 +1,5 @@
-"""The CUDA MSCA kernels (csrc/*.cu) run on the CPU through a fiber-based CUDA emulator (tests/helpers/emu/cuda_emu.h).
+"""The CUDA MSCA kernels (csrc/msca/*.cu) run on the CPU through a fiber-based CUDA emulator
+(tests/helpers/emu/cuda_emu.h).
 
 The very kernel sources the GPU runs are compiled with g++ (-DSEGNEXT_EMU): every CUDA thread of a block becomes a
 cooperative fiber, __syncthreads/shuffles/ldmatrix/mma.sync are emulated with the PTX fragment layouts. This checks
@@ -12,28 +13,24 @@ from __future__ import annotations
 
 import ctypes
 import math
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from segnext_kernels.msca_reference import msca_reference, pack_weights
+from segnext_kernels.msca.reference import msca_reference, pack_weights
 
-from emu_build import cuda_include, skip_reason
+from emu_build import EMU, MSCA_KERNEL_SOURCES, build_ctypes_library, skip_reason
 from msca_helpers import make_msca
 
-ROOT = Path(__file__).resolve().parents[2]
-CSRC = ROOT / "csrc"
-EMU = ROOT / "tests" / "helpers" / "emu"
 H100_SMEM = 232448   # cudaDevAttrMaxSharedMemoryPerBlockOptin of an H100 (227 KB)
 A100_SMEM = 166912   # ... of an A100 (163 KB)
 DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-DW = {"auto": 0, "tc": 1, "fma": 2}   # MscaDwVariant
+DW = {"auto": 0, "tc": 1, "fma": 2}   # MscaDwVariant ("tc", as SEGNEXT_MSCA_CUDA_DW spells it: MSCA_DW_MMA)
 GRAD_NAMES = ("du", "dw0", "db0", "dws", "dbs", "dw3", "db3")
 
-#: Tolerances, relative to the float64 reference's max magnitude (kernels.md section 5): a kernel's max error must be
-#: <= ERR_FACTOR * (error of eager PyTorch in the same dtype) + ATOL[mode]. "tf32" is fp32 with the 1x1 mix on TF32
+#: Tolerances, relative to the float64 reference's max magnitude (docs/kernels.md, "Correctness protocol"): a kernel's max error
+#: must be <= ERR_FACTOR * (error of eager PyTorch in the same dtype) + ATOL[mode]. "tf32" is fp32 with the 1x1 mix on TF32
 #: tensor cores, for which CPU eager has no counterpart: its bound is ATOL["tf32"] alone.
 ERR_FACTOR = 2.0
 ATOL = {"fp32": 1e-5, "tf32": 5e-3, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -46,7 +43,7 @@ class Emu:
     def __init__(self, so: Path):
         self.lib = ctypes.CDLL(str(so))
         self.lib.emu_set_order.argtypes = [ctypes.c_int]
-        self.lib.emu_take_tc_direct_redos.restype = ctypes.c_longlong
+        self.lib.emu_take_mma_direct_redos.restype = ctypes.c_longlong
         self.lib.emu_last_dbuf.restype = ctypes.c_int
 
     def last_dbuf(self) -> bool:
@@ -55,7 +52,7 @@ class Emu:
 
     def take_direct_redos(self) -> int:
         """Channels the tensor-core variant redid with the direct taps since the last call."""
-        return int(self.lib.emu_take_tc_direct_redos())
+        return int(self.lib.emu_take_mma_direct_redos())
 
     @staticmethod
     def _ptr(t):
@@ -109,11 +106,7 @@ class Emu:
 @pytest.fixture(scope="session")
 def emu(tmp_path_factory):
     out = tmp_path_factory.mktemp("msca_emu") / "msca_emu.so"
-    cmd = ["g++", "-std=c++17", "-O1", "-DSEGNEXT_EMU", "-shared", "-fPIC", f"-I{CSRC}", f"-I{EMU}",
-           f"-I{cuda_include()}", "-x", "c++", str(CSRC / "msca_fwd.cu"), "-x", "c++", str(CSRC / "msca_bwd.cu"),
-           "-x", "c++", str(EMU / "emu_main.cpp"), "-o", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"building the emulation failed:\n{proc.stderr[-6000:]}"
+    build_ctypes_library(out, MSCA_KERNEL_SOURCES, EMU / "emu_main.cpp", timeout=600)
     e = Emu(out)
     e.order(0)
     return e

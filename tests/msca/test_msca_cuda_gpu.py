@@ -1,4 +1,4 @@
-"""The hand-written CUDA MSCA backend (csrc/, segnext_kernels/msca_cuda.py) on a GPU.
+"""The hand-written CUDA MSCA backend (csrc/msca/, segnext_kernels/msca/cuda.py) on a GPU.
 
 Compared with the float64 eager reference (``msca_reference``) under the flash-attention rule of msca_helpers
 (kernel error <= ERR_FACTOR x eager error in the same dtype + ATOL[dtype] x scale); fp32 with TF32 allowed has its
@@ -12,7 +12,9 @@ import pytest
 import torch
 
 import segnext_kernels
-from segnext_kernels.msca_reference import pack_weights
+from segnext_kernels.extension import CUDA_EXTENSION
+from segnext_kernels.msca import cuda as msca_cuda
+from segnext_kernels.msca.reference import pack_weights
 
 from msca_helpers import GRAD_NAMES, TOL_TF32, check_backend as check, leaves, make_msca, max_err, rebuild, run_backend
 
@@ -44,13 +46,11 @@ def no_tf32():
 
 # ---------------------------------------------------------------------------------------------------------------
 def test_extension_loads():
-    from segnext_kernels import msca_cuda
-
-    ok, why = msca_cuda.cuda_status()
+    ok, why = CUDA_EXTENSION.status()
     assert ok, why
-    ext = msca_cuda.load_extension()
+    ext = CUDA_EXTENSION.load()
     assert len(ext.tile_table()) == 6
-    assert hasattr(torch.ops.segnext, "msca_forward") and hasattr(torch.ops.segnext, "msca_backward")
+    assert hasattr(ext, "msca_forward") and hasattr(ext, "msca_backward")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -131,12 +131,10 @@ def test_tf32_mix():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_every_tile_config(monkeypatch, dtype):
-    from segnext_kernels import msca_cuda
-
     shape = (2, 48, 20, 36)
     args = make_msca(*shape, dtype=dtype, device=DEV)
     grad_out = torch.randn(shape, device=DEV, dtype=dtype)
-    msca_cuda.load_extension()
+    CUDA_EXTENSION.load()
     tried = 0
     for cfg in range(6):
         monkeypatch.setenv("SEGNEXT_MSCA_CUDA_TILE", str(cfg))
@@ -187,16 +185,14 @@ def test_matches_triton_backend(dtype):
 
 def test_partial_needs_direct():
     """msca_backward computes only what is asked for and returns None for the rest."""
-    from segnext_kernels import msca_cuda
-
     shape = (1, 16, 12, 15)
     u, w0, b0, sw, sb, w3, b3 = make_msca(*shape, dtype=torch.float32, device=DEV)
     packed = pack_weights(w0, b0, sw, sb, w3, b3, torch.float32)
     g = torch.randn(shape, device=DEV)
-    full = msca_cuda.msca_backward(g, u, *packed, (True,) * 7)
+    full = msca_cuda.backward(g, u, *packed, (True,) * 7)
     for needs in [(True, False, False, False, False, False, False), (False, True, False, True, False, False, False),
                   (False, False, False, False, False, True, True), (False, False, True, False, True, False, False)]:
-        part = msca_cuda.msca_backward(g, u, *packed, needs)
+        part = msca_cuda.backward(g, u, *packed, needs)
         for i, (n, p, f) in enumerate(zip(needs, part, full)):
             if n:
                 assert torch.equal(p, f), i
@@ -205,9 +201,7 @@ def test_partial_needs_direct():
 
 
 def test_opcheck_and_compile():
-    from segnext_kernels import msca_cuda
-
-    msca_cuda.load_extension()
+    CUDA_EXTENSION.load()
     shape = (2, 8, 9, 11)
     u, w0, b0, sw, sb, w3, b3 = make_msca(*shape, dtype=torch.bfloat16, device=DEV)
     packed = pack_weights(w0, b0, sw, sb, w3, b3, torch.float32)

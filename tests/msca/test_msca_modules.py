@@ -72,3 +72,21 @@ def test_autocast_matches_eager_autocast(backend):
     torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2 * want.abs().max().item())
     got.float().sum().backward()
     assert fused.conv0.weight.grad is not None and fused.conv0.weight.grad.dtype == torch.float32
+
+
+def test_fuse_checks_the_backend_where_the_parameters_are(monkeypatch):
+    """fuse_msca / fuse raise at swap time, with the error the first forward would give, and swap nothing."""
+    from segnext_kernels import backends, fuse
+
+    model = segnext.segnext_t()
+    monkeypatch.setattr(backends, "_TRITON_INTERPRET", False)
+    with pytest.raises(RuntimeError, match="backend='triton' is not available: Triton kernels need CUDA tensors"):
+        fuse_msca(model, backend="triton")
+    with pytest.raises(RuntimeError, match="backend='cuda' is not available: the CUDA backend needs CUDA tensors"):
+        fuse(model, backend="cuda")
+    assert not any(isinstance(m, FusedMSCA) for m in model.modules())
+    u = torch.randn(1, 32, 8, 8)
+    with pytest.raises(RuntimeError, match="backend='cuda' is not available: the CUDA backend needs CUDA tensors"):
+        FusedMSCA(32, backend="cuda")(u)  # the same message at the first forward
+    with pytest.raises(TypeError, match="backend='cuda'.*take float32, float16, bfloat16, got float64"):
+        backends.resolve("msca", "cuda", torch.device("cuda"), torch.float64)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import segnext_kernels
-from segnext_kernels import msca_triton
-from segnext_kernels.msca_reference import pack_weights
+from segnext_kernels.msca import triton as msca_triton
+from segnext_kernels.msca.reference import pack_weights
 
 from msca_helpers import (DEVICE, assert_within_rule, cast, leaves, make_msca, rebuild, reference_fwd_bwd)
 
@@ -141,17 +141,17 @@ def test_partial_requires_grad():
     u, w0, b0, sw, sb, w3, b3 = make_msca(*shape)
     pk = pack_weights(w0, b0, sw, sb, w3, b3, torch.float32)
     g = torch.randn(shape, device=DEVICE)
-    res = msca_triton.msca_backward(g, u, *pk, (True, False, False, False, False, False, False))
+    res = msca_triton.backward(g, u, *pk, (True, False, False, False, False, False, False))
     assert res[0] is not None and all(r is None for r in res[1:])
-    res = msca_triton.msca_backward(g, u, *pk, (False, False, False, False, False, True, True))
+    res = msca_triton.backward(g, u, *pk, (False, False, False, False, False, True, True))
     assert res[0] is None and res[5] is not None and res[6] is not None
     ref = reference_fwd_bwd((u, w0, b0, sw, sb, w3, b3), g)[1]
-    du = msca_triton.msca_backward(g, u, *pk, (True,) * 7)[0]
+    du = msca_triton.backward(g, u, *pk, (True,) * 7)[0]
     torch.testing.assert_close(du, ref[0], rtol=1e-4, atol=1e-5)
 
 
 def test_large_kernel_interior_identity():
-    # Away from the borders the whole depthwise part is one 25x25 depthwise kernel (kernels.md section 1): an
+    # Away from the borders the whole depthwise part is one 25x25 depthwise kernel (docs/kernels.md, "MSCA: the math"): an
     # independent check of the strip ordering and offsets on a single image.
     C, H, W = 2, 27, 27
     u, w0, b0, sw, sb, w3, b3 = make_msca(1, C, H, W, dtype=torch.float64)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import segnext_kernels.nmf as nmf_mod
-from segnext.ham_head import nmf2d_reference
+from segnext_kernels import backends
+from segnext_kernels.nmf.reference import nmf2d_reference
 from segnext_kernels import FusedNMF2D, nmf2d
 
 _X = torch.rand(2, 6, 10)
@@ -47,8 +48,8 @@ CASES = [
     ("steps bool", dict(steps=True), TypeError, r"steps: expected an int, got bool"),
     ("steps str", dict(steps="2"), TypeError, r"steps: expected an int, got str"),
     # grad mode
-    ("grad unknown", dict(grad="full"), ValueError, r"grad: expected one of \('unrolled', 'one_step'\), got 'full'"),
-    ("grad None", dict(grad=None), ValueError, r"grad: expected one of .* got None"),
+    ("grad_mode unknown", dict(grad_mode="full"), ValueError, r"grad_mode: expected one of \('unrolled', 'one_step'\), got 'full'"),
+    ("grad_mode None", dict(grad_mode=None), ValueError, r"grad_mode: expected one of .* got None"),
     # eps: positive, finite, and not rounded to zero (NaN-producing) in the compute dtype
     ("eps zero", dict(eps=0.0), ValueError, r"eps: expected eps > 0 .* got 0.0"),
     ("eps negative", dict(eps=-1e-6), ValueError, r"eps: expected eps > 0 .* got -1e-06"),
@@ -71,7 +72,7 @@ CASES = [
 
 
 def _call(backend, **change):
-    args = dict(x=_X, bases=_B, steps=2, grad="unrolled", eps=1e-6, inv_t=1.0, return_state=False)
+    args = dict(x=_X, bases=_B, steps=2, grad_mode="unrolled", eps=1e-6, inv_t=1.0, return_state=False)
     args.update(change)
     x, bases, steps = args.pop("x"), args.pop("bases"), args.pop("steps")
     return nmf2d(x, bases, steps, backend=backend, **args)
@@ -107,17 +108,17 @@ def test_eps_that_rounds_to_zero_really_gives_nan():
 
 # unknown backend names ("cudnn") and backend="cuda" on CPU tensors: tests/nmf/test_nmf_triton.py::test_backend_selection
 def test_backend_none():
-    with pytest.raises(ValueError, match=r"backend: expected one of \('auto', 'cuda', 'triton', 'reference'\), got None"):
+    with pytest.raises(ValueError, match=r"backend: expected one of \('auto', 'cuda', 'triton', 'cpu', 'reference'\), got None"):
         _call(None)
 
 
 def test_triton_unavailable_says_why(monkeypatch):
     # CPU tensors without the interpreter: Triton cannot run them, and the error says how to make it
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(backends, "_TRITON_INTERPRET", False)
     with pytest.raises(RuntimeError, match=r"backend='triton' is not available: Triton kernels need CUDA tensors "
                                            r"\(got cpu tensors\); to run them on CPU tensors set TRITON_INTERPRET=1"):
         _call("triton")
-    assert nmf_mod.resolve_nmf_backend("auto", torch.device("cpu")) == "reference"
+    assert backends.resolve("nmf2d", "auto", torch.device("cpu"), torch.float32) == "reference"
 
 
 # ---------------------------------------------------------------------------------------------- FusedNMF2D options
@@ -137,7 +138,7 @@ MODULE_CASES = [
     ("generator not a Generator", dict(generator=42), TypeError,
      r"generator: expected a torch.Generator or None, got int"),
     ("backend unknown", dict(backend="tensorrt"), ValueError,
-     r"backend: expected one of \('auto', 'cuda', 'triton', 'reference'\), got 'tensorrt'"),
+     r"backend: expected one of \('auto', 'cuda', 'triton', 'cpu', 'reference'\), got 'tensorrt'"),
 ]
 
 

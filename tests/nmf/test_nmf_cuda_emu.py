@@ -1,14 +1,14 @@
-"""The CUDA NMF2D kernels (csrc/nmf_fwd.cu, csrc/nmf_bwd.cu) run on the CPU through the fiber emulator
+"""The CUDA NMF2D kernels (csrc/nmf/nmf_fwd.cu, csrc/nmf/nmf_bwd.cu) run on the CPU through the fiber emulator
 (tests/helpers/emu/cuda_emu.h, entry points tests/helpers/emu/nmf_emu_main.cpp), like tests/msca/test_msca_cuda_emu.py does for MSCA.
 
-Unit tests compare every launcher against float64 torch math of its documented semantics (csrc/nmf_params.h); the
-end-to-end tests run segnext_kernels.nmf_driver over the emulated kernels (``EmuKernels``) against
-``segnext.ham_head.nmf2d_reference`` in float64. Buffers the kernels write (outputs, partials, workspace) start as
-NaN so an unwritten element fails. What this cannot check: timing, registers, the hardware (see
+Unit tests compare every launcher against float64 torch math of its documented semantics (csrc/nmf/nmf_params.h); the
+end-to-end tests run segnext_kernels.nmf.driver over the emulated kernels (``EmuKernels``) against
+``segnext_kernels.nmf.reference.nmf2d_reference`` in float64. Buffers the kernels write (outputs, partials, workspace)
+start as NaN so an unwritten element fails. What this cannot check: timing, registers, the hardware (see
 tests/compile/test_cuda_compile.py for the ptxas report).
 
-Tolerances (one place): the tensor-core products run on bf16 pieces (nmf_common.cuh): precision level L = 2 (16-bit
-significand per operand, fp16/bf16 inputs and fp32 with allow_tf32) or L = 3 (fp32). ``REL[mode]`` bounds the max
+Tolerances (one place): the tensor-core products run on bf16 pieces (csrc/nmf/nmf_common.cuh): precision level L = 2
+(16-bit significand per operand, fp16/bf16 inputs and fp32 with allow_tf32) or L = 3 (fp32). ``REL[mode]`` bounds the max
 error of an fp32 result relative to the reference's max magnitude; outputs in x's dtype (y, g_x) add that dtype's
 rounding ``OUT_REL[dtype]``.
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,13 +26,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from emu_build import cuda_include, skip_reason
+from emu_build import CSRC, EMU, NMF_KERNEL_SOURCES, build_ctypes_library, cuda_include, skip_reason
 
-ROOT = Path(__file__).resolve().parents[2]
-CSRC = ROOT / "csrc"
-EMU = ROOT / "tests" / "helpers" / "emu"
-SOURCES = [CSRC / "nmf_fwd.cu", CSRC / "nmf_bwd.cu", EMU / "nmf_emu_main.cpp"]
-HEADERS = [CSRC / "nmf_common.cuh", CSRC / "nmf_params.h", CSRC / "cuda_common.cuh", EMU / "cuda_emu.h"]
+SOURCES = [*(CSRC / s for s in NMF_KERNEL_SOURCES), EMU / "nmf_emu_main.cpp"]
+HEADERS = [CSRC / "nmf" / "nmf_common.cuh", CSRC / "nmf" / "nmf_params.h", CSRC / "common" / "cuda_common.cuh",
+           EMU / "cuda_emu.h"]
 DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 H100_SMEM = 232448
@@ -126,13 +123,7 @@ class NmfEmu:
 
 
 def _build(out: Path):
-    cmd = ["g++", "-std=c++17", "-O1", "-DSEGNEXT_EMU", "-shared", "-fPIC", f"-I{CSRC}", f"-I{EMU}",
-           f"-I{cuda_include()}"]
-    for s in SOURCES:
-        cmd += ["-x", "c++", str(s)]
-    cmd += ["-o", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"building the emulation failed:\n{proc.stderr[-6000:]}"
+    build_ctypes_library(out, NMF_KERNEL_SOURCES, EMU / "nmf_emu_main.cpp", timeout=900)
 
 
 @pytest.fixture(scope="session")
@@ -649,8 +640,8 @@ class EmuKernels:
 
 def _driver():
     try:
-        from segnext_kernels import nmf_driver
-        from segnext.ham_head import nmf2d_reference
+        from segnext_kernels.nmf import driver as nmf_driver
+        from segnext_kernels.nmf.reference import nmf2d_reference
     except ImportError as e:  # pragma: no cover
         pytest.skip(f"driver or reference not importable: {e}")
     return nmf_driver, nmf2d_reference
@@ -680,7 +671,7 @@ def test_end_to_end(emu, force_geom, K, mode):
 
     xr = x.double().requires_grad_(True)
     br = bases0.double().requires_grad_(True)
-    yr, bKr, cFr = nmf2d_reference(xr, br, K, eps=EPS, inv_t=inv_t, grad=mode, return_state=True)
+    yr, bKr, cFr = nmf2d_reference(xr, br, K, eps=EPS, inv_t=inv_t, grad_mode=mode, return_state=True)
     # one_step with K >= 1: bases_K is a constant of the graph (its incoming gradient is dropped, as in the driver)
     outs = [(t, g) for t, g in ((yr, gy), (bKr, gbases), (cFr, gcoef)) if t.requires_grad]
     gxr, gbr = torch.autograd.grad([t for t, _ in outs], (xr, br), [g for _, g in outs], allow_unused=True)

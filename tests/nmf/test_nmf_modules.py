@@ -8,7 +8,7 @@ import torch
 
 import segnext
 from segnext_kernels import FusedMSCA
-from segnext_kernels.nmf import FusedNMF2D, fuse, fuse_ham
+from segnext_kernels import FusedNMF2D, fuse, fuse_ham
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 OPTIONS = dict(MD_S=2, MD_R=5, train_steps=3, eval_steps=4, inv_t=1, eps=1e-6)
@@ -114,9 +114,15 @@ def test_fuse_returns_both_counts():
     with pytest.raises(ValueError, match="backend"):
         fuse(segnext.segnext_t(), backend="nope")
     model = segnext.segnext_t()
-    assert fuse(model, backend="cuda") == {"msca": 13, "ham": 1}
-    assert model.decode_head.hamburger.ham.backend == "cuda"
-    assert all(m.backend == "cuda" for m in model.modules() if isinstance(m, FusedMSCA))
+    if DEVICE.type == "cuda":
+        model = model.to(DEVICE)
+        assert fuse(model, backend="cuda") == {"msca": 13, "ham": 1}
+        assert model.decode_head.hamburger.ham.backend == "cuda"
+        assert all(m.backend == "cuda" for m in model.modules() if isinstance(m, FusedMSCA))
+    else:  # checked at swap time: nothing is swapped
+        with pytest.raises(RuntimeError, match="backend='cuda' is not available"):
+            fuse(model, backend="cuda")
+        assert not any(isinstance(m, (FusedMSCA, FusedNMF2D)) for m in model.modules())
 
 
 def test_fused_segnext_t_matches_eager_model():

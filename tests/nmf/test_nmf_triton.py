@@ -2,7 +2,7 @@
 ``segnext.ham_head.nmf2d_reference``.
 
 On a machine without CUDA these run in Triton's CPU interpreter (conftest.py sets TRITON_INTERPRET=1).
-Tolerance rule (kernels.md section 5): the kernel's max error against a float64 reference is at most
+Tolerance rule (docs/kernels.md, "Correctness protocol"): the kernel's max error against a float64 reference is at most
 ``ERR_FACTOR`` x the error of the eager reference run in the same dtype, plus ``ATOL[dtype]`` x the reference's
 max magnitude. float64 runs are compared tightly.
 """
@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import segnext_kernels.nmf as nmf_mod
-from segnext.ham_head import nmf2d_reference
-from segnext_kernels import nmf_triton
+from segnext_kernels.backends import resolve
+from segnext_kernels.nmf.reference import nmf2d_reference
+from segnext_kernels.nmf import triton as nmf_triton
 from segnext_kernels.nmf import nmf2d
 
 from nmf_helpers import DEVICE, check, make, max_err, run
@@ -107,7 +108,7 @@ def test_gradcheck_unrolled_fp64():
     bases.requires_grad_(True)
 
     def f(x, b):
-        return nmf2d(x, b, 2, grad="unrolled", return_state=True, backend="triton")
+        return nmf2d(x, b, 2, grad_mode="unrolled", return_state=True, backend="triton")
 
     assert torch.autograd.gradcheck(f, (x, bases), fast_mode=True, eps=1e-6, atol=1e-7, rtol=1e-5)
 
@@ -122,7 +123,7 @@ def test_gradcheck_one_step_fp64():
     bases.requires_grad_(True)
 
     def f(x, b):
-        return nmf2d(x, b, 0, grad="one_step", inv_t=0.0, return_state=True, backend="triton")
+        return nmf2d(x, b, 0, grad_mode="one_step", inv_t=0.0, return_state=True, backend="triton")
 
     assert torch.autograd.gradcheck(f, (x, bases), fast_mode=True, eps=1e-6, atol=1e-7, rtol=1e-5)
 
@@ -151,7 +152,7 @@ def test_return_state_and_its_gradients(mode, steps, poison, blocks):
         bb = bases.clone().requires_grad_(True)
         fn = nmf2d_reference if backend == "reference" else nmf_mod.nmf2d
         kw = {} if backend == "reference" else dict(backend="triton")
-        y, b_fin, c_fin = fn(xx, bb, steps, grad=mode, return_state=True, **kw)
+        y, b_fin, c_fin = fn(xx, bb, steps, grad_mode=mode, return_state=True, **kw)
         assert b_fin.shape == (2, 21, 4) and c_fin.shape == (2, 40, 4)
         loss = (y * gy).sum() + (c_fin * gc_out).sum()
         if b_fin.requires_grad:
@@ -325,16 +326,16 @@ def test_backend_selection():
         with pytest.raises(RuntimeError, match="backend='cuda' is not available: the CUDA backend needs CUDA tensors"):
             nmf2d(x, bases, 1, backend="cuda")
     else:
-        with pytest.raises(TypeError, match="cuda NMF2D backend supports float32, float16 and bfloat16"):
+        with pytest.raises(TypeError, match=r"backend='cuda': the cuda nmf2d kernels take float32, float16, bfloat16, got float64"):
             nmf2d(x.double(), bases.double(), 1, backend="cuda")
     with pytest.raises(ValueError, match="backend"):
         nmf2d(x, bases, 1, backend="cudnn")
     if DEVICE.type == "cpu":
-        assert nmf_mod.resolve_nmf_backend("auto", DEVICE) == "reference"
+        assert resolve("nmf2d", "auto", DEVICE, torch.float32) == "reference"
         assert torch.equal(nmf2d(x, bases, 2), nmf2d_reference(x, bases, 2))
     else:
-        assert nmf_mod.resolve_nmf_backend("auto", DEVICE) == "triton"
-    assert nmf_mod.resolve_nmf_backend("reference", DEVICE) == "reference"
+        assert resolve("nmf2d", "auto", DEVICE, torch.float32) == "triton"
+    assert resolve("nmf2d", "reference", DEVICE, torch.float32) == "reference"
 
 
 # bad input (argument checks of nmf2d and FusedNMF2D): tests/nmf/test_nmf_bad_input.py

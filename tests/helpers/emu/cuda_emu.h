@@ -1,6 +1,6 @@
-// Minimal single-OS-thread CUDA emulator used only by tests/msca/test_msca_cuda_emu.py.
+// Minimal single-OS-thread CUDA emulator used only by the tests (tests/helpers/emu_build.py builds with it).
 //
-// It compiles the real kernel sources (csrc/*.cu) as host C++ (g++ -x c++ -DSEGNEXT_EMU) and
+// It compiles the real kernel sources (csrc/msca/*.cu, csrc/nmf/*.cu) as host C++ (g++ -x c++ -DSEGNEXT_EMU) and
 // runs every CUDA thread of a block as a cooperative fiber (ucontext).  __syncthreads(),
 // warp shuffles, ldmatrix and mma.sync are emulated with the documented PTX fragment layouts,
 // so the index arithmetic, shared-memory layouts, halos, zero padding, barrier placement and
@@ -218,7 +218,7 @@ inline void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_
 // ---- counters the tests read (emu_main.cpp) ------------------------------------------------------------------------
 // channels that the tensor-core depthwise variant redid with the direct taps (a NaN / Inf seen): finite inputs must
 // leave it at 0, or a fragment bug would hide behind the (correct but slow) fallback
-inline long long& tc_direct_redos() { static long long n = 0; return n; }
+inline long long& mma_direct_redos() { static long long n = 0; return n; }
 
 // ---- cp.async (sm_80): deferred copies ---------------------------------------------------------------------------
 inline void cp_async(void* dst, const void* src, int bytes, int src_bytes) {

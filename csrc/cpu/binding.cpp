@@ -1,0 +1,46 @@
+// Python binding of the CPU extension segnext_kernels._C_cpu: plain functions (no dispatcher ops; the package's one
+// op layer is the Python torch.library custom op in segnext_kernels/msca/interface.py, which calls these).
+#include <torch/extension.h>
+
+#include <array>
+#include <string>
+#include <vector>
+
+#include "cpu/cpu_alloc.h"
+#include "cpu/cpu_isa.h"
+#include "cpu/msca_cpu.h"
+#include "cpu/mlp_cpu.h"
+
+namespace {
+
+std::vector<at::Tensor> msca_backward_py(const at::Tensor& grad_out, const at::Tensor& u, const at::Tensor& w0,
+                                         const at::Tensor& b0, const at::Tensor& ws, const at::Tensor& bs,
+                                         const at::Tensor& w3, const at::Tensor& b3, const std::vector<bool>& needs) {
+  TORCH_CHECK(needs.size() == 7, "needs_input_grad: expected 7 bools (u, w0, b0, ws, bs, w3, b3), got ", needs.size());
+  std::array<bool, 7> n{};
+  for (size_t i = 0; i < 7; ++i) n[i] = needs[i];
+  return segnext_cpu::msca_backward(grad_out, u, w0, b0, ws, bs, w3, b3, n);
+}
+
+std::vector<at::Tensor> mlp_backward_py(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1,
+                                        const at::Tensor& b1, const at::Tensor& wdw, const at::Tensor& bdw,
+                                        const at::Tensor& w2, const at::Tensor& b2, const std::vector<bool>& needs) {
+  TORCH_CHECK(needs.size() == 7, "needs_input_grad: expected 7 bools (x, w1, b1, wdw, bdw, w2, b2), got ", needs.size());
+  std::array<bool, 7> n{};
+  for (size_t i = 0; i < 7; ++i) n[i] = needs[i];
+  return segnext_cpu::mlp_backward(grad_out, x, w1, b1, wdw, bdw, w2, b2, n);
+}
+
+std::string isa() { return segnext_cpu::isa_name(segnext_cpu::isa()); }
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "segnext-kernels CPU kernels (fused MSCA forward and backward)";
+  m.def("msca_forward", &segnext_cpu::msca_forward, "Fused MSCA forward on CPU tensors (csrc/cpu/msca_cpu.h)");
+  m.def("msca_backward", &msca_backward_py, "Fused MSCA backward on CPU tensors (csrc/cpu/msca_cpu.h)");
+  m.def("mlp_forward", &segnext_cpu::mlp_forward, "Fused MSCAN MLP forward on CPU tensors (csrc/cpu/mlp_cpu.h)");
+  m.def("mlp_backward", &mlp_backward_py, "Fused MSCAN MLP backward on CPU tensors (csrc/cpu/mlp_cpu.h)");
+  m.def("isa", &isa, "The vector ISA the kernels run with: avx512, avx2 or scalar");
+  m.def("set_poison", &segnext_cpu::set_poison, "Tests: fill every output with NaN at allocation (off by default)");
+}

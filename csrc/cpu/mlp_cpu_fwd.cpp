@@ -1,0 +1,231 @@
+// Fused MLP forward on CPU (math and layouts in mlp_cpu.h; row kernels in mlp_cpu_kernels.h).
+//
+// Tasks = (image, band of rows, group of hidden channels); per task, for each block of hc hidden channels:
+//   h  (hc x (rows + 2 halo) * W, fp32) = W1[block] @ x[band + halo]          at::mm_out on the tile (bias folded into dw)
+//   g  (hc x rows * W, fp32)            = GELU(dw3x3(h + b1) + bdw)           hand-written rows (L1)
+//   acc (C x rows * W, fp32)           (+)= W2[:, block] @ g                   at::addmm_out after the first block
+// then y = acc + b2 (converted to x's dtype). h and g live in per-thread scratch (L2); nothing is B*Hd*H*W sized.
+// With G > 1 hidden groups (small images: few bands), each group's acc is a plane of a (G, B, C, H*W) fp32 buffer and
+// y = sum over groups in order + b2.
+//
+// The plan (mlp_cpu_kernels.h, choose_plan) depends on the shape only, and every task runs the same calls in the same
+// order whichever thread runs it, so results are bitwise identical for any number of threads. The GEMMs run inside
+// the OpenMP region of at::parallel_for, where MKL runs single-threaded.
+//
+// This file also compiles the row kernels once per ISA (portable, AVX2+FMA, AVX-512) and exports their tables to
+// mlp_cpu_bwd.cpp (rows_for<E, TG>()).
+
+#include "mlp_cpu.h"
+
+#include <ATen/Parallel.h>
+
+#include <type_traits>
+
+#include "cpu_alloc.h"
+#include "cpu_isa.h"
+#include "cpu_vec.h"
+#include "mlp_cpu_kernels.h"
+
+namespace segnext_cpu {
+namespace mlp {
+
+namespace rows_generic {
+#define SEGNEXT_MLP_ROWS 0
+#include "mlp_cpu_kernels.h"
+#undef SEGNEXT_MLP_ROWS
+}  // namespace rows_generic
+
+#if SEGNEXT_VEC_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace rows_avx2 {
+#define SEGNEXT_MLP_ROWS 1
+#include "mlp_cpu_kernels.h"
+#undef SEGNEXT_MLP_ROWS
+}  // namespace rows_avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
+namespace rows_avx512 {
+#define SEGNEXT_MLP_ROWS 2
+#include "mlp_cpu_kernels.h"
+#undef SEGNEXT_MLP_ROWS
+}  // namespace rows_avx512
+#pragma GCC pop_options
+#endif
+
+template <class E, class TG>
+Rows<E, TG> rows_for() {
+  if constexpr (std::is_same_v<E, float>) {
+#if SEGNEXT_VEC_X86
+    static const Rows<E, TG> r512 = rows_avx512::make_rows<E, TG>();
+    static const Rows<E, TG> r2 = rows_avx2::make_rows<E, TG>();
+    if (isa() == Isa::avx512) return r512;
+    if (isa() == Isa::avx2) return r2;
+#endif
+  }
+  return rows_generic::make_rows<E, TG>();
+}
+template Rows<float, float> rows_for<float, float>();
+template Rows<double, double> rows_for<double, double>();
+
+namespace {
+
+// T: x / weights / y dtype; E: compute (float, double for T = double); TG: GEMM operand type of g (T).
+template <class T, class E>
+void forward_impl(const T* x, T* y, int64_t B, int64_t C, int64_t Hd, int64_t H, int64_t W, const T* w1,
+                  const E* b1, const E* wdw, const E* bdw, const T* w2, const E* b2) {
+  using TG = T;
+  const Rows<E, TG> rk = rows_for<E, TG>();
+  const Plan pl = choose_plan(B, Hd, H, W, false);
+  const int64_t HW = H * W;
+  const int64_t nchunks = ceil_div(Hd, pl.hc);
+  const int64_t G = pl.G;
+  const int64_t ntasks = B * pl.nb * G;
+  // G > 1: per-group partial sums, reduced below in group order
+  at::Tensor part;
+  E* partp = nullptr;
+  if (G > 1) {
+    part = at::empty({G, B, C, HW}, at::TensorOptions().dtype(std::is_same_v<E, double> ? at::kDouble : at::kFloat));
+    partp = part.data_ptr<E>();
+  }
+  constexpr bool direct = std::is_same_v<T, E>;  // accumulate straight into y (fp32 / fp64, G == 1)
+
+  at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t grp = task % G;
+      const int64_t band = (task / G) % pl.nb;
+      const int64_t b = task / (G * pl.nb);
+      const int64_t r0 = band * pl.rows, r1 = std::min(H, r0 + pl.rows);
+      const int64_t ri0 = std::max<int64_t>(0, r0 - 1), ri1 = std::min(H, r1 + 1);
+      const int64_t Nin = (ri1 - ri0) * W, Nout = (r1 - r0) * W;
+      const int64_t c0 = grp * nchunks / G, c1 = (grp + 1) * nchunks / G;
+      const T* xb = x + b * C * HW;
+
+      E* h = static_cast<E*>(scratch(0, sizeof(E) * pl.hc * Nin));
+      TG* g = static_cast<TG*>(scratch(1, sizeof(TG) * pl.hc * Nout));
+      E* tmp = static_cast<E*>(scratch(2, sizeof(E) * (W + 64)));
+      E* acc;
+      int64_t ldacc;
+      if (G > 1) {
+        acc = partp + ((grp * B + b) * C) * HW + r0 * W;
+        ldacc = HW;
+      } else if constexpr (direct) {
+        acc = reinterpret_cast<E*>(y + b * C * HW + r0 * W);
+        ldacc = HW;
+      } else {
+        acc = static_cast<E*>(scratch(3, sizeof(E) * C * Nout));
+        ldacc = Nout;
+      }
+
+      for (int64_t ch = c0; ch < c1; ++ch) {
+        const int64_t j0 = ch * pl.hc, m = std::min(pl.hc, Hd - j0);
+        // h = W1[j0:j0+m] @ x[:, ri0:ri1]
+        gemm_rm<E>(false, false, m, Nin, C, w1 + j0 * C, C, xb + ri0 * W, HW, false, h, Nin);
+        for (int64_t jj = 0; jj < m; ++jj) {
+          const int64_t j = j0 + jj;
+          const E* hj = h + jj * Nin;
+          for (int64_t yy = r0; yy < r1; ++yy) {
+            const E* up = yy > 0 ? hj + (yy - 1 - ri0) * W : nullptr;
+            const E* mid = hj + (yy - ri0) * W;
+            const E* dn = yy + 1 < H ? hj + (yy + 1 - ri0) * W : nullptr;
+            rk.dw(up, mid, dn, wdw + j * 9, b1[j], bdw[j], W, tmp);
+            rk.gelu(tmp, W, g + jj * Nout + (yy - r0) * W);
+          }
+        }
+        // acc (+)= W2[:, j0:j0+m] @ g
+        gemm_rm<E>(false, false, C, Nout, m, w2 + j0, Hd, g, Nout, ch != c0, acc, ldacc);
+      }
+      if (c1 == c0) {  // an empty group (Hd < G * hc never happens: G <= nchunks); keep the partial defined
+        for (int64_t c = 0; c < C; ++c) std::fill(acc + c * ldacc, acc + c * ldacc + Nout, E(0));
+      }
+      if (G == 1) {  // epilogue: y = acc + b2
+        T* yb = y + b * C * HW + r0 * W;
+        for (int64_t c = 0; c < C; ++c) {
+          const E bias = b2[c];
+          const E* a = acc + c * ldacc;
+          T* o = yb + c * HW;
+          for (int64_t i = 0; i < Nout; ++i) o[i] = static_cast<T>(a[i] + bias);
+        }
+      }
+    }
+  });
+
+  if (G > 1) {  // y = sum_g part[g] + b2, groups in order
+    at::parallel_for(0, B * C, 1, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        const E bias = b2[q % C];
+        T* o = y + q * HW;
+        const E* p0 = partp + q * HW;
+        for (int64_t i = 0; i < HW; ++i) {
+          E s = p0[i];
+          for (int64_t gi = 1; gi < G; ++gi) s += p0[gi * B * C * HW + i];
+          o[i] = static_cast<T>(s + bias);
+        }
+      }
+    });
+  }
+}
+
+void check_weight(const at::Tensor& t, const char* name, at::ScalarType dt, at::IntArrayRef shape) {
+  TORCH_CHECK(t.device().is_cpu(), "mlp_forward: ", name, " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.scalar_type() == dt, "mlp_forward: ", name, " must have dtype ", dt, ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, "mlp_forward: ", name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+}  // namespace
+
+void check_mlp_args(const char* fn, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                    const at::Tensor& wdw, const at::Tensor& bdw, const at::Tensor& w2, const at::Tensor& b2) {
+  TORCH_CHECK(x.device().is_cpu(), fn, ": x must be a CPU tensor, got device ", x.device());
+  TORCH_CHECK(x.dim() == 4, fn, ": x must be 4-D (B, C, H, W), got ", x.dim(), "-D with shape ", x.sizes());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16, fn,
+              ": x must be float32, float64 or bfloat16, got ", dt);
+  const int64_t C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(C >= 1 && H >= 1 && W >= 1, fn, ": x must have C, H, W >= 1, got shape ", x.sizes());
+  TORCH_CHECK(w1.dim() == 2, fn, ": w1 must be 2-D (Hd, C), got shape ", w1.sizes());
+  const int64_t Hd = w1.size(0);
+  TORCH_CHECK(Hd >= 1, fn, ": w1 must have Hd >= 1 rows, got shape ", w1.sizes());
+  check_weight(w1, "w1", dt, {Hd, C});
+  check_weight(b1, "b1", dt, {Hd});
+  check_weight(wdw, "wdw", dt, {Hd, 9});
+  check_weight(bdw, "bdw", dt, {Hd});
+  check_weight(w2, "w2", dt, {C, Hd});
+  check_weight(b2, "b2", dt, {C});
+}
+
+}  // namespace mlp
+
+at::Tensor mlp_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& wdw,
+                       const at::Tensor& bdw, const at::Tensor& w2, const at::Tensor& b2) {
+  mlp::check_mlp_args("mlp_forward", x, w1, b1, wdw, bdw, w2, b2);
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Hd = w1.size(0);
+  at::Tensor out = empty_output_like(x);
+  if (out.numel() == 0) return out;
+  const at::Tensor xc = x.contiguous();
+  at::Tensor oc = out.is_contiguous() ? out : empty_output(x.sizes(), x.options());
+  const auto dt = x.scalar_type();
+  if (dt == at::kDouble) {
+    auto cd = [](const at::Tensor& t) { return t.contiguous(); };
+    at::Tensor w1c = cd(w1), b1c = cd(b1), wdc = cd(wdw), bdc = cd(bdw), w2c = cd(w2), b2c = cd(b2);
+    mlp::forward_impl<double, double>(xc.data_ptr<double>(), oc.data_ptr<double>(), B, C, Hd, H, W,
+                                      w1c.data_ptr<double>(), b1c.data_ptr<double>(), wdc.data_ptr<double>(),
+                                      bdc.data_ptr<double>(), w2c.data_ptr<double>(), b2c.data_ptr<double>());
+  } else {
+    // bfloat16: the fp32 path on x converted once (GEMMs in fp32, so fp32 accumulation throughout), y rounded once
+    auto cf = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
+    at::Tensor w1c = cf(w1), b1c = cf(b1), wdc = cf(wdw), bdc = cf(bdw), w2c = cf(w2), b2c = cf(b2);
+    at::Tensor xf = dt == at::kFloat ? xc : xc.to(at::kFloat);
+    at::Tensor of = dt == at::kFloat ? oc : at::empty(x.sizes(), xf.options());
+    mlp::forward_impl<float, float>(xf.data_ptr<float>(), of.data_ptr<float>(), B, C, Hd, H, W,
+                                    w1c.data_ptr<float>(), b1c.data_ptr<float>(), wdc.data_ptr<float>(),
+                                    bdc.data_ptr<float>(), w2c.data_ptr<float>(), b2c.data_ptr<float>());
+    if (!of.is_same(oc)) oc.copy_(of);
+  }
+  if (!oc.is_same(out)) out.copy_(oc);
+  return out;
+}
+
+}  // namespace segnext_cpu

@@ -1,0 +1,439 @@
+// Internals shared by the fused MLP forward and backward on CPU (mlp_cpu_fwd.cpp, mlp_cpu_bwd.cpp; math in
+// mlp_cpu.h).
+//
+// Two parts:
+//  1. (include-guarded) the tiling plan, scratch buffers, the row-major GEMM wrapper over at::native::cpublas::gemm
+//     and the table of row kernels;
+//  2. (SEGNEXT_MLP_ROWS defined: 0 portable scalar, 1 AVX2+FMA, 2 AVX-512) the row kernels themselves, included once
+//     per ISA under #pragma GCC target by mlp_cpu_fwd.cpp, so nothing here needs -m flags.
+//
+// Layout of a hidden tile: m hidden channels x (rows * W) pixels, row-major per channel (planar, like NCHW), so the
+// depthwise 3x3 runs along W with masked loads at the borders (the zero padding is exact: lanes outside the image
+// read nothing).
+#ifndef SEGNEXT_MLP_CPU_KERNELS_H_COMMON
+#define SEGNEXT_MLP_CPU_KERNELS_H_COMMON
+
+#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "cpu_isa.h"
+
+namespace segnext_cpu {
+namespace mlp {
+
+// A growable 64-byte aligned scratch buffer, kept per thread between calls (thread_local) so it is not page-faulted
+// in anew each call.
+struct Buffer {
+  void* p = nullptr;
+  size_t cap = 0;
+  void* get(size_t bytes) {
+    if (bytes > cap) {
+      std::free(p);
+      size_t n = (std::max<size_t>(bytes, 64) + 4095) & ~size_t(4095);
+      p = std::aligned_alloc(64, n);
+      TORCH_CHECK(p != nullptr, "mlp: cannot allocate ", n, " bytes of scratch");
+      cap = n;
+    }
+    return p;
+  }
+  ~Buffer() { std::free(p); }
+};
+
+inline void* scratch(int which, size_t bytes) {
+  thread_local Buffer bufs[8];
+  return bufs[which].get(bytes);
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Tiling plan: a function of the shape only (never of the thread count), so every output element and every
+// weight-gradient partial is computed by the same operations whatever the number of threads.
+//   rows: rows per band (nb bands per image), hc: hidden channels per GEMM block, G: hidden groups (forward only:
+//   small images with few bands split the hidden channels into G groups whose partial outputs are summed in order).
+struct Plan {
+  int64_t rows = 1, nb = 1, hc = 64, G = 1;
+};
+
+// SEGNEXT_MLP_PLAN="<pixels per band>:<hidden block>[:<groups>]" overrides the defaults (tuning, plan tests).
+inline Plan choose_plan(int64_t B, int64_t Hd, int64_t H, int64_t W, bool backward) {
+  int64_t px = backward ? 1024 : 2048, hc = backward ? 32 : 64, G = -1;
+  if (const char* env = std::getenv(backward ? "SEGNEXT_MLP_BWD_PLAN" : "SEGNEXT_MLP_PLAN")) {
+    if (*env) {
+      std::string s(env);
+      px = std::max<int64_t>(1, std::atoll(s.c_str()));
+      auto c = s.find(':');
+      if (c != std::string::npos) {
+        hc = std::max<int64_t>(1, std::atoll(s.c_str() + c + 1));
+        auto c2 = s.find(':', c + 1);
+        if (c2 != std::string::npos) G = std::max<int64_t>(1, std::atoll(s.c_str() + c2 + 1));
+      }
+    }
+  }
+  Plan pl;
+  pl.hc = std::min(hc, Hd);
+  int64_t rows = std::min<int64_t>(H, std::max<int64_t>(1, ceil_div(px, W)));
+  pl.nb = ceil_div(H, rows);
+  pl.rows = ceil_div(H, pl.nb);
+  pl.nb = ceil_div(H, pl.rows);
+  const int64_t nchunks = ceil_div(Hd, pl.hc);
+  if (G < 0) {
+    G = 1;
+    const int64_t tasks = B * pl.nb;
+    if (!backward && tasks > 0 && tasks < 4) G = ceil_div(4, tasks);
+  }
+  pl.G = backward ? 1 : std::max<int64_t>(1, std::min(G, nchunks));
+  return pl;
+}
+
+// Row-major C (M x N) = op(A) op(B) (+ C when accumulate); op(A) is M x K (A stored K x M when ta), op(B) K x N;
+// leading dimensions in elements. Runs at::mm_out / at::addmm_out on strided views of the buffers (torch's CPU BLAS:
+// MKL sgemm / dgemm, single-threaded inside an OpenMP region), which write C in place for these strides.
+// (at::native::cpublas::gemm would avoid the tensor wrappers but is not exported from libtorch_cpu.)
+template <class S>
+inline void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const S* A, int64_t lda, const S* B,
+                    int64_t ldb, bool accumulate, S* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value);
+  at::Tensor a = ta ? at::from_blob(const_cast<S*>(A), {K, M}, {lda, 1}, opts).t()
+                    : at::from_blob(const_cast<S*>(A), {M, K}, {lda, 1}, opts);
+  at::Tensor b = tb ? at::from_blob(const_cast<S*>(B), {N, K}, {ldb, 1}, opts).t()
+                    : at::from_blob(const_cast<S*>(B), {K, N}, {ldb, 1}, opts);
+  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
+  if (K == 0) {
+    if (!accumulate) c.zero_();
+    return;
+  }
+  if (accumulate) at::addmm_out(c, c, a, b);
+  else at::mm_out(c, a, b);
+}
+
+// The row kernels of one ISA for compute type E (float; double on the portable path) and GEMM-operand type TG
+// (float, bfloat16, double). Row pointers are nullptr for rows outside the image. wk: 9 taps (ky * 3 + kx).
+template <class E, class TG>
+struct Rows {
+  // out[x] = dwb + sum_{valid taps} wk * (row_ky[x + kx - 1] + b1)   (the depthwise 3x3 of fc1's output + bias)
+  void (*dw)(const E* up, const E* mid, const E* dn, const E* wk, E b1, E dwb, int64_t W, E* out);
+  // out[x] = GELU(p[x]) (converted to TG)
+  void (*gelu)(const E* p, int64_t W, TG* out);
+  // dp[x] = dg[x] * GELU'(p[x]) (dp may alias dg); g[x] = GELU(p[x]) when g != nullptr
+  void (*gelu_bwd)(const E* p, const E* dg, int64_t W, E* dp, TG* g);
+  // acc[t] += sum_x dp[x] * (row_ky[x + kx - 1] + b1) for the 9 taps t over valid taps (fc1's output is h + b1;
+  // acc of absent rows unchanged)
+  void (*dw_wgrad)(const E* dp, const E* up, const E* mid, const E* dn, E b1, int64_t W, E* acc);
+  // out (TG) = in (E) converted (not stored when out is nullptr or in); sum[0] += sum of in (sum != nullptr)
+  void (*convert)(const E* in, int64_t W, TG* out, E* sum);
+};
+
+}  // namespace mlp
+}  // namespace segnext_cpu
+
+#endif  // SEGNEXT_MLP_CPU_KERNELS_H_COMMON
+
+// ================================================================================================================
+// Row kernels, one copy per ISA (the includer opens a namespace and, for ISA 1/2, a #pragma GCC target region).
+#ifdef SEGNEXT_MLP_ROWS
+
+#if SEGNEXT_MLP_ROWS == 0
+// Portable scalar (float or double): libm's erf / exp.
+template <class E>
+struct V {
+  using reg = E;
+  static constexpr int L = 1;
+  static inline reg ldm(const E* p, int lo, int hi) { return (lo <= 0 && 0 < hi) ? *p : E(0); }
+  static inline void stm(E* p, reg v, int n) { if (n > 0) *p = v; }
+  static inline reg set1(E x) { return x; }
+  static inline reg fma(reg a, reg b, reg c) { return a * b + c; }
+  static inline E hsum(reg v) { return v; }
+  static inline void gelu2(reg v, reg* g, reg* d) {
+    const E cdf2 = E(1) + std::erf(v * E(0.70710678118654752440));  // 2 Phi(v)
+    if (g) *g = E(0.5) * v * cdf2;
+    if (d) *d = E(0.5) * cdf2 + v * E(0.39894228040143267794) * std::exp(E(-0.5) * v * v);
+  }
+  template <class TG>
+  static inline void stm_cvt(TG* p, reg v, int n) { if (n > 0) *p = static_cast<TG>(v); }
+};
+#define SEGNEXT_MLP_E_T template <class E>
+#define SEGNEXT_MLP_V V<E>
+
+#else  // x86 vector ISAs, float only
+#if SEGNEXT_MLP_ROWS == 2
+struct V {
+  using reg = __m512;
+  static constexpr int L = 16;
+  static inline __mmask16 mask(int lo, int hi) {
+    uint32_t m = (hi >= 16 ? 0xffffu : ((1u << std::max(hi, 0)) - 1u)) & ~((1u << std::max(lo, 0)) - 1u);
+    return static_cast<__mmask16>(m);
+  }
+  static inline reg ldm(const float* p, int lo, int hi) {
+    if (lo <= 0 && hi >= 16) return _mm512_loadu_ps(p);
+    return _mm512_maskz_loadu_ps(mask(lo, hi), p);
+  }
+  static inline void stm(float* p, reg v, int n) {
+    if (n >= 16) _mm512_storeu_ps(p, v);
+    else _mm512_mask_storeu_ps(p, mask(0, n), v);
+  }
+  static inline reg set1(float x) { return _mm512_set1_ps(x); }
+  static inline reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline float hsum(reg v) { return _mm512_reduce_add_ps(v); }
+  static inline reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
+  static inline reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
+  static inline reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
+  static inline reg abs(reg a) { return _mm512_abs_ps(a); }
+  static inline reg maxv(reg a, reg b) { return _mm512_max_ps(a, b); }
+  static inline reg rcp(reg d) {  // 1/d to ~2^-28 (rcp14 + one Newton step)
+    reg r = _mm512_rcp14_ps(d);
+    return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
+  }
+  static inline reg round(reg a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static inline reg scale2(reg p, reg n) { return _mm512_scalef_ps(p, n); }  // p * 2^n
+  static inline reg select_ge0(reg z, reg a, reg b) {  // z >= 0 ? a : b
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_GE_OQ), b, a);
+  }
+  template <class TG>
+  static inline void stm_cvt(TG* p, reg v, int n) {
+    if constexpr (std::is_same_v<TG, float>) {
+      stm(p, v, n);
+    } else {
+      if (n >= 16) {
+        vec::VecAvx512::store_cvt<TG>(p, v);
+      } else {
+        alignas(64) TG tmp[16];
+        vec::VecAvx512::store_cvt<TG>(tmp, v);
+        std::memcpy(p, tmp, sizeof(TG) * std::max(n, 0));
+      }
+    }
+  }
+#else  // AVX2
+struct V {
+  using reg = __m256;
+  static constexpr int L = 8;
+  static inline __m256i mask(int lo, int hi) {
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i ge_lo = _mm256_cmpgt_epi32(iota, _mm256_set1_epi32(lo - 1));
+    __m256i lt_hi = _mm256_cmpgt_epi32(_mm256_set1_epi32(hi), iota);
+    return _mm256_and_si256(ge_lo, lt_hi);
+  }
+  static inline reg ldm(const float* p, int lo, int hi) {
+    if (lo <= 0 && hi >= 8) return _mm256_loadu_ps(p);
+    return _mm256_maskload_ps(p, mask(lo, hi));
+  }
+  static inline void stm(float* p, reg v, int n) {
+    if (n >= 8) _mm256_storeu_ps(p, v);
+    else _mm256_maskstore_ps(p, mask(0, n), v);
+  }
+  static inline reg set1(float x) { return _mm256_set1_ps(x); }
+  static inline reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline float hsum(reg v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+  }
+  static inline reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+  static inline reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
+  static inline reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
+  static inline reg abs(reg a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+  static inline reg maxv(reg a, reg b) { return _mm256_max_ps(a, b); }
+  static inline reg rcp(reg d) {  // rcp (2^-12) + one Newton step
+    reg r = _mm256_rcp_ps(d);
+    return _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.0f)));
+  }
+  static inline reg round(reg a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static inline reg scale2(reg p, reg n) {  // n integral in [-127, 0]
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  }
+  static inline reg select_ge0(reg z, reg a, reg b) {
+    return _mm256_blendv_ps(b, a, _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GE_OQ));
+  }
+  template <class TG>
+  static inline void stm_cvt(TG* p, reg v, int n) {
+    if constexpr (std::is_same_v<TG, float>) {
+      stm(p, v, n);
+    } else {
+      if (n >= 8) {
+        vec::VecAvx2::store_cvt<TG>(p, v);
+      } else {
+        alignas(32) TG tmp[8];
+        vec::VecAvx2::store_cvt<TG>(tmp, v);
+        std::memcpy(p, tmp, sizeof(TG) * std::max(n, 0));
+      }
+    }
+  }
+#endif
+  // exp(x) for x <= 0 (x >= -87 after the clamp; a smaller result than e^-87 does not matter here).
+  static inline reg exp_neg(reg x) {
+    x = maxv(x, set1(-87.0f));
+    reg n = round(mul(x, set1(1.44269504088896341f)));
+    reg r = fma(n, set1(-0.693145751953125f), x);  // ln 2 = hi + lo, hi exact in 16 bits
+    r = fma(n, set1(-1.428606820309417232e-06f), r);
+    // Taylor series of e^r to degree 7 on |r| <= ln2/2: relative error < 2e-8
+    reg p = set1(1.0f / 5040);
+    p = fma(p, r, set1(1.0f / 720));
+    p = fma(p, r, set1(1.0f / 120));
+    p = fma(p, r, set1(1.0f / 24));
+    p = fma(p, r, set1(1.0f / 6));
+    p = fma(p, r, set1(0.5f));
+    p = fma(p, r, set1(1.0f));
+    p = fma(p, r, set1(1.0f));
+    return scale2(p, n);
+  }
+  // g = GELU(v) = v Phi(v), d = GELU'(v) = Phi(v) + v phi(v); erf by Abramowitz & Stegun 7.1.26
+  // (|error| <= 1.5e-7), written as 2 Phi(v) = 1 + erf(z) = (z >= 0 ? 2 - q : q), q = erfc(|z|) ~ poly(t) e^{-z^2},
+  // so the left tail has no cancellation.
+  static inline void gelu2(reg v, reg* g, reg* d) {
+    reg z = mul(v, set1(0.70710678118654752f));
+    reg a = abs(z);
+    reg t = rcp(fma(a, set1(0.3275911f), set1(1.0f)));
+    reg poly = set1(1.061405429f);
+    poly = fma(poly, t, set1(-1.453152027f));
+    poly = fma(poly, t, set1(1.421413741f));
+    poly = fma(poly, t, set1(-0.284496736f));
+    poly = fma(poly, t, set1(0.254829592f));
+    poly = mul(poly, t);
+    reg e = exp_neg(mul(a, sub(set1(0.0f), a)));  // e^{-z^2} = e^{-v^2/2}
+    reg q = mul(poly, e);
+    reg cdf2 = select_ge0(z, sub(set1(2.0f), q), q);
+    if (g) *g = mul(mul(set1(0.5f), v), cdf2);
+    if (d) *d = fma(mul(v, set1(0.3989422804014327f)), e, mul(set1(0.5f), cdf2));
+  }
+};
+#define SEGNEXT_MLP_E_T template <class E = float>
+#define SEGNEXT_MLP_V V
+#endif
+
+SEGNEXT_MLP_E_T
+void row_dw(const E* up, const E* mid, const E* dn, const E* wk, E b1, E dwb, int64_t W, E* out) {
+  using Vv = SEGNEXT_MLP_V;
+  using reg = typename Vv::reg;
+  const E* rows[3] = {up, mid, dn};
+  E wsum = 0;
+  for (int ky = 0; ky < 3; ++ky)
+    if (rows[ky]) wsum += wk[ky * 3] + wk[ky * 3 + 1] + wk[ky * 3 + 2];
+  const reg base = Vv::set1(dwb + b1 * wsum);
+  reg w[9];
+  for (int t = 0; t < 9; ++t) w[t] = Vv::set1(wk[t]);
+  for (int64_t x0 = 0; x0 < W; x0 += Vv::L) {
+    const int n = static_cast<int>(std::min<int64_t>(Vv::L, W - x0));
+    const int nr = static_cast<int>(std::min<int64_t>(Vv::L, W - 1 - x0));
+    reg acc = base;
+    for (int ky = 0; ky < 3; ++ky) {
+      const E* r = rows[ky];
+      if (!r) continue;
+      acc = Vv::fma(w[ky * 3 + 0], Vv::ldm(r + x0 - 1, x0 == 0 ? 1 : 0, n), acc);
+      acc = Vv::fma(w[ky * 3 + 1], Vv::ldm(r + x0, 0, n), acc);
+      acc = Vv::fma(w[ky * 3 + 2], Vv::ldm(r + x0 + 1, 0, nr), acc);
+    }
+    Vv::stm(out + x0, acc, n);
+  }
+  if (b1 != E(0)) {  // the border columns: fc1's bias is absent where the tap falls in the padding
+    const int64_t xs[2] = {0, W - 1};
+    for (int i = 0; i < (W > 1 ? 2 : 1); ++i) {
+      const int64_t x = xs[i];
+      E acc = dwb;
+      for (int ky = 0; ky < 3; ++ky) {
+        const E* r = rows[ky];
+        if (!r) continue;
+        for (int kx = 0; kx < 3; ++kx) {
+          const int64_t xx = x + kx - 1;
+          if (xx >= 0 && xx < W) acc += wk[ky * 3 + kx] * (r[xx] + b1);
+        }
+      }
+      out[x] = acc;
+    }
+  }
+}
+
+template <class TG, class E>
+void row_gelu(const E* p, int64_t W, TG* out) {
+  using Vv = SEGNEXT_MLP_V;
+  using reg = typename Vv::reg;
+  for (int64_t x0 = 0; x0 < W; x0 += Vv::L) {
+    const int n = static_cast<int>(std::min<int64_t>(Vv::L, W - x0));
+    reg g;
+    Vv::gelu2(Vv::ldm(p + x0, 0, n), &g, nullptr);
+    Vv::template stm_cvt<TG>(out + x0, g, n);
+  }
+}
+
+template <class TG, class E>
+void row_gelu_bwd(const E* p, const E* dg, int64_t W, E* dp, TG* g) {
+  using Vv = SEGNEXT_MLP_V;
+  using reg = typename Vv::reg;
+  for (int64_t x0 = 0; x0 < W; x0 += Vv::L) {
+    const int n = static_cast<int>(std::min<int64_t>(Vv::L, W - x0));
+    reg gv, dv;
+    Vv::gelu2(Vv::ldm(p + x0, 0, n), g ? &gv : nullptr, &dv);
+    Vv::stm(dp + x0, Vv::fma(dv, Vv::ldm(dg + x0, 0, n), Vv::set1(E(0))), n);
+    if (g) Vv::template stm_cvt<TG>(g + x0, gv, n);
+  }
+}
+
+SEGNEXT_MLP_E_T
+void row_dw_wgrad(const E* dp, const E* up, const E* mid, const E* dn, E b1, int64_t W, E* acc_out) {
+  using Vv = SEGNEXT_MLP_V;
+  using reg = typename Vv::reg;
+  const E* rows[3] = {up, mid, dn};
+  reg acc[9];
+  for (int t = 0; t < 9; ++t) acc[t] = Vv::set1(E(0));
+  reg dsum = Vv::set1(E(0));
+  for (int64_t x0 = 0; x0 < W; x0 += Vv::L) {
+    const int n = static_cast<int>(std::min<int64_t>(Vv::L, W - x0));
+    const int nr = static_cast<int>(std::min<int64_t>(Vv::L, W - 1 - x0));
+    const reg d = Vv::ldm(dp + x0, 0, n);
+    dsum = Vv::fma(d, Vv::set1(E(1)), dsum);
+    for (int ky = 0; ky < 3; ++ky) {
+      const E* r = rows[ky];
+      if (!r) continue;
+      acc[ky * 3 + 0] = Vv::fma(d, Vv::ldm(r + x0 - 1, x0 == 0 ? 1 : 0, n), acc[ky * 3 + 0]);
+      acc[ky * 3 + 1] = Vv::fma(d, Vv::ldm(r + x0, 0, n), acc[ky * 3 + 1]);
+      acc[ky * 3 + 2] = Vv::fma(d, Vv::ldm(r + x0 + 1, 0, nr), acc[ky * 3 + 2]);
+    }
+  }
+  const E S = Vv::hsum(dsum);
+  const E bl = b1 * (W > 1 ? S - dp[0] : E(0)), bc = b1 * S, br = b1 * (W > 1 ? S - dp[W - 1] : E(0));
+  for (int ky = 0; ky < 3; ++ky) {
+    if (!rows[ky]) continue;
+    acc_out[ky * 3 + 0] += Vv::hsum(acc[ky * 3 + 0]) + bl;
+    acc_out[ky * 3 + 1] += Vv::hsum(acc[ky * 3 + 1]) + bc;
+    acc_out[ky * 3 + 2] += Vv::hsum(acc[ky * 3 + 2]) + br;
+  }
+}
+
+template <class TG, class E>
+void row_convert(const E* in, int64_t W, TG* out, E* sum) {
+  using Vv = SEGNEXT_MLP_V;
+  using reg = typename Vv::reg;
+  reg s = Vv::set1(E(0));
+  for (int64_t x0 = 0; x0 < W; x0 += Vv::L) {
+    const int n = static_cast<int>(std::min<int64_t>(Vv::L, W - x0));
+    reg v = Vv::ldm(in + x0, 0, n);
+    s = Vv::fma(v, Vv::set1(E(1)), s);
+    if (out == nullptr || static_cast<const void*>(out) == static_cast<const void*>(in)) continue;
+    if constexpr (!std::is_same_v<TG, E>) Vv::template stm_cvt<TG>(out + x0, v, n);
+    else Vv::stm(out + x0, v, n);
+  }
+  if (sum) sum[0] += Vv::hsum(s);
+}
+
+template <class E, class TG>
+segnext_cpu::mlp::Rows<E, TG> make_rows() {
+  segnext_cpu::mlp::Rows<E, TG> r;
+  r.dw = &row_dw<E>;
+  r.gelu = &row_gelu<TG, E>;
+  r.gelu_bwd = &row_gelu_bwd<TG, E>;
+  r.dw_wgrad = &row_dw_wgrad<E>;
+  r.convert = &row_convert<TG, E>;
+  return r;
+}
+
+#undef SEGNEXT_MLP_E_T
+#undef SEGNEXT_MLP_V
+#endif  // SEGNEXT_MLP_ROWS
