@@ -3,8 +3,10 @@
 (``bench/cpu_peers.py``), side by side in one process.
 
 Timing: for one case (threads, shape, dtype, mode) every implementation is built and called once untimed
-(compile, export, JIT; that time is the ``setup_s`` column), then called twice more, then timed round-robin (one
-call of each implementation per round, ``time.perf_counter``) for at least ``--reps`` rounds and ``--min-s`` seconds
+(compile, export, JIT; that time is the ``setup_s`` column), then called twice more, then timed round-robin over
+blocks (per round, for each implementation: ``WARM_CALLS`` untimed calls, so that another runtime's spinning worker
+threads stop competing, then ``BLOCK`` timed calls, ``time.perf_counter``) for at least
+``--reps`` rounds and ``--min-s`` seconds
 (at most ``--max-reps``): on a shared, noisy machine the load of other processes then hits every implementation of a
 case alike, and the ratios hold better than the absolute times. Columns: median / p20 / p80 ms over the rounds.
 
@@ -34,6 +36,11 @@ import numpy as np
 import torch
 
 from . import common, cpu_peers, msca
+
+#: Per round and implementation: untimed calls after switching from another implementation, then timed calls
+#: (see the module docstring).
+WARM_CALLS = 2
+BLOCK = 5
 
 DEVICE = torch.device("cpu")
 IDENTITY = ("shape_name", "shape", "dtype", "mode", "impl", "threads")
@@ -192,9 +199,16 @@ def run_cases(shapes: dict, dtypes, modes, threads_list, impls, env_meta: dict, 
                             while len(times[0]) < max_reps and (len(times[0]) < min_reps or
                                                                 time.perf_counter() - start < min_s):
                                 for (_, fn), ts in zip(group, times):
-                                    t0 = time.perf_counter()
-                                    fn()
-                                    ts.append((time.perf_counter() - t0) * 1e3)
+                                    # a block per impl: ONNX Runtime's and OpenVINO's worker threads spin-wait
+                                    # after a call and slow the next impl's call down (4x measured for the cpu
+                                    # kernels right after an ORT call); untimed calls first (a pause would be
+                                    # worse: the cores' first calls after idling are slow too)
+                                    for _ in range(WARM_CALLS):
+                                        fn()
+                                    for _ in range(BLOCK):
+                                        t0 = time.perf_counter()
+                                        fn()
+                                        ts.append((time.perf_counter() - t0) * 1e3)
                             for (row, _), ts in zip(group, times):
                                 row.update(_stats(ts))
                                 emit(row)
@@ -306,7 +320,7 @@ def main_cpu(args, argv) -> int:
                 byte_model="fwd 2*E*s, fwdbwd 5*E*s (E = B*C*H*W, s = dtype bytes)",
                 flop_model="fwd E*(2C+218), fwdbwd E*(6C+644) FLOP; CPU FMA floor MACs fwd E*(103+C), "
                            "fwdbwd E*(309+3C) / (threads x ports x lanes x clock)",
-                timing="round-robin over the impls of a case, time.perf_counter; median/p20/p80 over the rounds",
+                timing="round-robin over blocks of 5 timed calls per impl after 2 untimed ones, time.perf_counter; median/p20/p80 over the calls",
                 matrix={"shapes": list(shapes), "dtypes": dtypes, "modes": modes, "threads": threads, "impls": impls})
     tag = f"_t{'-'.join(map(str, threads))}_torch{torch.__version__.split('+')[0]}"
     tag += f"-ort{env['onnxruntime']}-ov{env['openvino']}" if any(i in msca.PEERS for i in impls) else ""

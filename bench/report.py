@@ -1,7 +1,7 @@
 """The benchmark-results section of README.md, generated from the newest GPU result files and the newest CPU MSCA
 result files.
 
-    python -m bench.report [--readme README.md] [--results bench/results] [--dtype bf16] [--write | --check]
+    python -m bench.report [--readme docs/benchmarks.md] [--results bench/results] [--dtype bf16] [--write | --check]
 
 Without flags the section is printed to stdout and nothing is written; ``--write`` writes it into the README;
 ``--check`` exits 1 when the README's section differs from what would be generated (nothing is written).
@@ -386,7 +386,9 @@ def splice(text: str, section: str):
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--readme", default=str(common.ROOT / "README.md"))
+    ap.add_argument("--readme", default=str(common.ROOT / "docs" / "benchmarks.md"),
+                    help="the file whose results section is generated (default: docs/benchmarks.md, which the "
+                         "README's results section points to)")
     ap.add_argument("--results", default=str(common.RESULTS_DIR))
     ap.add_argument("--dtype", default="bf16", help="dtype of the MSCA / NMF tables (default bf16 when measured)")
     mode = ap.add_mutually_exclusive_group()
