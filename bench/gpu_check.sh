@@ -10,7 +10,7 @@
 #    local GPU's architecture (override with TORCH_CUDA_ARCH_LIST),
 # 2. prints the ptxas report (registers / spills / stack, sm_80 and sm_90) of every CUDA kernel, and the Triton
 #    kernels' frames as this machine's Triton compiles them,
-# 3. runs the CUDA backend's GPU tests (tests/test_msca_cuda.py, tests/test_nmf_cuda.py), then the Triton, module and
+# 3. runs the CUDA backend's GPU tests (tests/msca/test_msca_cuda_gpu.py, tests/nmf/test_nmf_cuda_gpu.py), then the Triton, module and
 #    production (CUDA graphs, autocast, opcheck, memory) GPU tests,
 # 4. runs the quick benchmarks (python3 -m bench.msca --quick, python3 -m bench.nmf --quick: bf16, SegNeXt stage
 #    shapes; cuda, triton, eager NCHW, eager channels_last, torch.compile), each within a time budget,
@@ -97,25 +97,25 @@ ls segnext_kernels/_C*.so 2>/dev/null || echo "no segnext_kernels/_C*.so (the te
 save
 
 step "ptxas report (nvcc -Xptxas -v, sm_80 and sm_90)"
-timeout "$(cap 90 220)" python3 tests/test_cuda_compile.py || fail "ptxas report" $?
+timeout "$(cap 90 220)" python3 tests/compile/test_cuda_compile.py || fail "ptxas report" $?
 
-step "Triton kernels' registers / stack on this machine's Triton (specialised as the JIT does; tests/triton_aot.py)"
+step "Triton kernels' registers / stack on this machine's Triton (specialised as the JIT does; tests/helpers/triton_aot.py)"
 for a in "--kernels msca --msca-shape segnext" "--kernels msca --msca-shape odd" "--kernels nmf --ranks 16,64"; do
-  out=$(timeout "$(cap 40 200)" python3 tests/triton_aot.py --arch 90 --dtypes bf16,fp32 --specialize $a 2>&1)
+  out=$(timeout "$(cap 40 200)" python3 tests/helpers/triton_aot.py --arch 90 --dtypes bf16,fp32 --specialize $a 2>&1)
   rc=$?   # 0: every kernel compiled without a stack frame; 1: a FAIL line below; other: the tool itself failed
   echo "$out" | grep -E "FAIL|Error|Traceback" | head -20
   if [ $rc -eq 0 ]; then echo "no stack frame ($a)"; else echo "triton_aot.py exit $rc ($a)"; echo "$out" | tail -3; fi
 done
 
 step "GPU tests of the cuda backend"
-timeout "$(cap 240 130)" python3 -m pytest tests/test_msca_cuda.py tests/test_nmf_cuda.py -q -rs -p no:cacheprovider \
+timeout "$(cap 240 130)" python3 -m pytest tests/msca/test_msca_cuda_gpu.py tests/nmf/test_nmf_cuda_gpu.py -q -rs -p no:cacheprovider \
   $XDIST --junitxml="$RES/pytest_cuda_$STAMP.xml" || fail "cuda backend tests" $?
 save
 
 step "GPU tests of the Triton kernels, fused modules and production behaviour (MSCA, NMF) ($XDIST)"
-PROD=$(ls tests/test_production_gpu.py 2>/dev/null)
-timeout "$(cap 180 100)" python3 -m pytest tests/test_msca_triton.py tests/test_msca_modules.py \
-  tests/test_nmf_triton.py tests/test_nmf_modules.py $PROD -q -rs -p no:cacheprovider $XDIST \
+PROD=$(ls tests/integration/test_production_gpu.py 2>/dev/null)
+timeout "$(cap 180 100)" python3 -m pytest tests/msca/test_msca_triton.py tests/msca/test_msca_modules.py \
+  tests/nmf/test_nmf_triton.py tests/nmf/test_nmf_modules.py $PROD -q -rs -p no:cacheprovider $XDIST \
   --junitxml="$RES/pytest_triton_$STAMP.xml" || fail "triton tests" $?
 save
 
