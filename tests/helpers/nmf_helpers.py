@@ -73,13 +73,13 @@ def check(x, bases, steps, mode, dtype, gy=None, backend="triton", atol=None, **
 
 
 def opcheck_nmf_ops(x, b, backend, modes=("unrolled", "one_step")):
-    """torch.library.opcheck of segnext_kernels::nmf2d_forward / nmf2d_backward on ``backend`` (x (B, D, N), b
+    """torch.library.opcheck of segnext_kernels::nmf2d_fwd / nmf2d_bwd on ``backend`` (x (B, D, N), b
     (B, D, R) on the device under test), for each gradient mode, 2 steps, with the saved state the forward returns."""
     ops = torch.ops.segnext_kernels
     for mode in modes:
-        torch.library.opcheck(ops.nmf2d_forward, [x.clone().requires_grad_(), b.clone().requires_grad_(), 2, 1e-6,
+        torch.library.opcheck(ops.nmf2d_fwd, [x.clone().requires_grad_(), b.clone().requires_grad_(), 2, 1e-6,
                                                   1.0, mode, True, backend])
         with torch.no_grad():
-            y, bk, cf, saved = ops.nmf2d_forward(x, b, 2, 1e-6, 1.0, mode, True, backend)
-        torch.library.opcheck(ops.nmf2d_backward, [torch.rand_like(y), torch.rand_like(bk), None, x, list(saved),
+            y, bk, cf, saved = ops.nmf2d_fwd(x, b, 2, 1e-6, 1.0, mode, True, backend)
+        torch.library.opcheck(ops.nmf2d_bwd, [torch.rand_like(y), torch.rand_like(bk), None, x, list(saved),
                                                    mode, 2, 1e-6, 1.0, True, True, backend])

@@ -186,34 +186,34 @@ def test_autocast_fused_model(backend, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_msca_ops_cuda(backend, dtype):
-    """torch.library.opcheck of segnext_kernels::msca_forward (schema, autograd registration, fake tensor, AOT
+    """torch.library.opcheck of segnext_kernels::msca_fwd (schema, autograd registration, fake tensor, AOT
     dispatch) and msca_backward on CUDA tensors, NCHW and channels_last."""
     need_msca(backend)
     for cl in (False, True):
         u, w0, b0, sw, sb, w3, b3 = make_msca(2, 8, 9, 11, dtype=dtype, device=DEV, seed=0, channels_last=cl)
         packed = pack_weights(w0, b0, sw, sb, w3, b3, param_dtype(u))
         args = [u.clone().requires_grad_(), *(t.clone().requires_grad_() for t in packed), backend]
-        torch.library.opcheck(OPS.msca_forward, args,
+        torch.library.opcheck(OPS.msca_fwd, args,
                               test_utils=("test_schema", "test_faketensor") if cl else _OPCHECK_TESTS)
         g = torch.randn_like(u)
         for needs in ([True] * 7, [False, True, False, True, False, False, True]):
-            torch.library.opcheck(OPS.msca_backward, [g, u, *packed, needs, backend],
+            torch.library.opcheck(OPS.msca_bwd, [g, u, *packed, needs, backend],
                                   test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("mode", ["unrolled", "one_step"])
 def test_opcheck_nmf_ops_cuda_triton(mode):
-    """opcheck of segnext_kernels::nmf2d_forward / nmf2d_backward with the Triton backend on CUDA tensors (the CUDA
+    """opcheck of segnext_kernels::nmf2d_fwd / nmf2d_bwd with the Triton backend on CUDA tensors (the CUDA
     backend: tests/nmf/test_nmf_cuda_gpu.py::test_opcheck_cuda_backend), and of segnext_kernels::nmf_rand_bases with a
     CUDA generator."""
     need_nmf("triton")
     x, b = nmf_inputs(B=1, D=16, N=40, R=3)
     fwd = [x.clone().requires_grad_(), b.clone().requires_grad_(), 2, 1e-6, 1.0, mode, True, "triton"]
-    torch.library.opcheck(OPS.nmf2d_forward, fwd, test_utils=_OPCHECK_TESTS)
+    torch.library.opcheck(OPS.nmf2d_fwd, fwd, test_utils=_OPCHECK_TESTS)
     with torch.no_grad():
-        y, bk, cf, saved = OPS.nmf2d_forward(x, b, 2, 1e-6, 1.0, mode, True, "triton")
+        y, bk, cf, saved = OPS.nmf2d_fwd(x, b, 2, 1e-6, 1.0, mode, True, "triton")
     bwd = [torch.rand_like(y), torch.rand_like(bk), None, x, list(saved), mode, 2, 1e-6, 1.0, True, True, "triton"]
-    torch.library.opcheck(OPS.nmf2d_backward, bwd, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(OPS.nmf2d_bwd, bwd, test_utils=("test_schema", "test_faketensor"))
     m = FusedNMF2D(MD_R=3, generator=torch.Generator(device=DEV).manual_seed(0), backend="triton")
     torch.library.opcheck(OPS.nmf_rand_bases, (m._generator_key, 2, 16, 3, DEV),
                           test_utils=("test_schema", "test_faketensor"))
@@ -299,7 +299,7 @@ def test_msca_forward_allocates_only_its_output(backend, monkeypatch):
 
         monkeypatch.setattr(msca_triton, "_empty", recording)
     with torch.no_grad():
-        OPS.msca_forward(u, *packed, backend)  # warm-up (compile / load)
+        OPS.msca_fwd(u, *packed, backend)  # warm-up (compile / load)
     torch.cuda.synchronize()
     workspace.clear()
     # no cached free blocks: every block is then split to its rounded request (a cached block up to 1 MiB larger
@@ -308,7 +308,7 @@ def test_msca_forward_allocates_only_its_output(backend, monkeypatch):
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
-        out = OPS.msca_forward(u, *packed, backend)
+        out = OPS.msca_fwd(u, *packed, backend)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     kept = torch.cuda.memory_allocated() - base

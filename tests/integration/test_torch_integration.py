@@ -40,14 +40,14 @@ _OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor"
 def test_opcheck_msca_ops():
     u, *w = _packed(make_msca(1, 2, 4, 5, seed=0, device=DEVICE))
     args = [u.requires_grad_(), *(t.requires_grad_() for t in w), "triton"]
-    torch.library.opcheck(OPS.msca_forward, args, test_utils=_OPCHECK_TESTS)
+    torch.library.opcheck(OPS.msca_fwd, args, test_utils=_OPCHECK_TESTS)
     g = torch.randn_like(u)
     for needs in ([True] * 7, [False, True, False, True, False, False, True]):
-        torch.library.opcheck(OPS.msca_backward, [g, u.detach(), *(t.detach() for t in w), needs, "triton"],
+        torch.library.opcheck(OPS.msca_bwd, [g, u.detach(), *(t.detach() for t in w), needs, "triton"],
                               test_utils=("test_schema", "test_faketensor"))  # no autograd of its own
     # channels_last u: the fake keeps the memory format
     ucl = u.detach().to(memory_format=torch.channels_last)
-    torch.library.opcheck(OPS.msca_forward, [ucl, *(t.detach() for t in w), "triton"], test_utils=("test_faketensor",))
+    torch.library.opcheck(OPS.msca_fwd, [ucl, *(t.detach() for t in w), "triton"], test_utils=("test_faketensor",))
 
 
 @pytest.mark.parametrize("mode", ["unrolled", "one_step"])
@@ -55,14 +55,14 @@ def test_opcheck_nmf_ops(mode):
     x, b = _nmf_inputs(B=1, D=4, N=6, R=3)
     K = 1
     fwd = [x.requires_grad_(), b.requires_grad_(), K, 1e-6, 1.0, mode, True, "triton"]
-    torch.library.opcheck(OPS.nmf2d_forward, fwd, test_utils=_OPCHECK_TESTS)
-    torch.library.opcheck(OPS.nmf2d_forward, [x.detach(), b.detach(), K, 1e-6, 1.0, "none", False, "triton"],
+    torch.library.opcheck(OPS.nmf2d_fwd, fwd, test_utils=_OPCHECK_TESTS)
+    torch.library.opcheck(OPS.nmf2d_fwd, [x.detach(), b.detach(), K, 1e-6, 1.0, "none", False, "triton"],
                           test_utils=("test_schema", "test_faketensor"))
     with torch.no_grad():
-        y, bk, cf, saved = OPS.nmf2d_forward(x, b, K, 1e-6, 1.0, mode, True, "triton")
+        y, bk, cf, saved = OPS.nmf2d_fwd(x, b, K, 1e-6, 1.0, mode, True, "triton")
     bwd = [torch.rand_like(y), torch.rand_like(bk), None, x.detach(), list(saved), mode, K, 1e-6, 1.0, True, True,
            "triton"]
-    torch.library.opcheck(OPS.nmf2d_backward, bwd, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(OPS.nmf2d_bwd, bwd, test_utils=("test_schema", "test_faketensor"))
 
 
 # ------------------------------------------------------------------------------------------------ torch.compile
