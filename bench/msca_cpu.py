@@ -140,7 +140,8 @@ def run_cases(shapes: dict, dtypes, modes, threads_list, impls, env_meta: dict, 
                             row = dict(env_meta, threads=threads, shape_name=sname, shape="x".join(map(str, shape)),
                                        B=shape[0], C=shape[1], H=shape[2], W=shape[3], dtype=dname, mode=mode,
                                        impl=impl, impl_type="backend" if impl in msca.BACKENDS else "baseline",
-                                       code=msca.code_of(impl, DEVICE, common.DTYPES[dname]), rotations=1, status="ok", median_ms=None,
+                                       code=msca.code_of(impl, DEVICE, common.DTYPES[dname]), rotations=1,
+                                       status="ok", median_ms=None,
                                        p20_ms=None,
                                        p80_ms=None, reps=None, setup_s=None, rel_err=None, peer_settings=None,
                                        **msca.byte_flop_model(shape, dname, mode))
@@ -320,7 +321,8 @@ def main_cpu(args, argv) -> int:
                 byte_model="fwd 2*E*s, fwdbwd 5*E*s (E = B*C*H*W, s = dtype bytes)",
                 flop_model="fwd E*(2C+218), fwdbwd E*(6C+644) FLOP; CPU FMA floor MACs fwd E*(103+C), "
                            "fwdbwd E*(309+3C) / (threads x ports x lanes x clock)",
-                timing="round-robin over blocks of 5 timed calls per impl after 2 untimed ones, time.perf_counter; median/p20/p80 over the calls",
+                timing=("round-robin over blocks of 5 timed calls per impl after 2 untimed ones, time.perf_counter; "
+                        "median/p20/p80 over the calls"),
                 matrix={"shapes": list(shapes), "dtypes": dtypes, "modes": modes, "threads": threads, "impls": impls})
     tag = f"_t{'-'.join(map(str, threads))}_torch{torch.__version__.split('+')[0]}"
     tag += f"-ort{env['onnxruntime']}-ov{env['openvino']}" if any(i in msca.PEERS for i in impls) else ""

@@ -1,7 +1,7 @@
 """SegNeXt encoder-decoder segmentor and the T/S/B/L factories (pure PyTorch reference).
 
-Mirrors mmseg ``EncoderDecoder.encode_decode`` (docs/reference_model.md, "LightHamHead decoder", step 5) with the official
-``local_configs`` of Visual-Attention-Network/SegNeXt (docs/reference_model.md, "Variants"; paper Table 2).
+Mirrors mmseg ``EncoderDecoder.encode_decode`` (docs/reference_model.md, "LightHamHead decoder", step 5) with the
+official ``local_configs`` of Visual-Attention-Network/SegNeXt (docs/reference_model.md, "Variants"; paper Table 2).
 """
 from __future__ import annotations
 
