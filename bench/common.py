@@ -100,63 +100,24 @@ def triton_interpreting() -> bool:
 
 
 # --------------------------------------------------------------------------------------------- segnext_kernels
-# The package is being reorganised (segnext_kernels.backend -> .backends, msca_reference -> msca/reference, nmf ->
-# nmf/interface): the benchmarks use the top-level API where it exists and look the internals up here, newest
-# layout first.
-def _first_attr(modules: Sequence[str], attr: str):
-    import importlib
-
-    errors = []
-    for name in modules:
-        try:
-            mod = importlib.import_module(name)
-        except ImportError as e:
-            errors.append(f"{name}: {e}")
-            continue
-        if hasattr(mod, attr):
-            return getattr(mod, attr)
-        errors.append(f"{name} has no {attr}")
-    raise ImportError(f"segnext_kernels: {attr} not found ({'; '.join(errors)})")
-
-
+# The benchmarks ask the package's registry which backend actually runs (so that a fallback to the reference is
+# reported as "same code", never as a speedup).
 def sk_backends():
-    """The module deciding backends (``resolve_backend``, ``cuda_status``, ``triton_status``, ``BACKENDS``)."""
-    import importlib
+    """``segnext_kernels.backends`` (``resolve``, ``supports``, ``BACKENDS``)."""
+    from segnext_kernels import backends
 
-    for name in ("segnext_kernels.backends", "segnext_kernels.backend"):
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            continue
-    raise ImportError("segnext_kernels: neither segnext_kernels.backends nor segnext_kernels.backend imports")
+    return backends
 
 
 def sk_resolve(op: str, backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
-    """The backend that actually runs ``op`` ("msca" / "nmf") for a ``backend=`` argument on ``device`` (and
-    ``dtype``): ``segnext_kernels.backends.resolve`` (the registry), or the older per-op resolvers. Raises as they
-    do when the backend cannot run."""
-    mod = sk_backends()
-    if hasattr(mod, "resolve"):
-        return mod.resolve(op, backend, device, dtype)
-    if op == "msca":
-        return mod.resolve_backend(backend, device)
-    return _first_attr(("segnext_kernels.nmf", "segnext_kernels.nmf.interface"), "resolve_nmf_backend")(
-        backend, device)
+    """The backend that actually runs ``op`` ("msca", "nmf2d") for a ``backend=`` argument on ``device`` (and
+    ``dtype``): ``segnext_kernels.backends.resolve``; raises as it does when the backend cannot run."""
+    return sk_backends().resolve(op, backend, device, dtype)
 
 
 def sk_status(op: str, backend: str, device: torch.device) -> tuple[bool, str]:
-    """(runs, why not) of a concrete backend for ``op`` on ``device``: ``segnext_kernels.supports`` where it exists,
-    else the older ``cuda_status`` / ``triton_status`` / resolvers."""
-    mod = sk_backends()
-    if hasattr(mod, "supports"):
-        return mod.supports(op, backend, device)
-    if backend in ("cuda", "triton") and hasattr(mod, f"{backend}_status"):
-        return getattr(mod, f"{backend}_status")(device)
-    try:
-        sk_resolve(op, backend, device)
-        return True, ""
-    except (RuntimeError, ValueError, TypeError) as e:
-        return False, str(e)
+    """(runs, why not) of a concrete backend for ``op`` on ``device``: ``segnext_kernels.supports``."""
+    return sk_backends().supports(op, backend, device)
 
 
 def sk_resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
@@ -169,7 +130,9 @@ def sk_resolve_nmf_backend(backend: str, device: torch.device, dtype: Optional[t
 
 def sk_msca_reference():
     """``segnext_kernels.msca_reference`` (the eager MSCA the baselines run)."""
-    return _first_attr(("segnext_kernels",), "msca_reference")
+    from segnext_kernels import msca_reference
+
+    return msca_reference
 
 
 # --------------------------------------------------------------------------------------------- environment

@@ -143,7 +143,7 @@ def _grad_kw(fn, grad: str) -> dict:
 
 def build_op(impl: str, K: int, grad: str):
     """``op(x, bases) -> recon`` of one implementation."""
-    nmf2d_reference = common._first_attr(("segnext_kernels", "segnext.ham_head"), "nmf2d_reference")
+    from segnext_kernels import nmf2d_reference
 
     if impl in BACKENDS:
         from segnext_kernels import nmf2d
@@ -185,7 +185,7 @@ def make_fn(impl: str, mode: str, K: int, grad: str, xs, gs, bases):
 def run_cases(shapes: dict, dtypes, modes, impls, device, env_meta: dict, budget: common.Budget, *, steps,
               grads, labels: dict, warmup_ms: float, rep_ms: float, check: bool = True, on_row=None) -> list[dict]:
     """Measure every (shape, dtype, mode, grad, impl), torch.compile last. Rows as in bench.msca."""
-    nmf2d_reference = common._first_attr(("segnext_kernels", "segnext.ham_head"), "nmf2d_reference")
+    from segnext_kernels import nmf2d_reference
 
     rows = []
     phases = [[i for i in impls if not i.startswith("compile")], [i for i in impls if i.startswith("compile")]]
