@@ -23,7 +23,8 @@ subset with --shapes / --dtype / --mode / --threads / --backends / --baselines, 
 ``--resume FILE.json`` (``bench.report`` merges the files of one CPU and commit).
 
 Backends: ``cuda`` (the default depthwise variant: tensor cores for fp16/bf16), ``cuda_fma`` (the cuda backend with
-``SEGNEXT_MSCA_CUDA_DW=fma``: its depthwise part on fp32 FMA; fp16/bf16 rows only), ``triton``, ``reference``.
+``segnext_kernels.knobs.KNOBS.msca_cuda_dw = "fma"`` during its rows: its depthwise part on fp32 FMA; fp16/bf16 rows
+only), ``triton``, ``reference``.
 
 Modes: ``fwd`` (forward under no_grad) and ``fwdbwd`` (forward + ``torch.autograd.grad`` of every input: u and the
 16 weight/bias tensors, with a random grad_out).
@@ -60,8 +61,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -95,9 +96,10 @@ QUICK_SHAPES = [f"ade512-SBL-s{i}" for i in range(1, 5)] + [f"ade512-T-s{i}" for
 BACKENDS = ("cuda", "cuda_fma", "triton", "cpu", "reference")
 GPU_BACKENDS = ("cuda", "cuda_fma", "triton", "reference")
 CPU_BACKENDS = ("cpu", "reference")
-#: environment each impl runs under: "cuda_fma" is the cuda backend with its depthwise part on fp32 FMA instead of
-#: tensor cores (SEGNEXT_MSCA_CUDA_DW, read by binding.cpp at each call), for fp16/bf16 (fp32 always runs FMA)
-IMPL_ENV = {"cuda": {"SEGNEXT_MSCA_CUDA_DW": "auto"}, "cuda_fma": {"SEGNEXT_MSCA_CUDA_DW": "fma"}}
+#: knobs (fields of segnext_kernels.knobs.Knobs) each impl runs under: "cuda_fma" is the cuda backend with its
+#: depthwise part on fp32 FMA instead of tensor cores (msca_cuda_dw, which msca/cuda.py reads from knobs.KNOBS at each
+#: call: the environment's SEGNEXT_MSCA_CUDA_DW is read once at import), for fp16/bf16 (fp32 always runs FMA)
+IMPL_KNOBS = {"cuda": {"msca_cuda_dw": "auto"}, "cuda_fma": {"msca_cuda_dw": "fma"}}
 BASELINES = ("eager_nchw", "eager_cl", "compile", "compile_max", "ort", "openvino", "openvino_default")
 GPU_BASELINES = ("eager_nchw", "eager_cl", "compile", "compile_max")
 #: CPU peers (bench/cpu_peers.py): ONNX Runtime and OpenVINO; "openvino_default" = cpu.md's exact OpenVINO config
@@ -122,19 +124,21 @@ def byte_flop_model(shape, dtype_name: str, mode: str) -> dict:
 
 
 @contextlib.contextmanager
-def impl_env(impl: str):
-    """Set IMPL_ENV[impl] for the duration (restored afterwards)."""
-    env = IMPL_ENV.get(impl, {})
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+def impl_knobs(impl: str):
+    """Replace ``segnext_kernels.knobs.KNOBS`` with IMPL_KNOBS[impl] applied for the duration (restored afterwards);
+    an impl without an entry runs under the knobs as they are."""
+    change = IMPL_KNOBS.get(impl)
+    if not change:
+        yield
+        return
+    from segnext_kernels import knobs
+
+    old = knobs.KNOBS
+    knobs.KNOBS = dataclasses.replace(old, **change)
     try:
         yield
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        knobs.KNOBS = old
 
 
 def impl_status(impl: str, device: torch.device) -> tuple[bool, str]:
@@ -303,7 +307,7 @@ def run_cases(shapes: dict, dtypes, modes, impls, device, env_meta: dict, budget
                                            for w in weights]
                                     with torch.no_grad():
                                         ref = msca_reference(us[0].float(), *w32)
-                            with impl_env(impl):
+                            with impl_knobs(impl):
                                 fn, op, prep = make_fn(impl, mode, *inputs)
                                 fn()  # compile / JIT / autotune outside the timing
                                 common.sync(device)

@@ -2,20 +2,25 @@
 // and the one binding of the CUDA extension. Plain pybind11 functions, no torch.library registration: the package's
 // Python custom ops (torch.library.custom_op, with their fakes and autograd) are the only op layer and call these.
 //
-//   msca_forward(u, w0, b0, ws, bs, w3, b3) -> Tensor
-//   msca_backward(grad_out, u, w0, b0, ws, bs, w3, b3, needs: list of 7 bools) -> list of 7 Tensors
+//   msca_forward(u, w0, b0, ws, bs, w3, b3, *, tile_cfg=-1, dw_variant=MSCA_DW_AUTO, cl_direct=False,
+//                poison=False) -> Tensor
+//   msca_backward(grad_out, u, w0, b0, ws, bs, w3, b3, needs: list of 7 bools, *, tile_cfg=-1,
+//                 dw_variant=MSCA_DW_AUTO, cl_direct=False, poison=False) -> list of 7 Tensors
 //       (du, dw0, db0, dws, dbs, dw3, db3; a gradient whose group is not needed comes back as an empty tensor)
 //   tile_table() -> list of (TH, TW, G, RV)
-//   nmf_geom / nmf_bases / nmf_coef / nmf_bwd_stage / nmf_gx: the NMF2D launchers (see the NMF2D section below)
+//   nmf_geom(B, D, N, R, x, backward, p_override=0, mtw_override=0) / nmf_bases / nmf_coef / nmf_bwd_stage / nmf_gx:
+//       the NMF2D launchers (see the NMF2D section below)
 //
-// Environment knobs read at every call (cheap getenv):
-//   SEGNEXT_MSCA_CUDA_TILE / SEGNEXT_MSCA_CUDA_TILE_BWD  force a tile configuration (0..5, see msca/msca_fwd.cu)
-//   SEGNEXT_MSCA_CUDA_POISON=1                           fill outputs and workspace with NaN before the launch (tests)
-//   SEGNEXT_MSCA_CUDA_CL_DIRECT=1                        channels_last u: tile loads read u in place (no NCHW copy)
-//   SEGNEXT_MSCA_CUDA_DW=auto|tc|fma                     depthwise part of the forward and the backward's recompute:
-//                                                        tensor cores ("tc": msca/msca_depthwise_mma.cuh, fp16/bf16)
-//                                                        or fp32 FMA; read by each call: keep it unchanged from a
-//                                                        forward to its backward
+// Nothing here reads the environment: the tuning and test knobs are arguments, which the Python backends
+// (segnext_kernels/msca/cuda.py, nmf/cuda.py) fill from segnext_kernels.knobs.KNOBS (read once at import):
+//   tile_cfg        -1 (automatic) or a tile configuration to force (0..5, see msca/msca_fwd.cu); the forward's and
+//                   the backward mix kernel's are separate knobs
+//   dw_variant      MscaDwVariant (msca/msca_params.h): the depthwise part of the forward and of the backward's
+//                   recompute on tensor cores (MSCA_DW_MMA: msca/msca_depthwise_mma.cuh, fp16/bf16) or fp32 FMA
+//                   (MSCA_DW_FMA), or MSCA_DW_AUTO; a forward and its backward must be given the same one
+//   cl_direct       channels_last u: tile loads read u in place (no NCHW copy)
+//   poison          fill outputs and workspace with NaN before the launch (tests)
+//   p_override, mtw_override  (nmf_geom) 0, or force the CTAs per sample / the forward's tile width (1 or 2)
 //
 // Built with -DSEGNEXT_EMU (g++ only, CPU torch; tests/helpers/emu_build.py, module segnext_kernels_cuda_emu), the
 // same functions take CPU tensors and the kernels run in the CPU emulation of tests/helpers/emu/cuda_emu.h: the
@@ -30,8 +35,6 @@
 #endif
 #include <cuda_runtime_api.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <optional>
 #include <stdexcept>
@@ -76,26 +79,14 @@ void check_launch(const char* what) {
 }
 #endif
 
-int env_int(const char* name, int dflt) {
-  const char* v = std::getenv(name);
-  if (v == nullptr || *v == '\0') return dflt;
-  return std::atoi(v);
-}
-
 // torch.backends.cuda.matmul.allow_tf32
 int allow_tf32() { return at::globalContext().allowTF32CuBLAS() ? 1 : 0; }
 
-// SEGNEXT_MSCA_CUDA_DW: "auto" (or unset), "tc" or "fma" -> MscaDwVariant.
-int dw_variant_from_env() {
-  const char* v = std::getenv("SEGNEXT_MSCA_CUDA_DW");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return MSCA_DW_AUTO;
-  if (std::strcmp(v, "tc") == 0) return MSCA_DW_MMA;
-  if (std::strcmp(v, "fma") == 0) return MSCA_DW_FMA;
-  TORCH_CHECK(false, "SEGNEXT_MSCA_CUDA_DW: expected 'auto', 'tc' or 'fma', got '", v, "'");
-  return MSCA_DW_AUTO;
+void check_dw_variant(int64_t dw_variant) {
+  TORCH_CHECK(dw_variant == MSCA_DW_AUTO || dw_variant == MSCA_DW_MMA || dw_variant == MSCA_DW_FMA,
+              "dw_variant: expected ", (int)MSCA_DW_AUTO, " (auto), ", (int)MSCA_DW_MMA, " (tensor cores) or ",
+              (int)MSCA_DW_FMA, " (fp32 FMA), got ", dw_variant);
 }
-
-bool poison_enabled() { return env_int("SEGNEXT_MSCA_CUDA_POISON", 0) != 0; }
 
 void poison(at::Tensor& t) {
   if (t.numel() == 0) return;
@@ -142,11 +133,10 @@ void check_params(const at::Tensor& u, const at::Tensor& w0, const at::Tensor& b
 }
 
 // channels_last u: the depthwise tile loads read an NCHW copy (coalesced; one extra read+write of u) unless
-// SEGNEXT_MSCA_CUDA_CL_DIRECT=1, in which case they read u in place (each 32-byte sector then reaches the SM several
-// times, once per channel group). Measure both on a GPU (bench/msca.py).
-bool use_nchw_copy(const at::Tensor& u) {
-  return u.size(1) > 1 && !u.is_contiguous() && u.is_contiguous(at::MemoryFormat::ChannelsLast) &&
-         env_int("SEGNEXT_MSCA_CUDA_CL_DIRECT", 0) == 0;
+// cl_direct, in which case they read u in place (each 32-byte sector then reaches the SM several times, once per
+// channel group). Measure both on a GPU (bench/msca.py).
+bool use_nchw_copy(const at::Tensor& u, bool cl_direct) {
+  return u.size(1) > 1 && !u.is_contiguous() && u.is_contiguous(at::MemoryFormat::ChannelsLast) && !cl_direct;
 }
 
 MscaTensorArg tensor_arg(const at::Tensor& t) { return {t.data_ptr(), t.strides().data()}; }
@@ -157,30 +147,31 @@ MscaWeights weights_of(const at::Tensor& w0, const at::Tensor& b0, const at::Ten
           w3.data_ptr<float>(), b3.data_ptr<float>()};
 }
 
-// tile_env: SEGNEXT_MSCA_CUDA_TILE (forward) or SEGNEXT_MSCA_CUDA_TILE_BWD (the backward's mix kernel).
-MscaLaunchOptions launch_options(const at::Tensor& u, const char* tile_env) {
+// tile_cfg: -1 (automatic) or the tile configuration to force (the forward's, or the backward's mix kernel's).
+MscaLaunchOptions launch_options(const at::Tensor& u, int64_t tile_cfg, int64_t dw_variant) {
   MscaLaunchOptions o{};
   o.dtype = dtype_code(u);
   o.allow_tf32 = allow_tf32();
-  o.tile_cfg = env_int(tile_env, -1);
-  o.dw_variant = dw_variant_from_env();
+  o.tile_cfg = (int)tile_cfg;
+  o.dw_variant = (int)dw_variant;
   o.smem_limit = smem_limit_of_device(u);
   return o;
 }
 
 at::Tensor msca_forward(const at::Tensor& u, const at::Tensor& w0, const at::Tensor& b0, const at::Tensor& ws,
-                        const at::Tensor& bs, const at::Tensor& w3, const at::Tensor& b3) {
+                        const at::Tensor& bs, const at::Tensor& w3, const at::Tensor& b3, int64_t tile_cfg,
+                        int64_t dw_variant, bool cl_direct, bool do_poison) {
   check_u(u);
   check_params(u, w0, b0, ws, bs, w3, b3);
+  check_dw_variant(dw_variant);
   const DeviceGuard guard(u.device());
   at::Tensor out = at::empty_like(u);  // u's memory format when u is dense, else contiguous
-  const bool do_poison = poison_enabled();
   if (do_poison) poison(out);
   if (out.numel() == 0) return out;
 
-  const at::Tensor u_dw = use_nchw_copy(u) ? u.contiguous() : u;
+  const at::Tensor u_dw = use_nchw_copy(u, cl_direct) ? u.contiguous() : u;
   MscaFwdParams p = msca_fwd_params(u.sizes().data(), tensor_arg(u), tensor_arg(u_dw), tensor_arg(out),
-                                    weights_of(w0, b0, ws, bs, w3, b3), launch_options(u, "SEGNEXT_MSCA_CUDA_TILE"));
+                                    weights_of(w0, b0, ws, bs, w3, b3), launch_options(u, tile_cfg, dw_variant));
   const MscaFwdPlan plan = msca_fwd_plan(p);
   TORCH_CHECK(plan.ok, "msca_forward (cuda backend): ", plan.error);
   at::Tensor workspace = at::empty({(int64_t)plan.workspace_bytes}, u.options().dtype(at::kByte));
@@ -196,13 +187,16 @@ at::Tensor msca_forward(const at::Tensor& u, const at::Tensor& w0, const at::Ten
 }
 
 // needs: whether (u, w0, b0, ws, bs, w3, b3) need a gradient (7 bools). Returns the 7 gradients in that order; those of
-// a group that is not needed come back as empty tensors (the Python side returns None for them).
+// a group that is not needed come back as empty tensors (the Python side returns None for them). dw_variant: the
+// forward's (the mix kernel recomputes s, which must be the s the forward computed).
 std::vector<at::Tensor> msca_backward(const at::Tensor& grad_out, const at::Tensor& u, const at::Tensor& w0,
                                       const at::Tensor& b0, const at::Tensor& ws, const at::Tensor& bs,
-                                      const at::Tensor& w3, const at::Tensor& b3, const std::vector<bool>& needs) {
+                                      const at::Tensor& w3, const at::Tensor& b3, const std::vector<bool>& needs,
+                                      int64_t tile_cfg, int64_t dw_variant, bool cl_direct, bool do_poison) {
   TORCH_CHECK(needs.size() == 7, "needs: expected 7 bools (u, w0, b0, ws, bs, w3, b3), got ", needs.size());
   check_u(u);
   check_params(u, w0, b0, ws, bs, w3, b3);
+  check_dw_variant(dw_variant);
   TORCH_CHECK(grad_out.device() == u.device(), "grad_out: expected a tensor on ", u.device(), ", got ",
               grad_out.device());
   TORCH_CHECK(grad_out.scalar_type() == u.scalar_type(), "grad_out: expected dtype ", u.scalar_type(),
@@ -214,7 +208,6 @@ std::vector<at::Tensor> msca_backward(const at::Tensor& grad_out, const at::Tens
   const bool need_dwdw = needs[1] || needs[2] || needs[3] || needs[4];
   const bool need_w3 = needs[5] || needs[6];
   const bool empty = u.numel() == 0;
-  const bool do_poison = poison_enabled();
   auto fopt = u.options().dtype(at::kFloat);
   auto wgrad = [&](bool need, at::IntArrayRef shape) {
     if (!need) return at::empty({0}, fopt);
@@ -229,7 +222,7 @@ std::vector<at::Tensor> msca_backward(const at::Tensor& grad_out, const at::Tens
   at::Tensor dw3 = wgrad(need_w3, {C, C}), db3 = wgrad(need_w3, {C});
   if (empty || !(need_du || need_dwdw || need_w3)) return {du, dw0, db0, dws, dbs, dw3, db3};
 
-  const bool nchw_copy = use_nchw_copy(u);
+  const bool nchw_copy = use_nchw_copy(u, cl_direct);
   const at::Tensor u_dw = nchw_copy ? u.contiguous() : u;
   // with the NCHW copy, du is accumulated in an NCHW buffer too (the depthwise kernel's read-modify-write of du is
   // per channel) and copied into du's memory format at the end
@@ -242,7 +235,7 @@ std::vector<at::Tensor> msca_backward(const at::Tensor& grad_out, const at::Tens
       u.sizes().data(), tensor_arg(grad_out), tensor_arg(u), tensor_arg(u_dw),
       need_du ? tensor_arg(du_k) : MscaTensorArg{nullptr, nullptr}, weights_of(w0, b0, ws, bs, w3, b3), grads,
       need_du, need_dwdw, need_w3, at::globalContext().deterministicAlgorithms() ? 1 : 0,
-      launch_options(u, "SEGNEXT_MSCA_CUDA_TILE_BWD"));
+      launch_options(u, tile_cfg, dw_variant));
   const MscaBwdPlan plan = msca_bwd_plan(p);
   TORCH_CHECK(plan.ok, "msca_backward (cuda backend): ", plan.error);
   at::Tensor workspace = at::empty({(int64_t)plan.workspace_bytes}, u.options().dtype(at::kByte));
@@ -313,14 +306,17 @@ int nmf_rp(int R) {
   return rp;
 }
 
-// (RP, BN, T, P, work_floats) of nmf_make_geom for a problem on the current device.
-std::vector<int64_t> nmf_geom(int64_t B, int64_t D, int64_t N, int64_t R, const at::Tensor& x, bool backward) {
+// (RP, BN, T, P, work_floats) of nmf_make_geom for a problem on the current device; p_override / mtw_override: 0
+// (automatic) or the CTAs per sample / the forward's tile width to force (nmf/nmf_params.h).
+std::vector<int64_t> nmf_geom(int64_t B, int64_t D, int64_t N, int64_t R, const at::Tensor& x, bool backward,
+                              int64_t p_override, int64_t mtw_override) {
   nmf_check_x(x, "x");
   TORCH_CHECK(R >= 1, "R: expected R >= 1, got ", R);
   const DeviceGuard guard(x.device());
   NmfGeom g{};
   try {
-    g = nmf_make_geom(B, D, N, (int)R, nmf_dtype_code(x, "x"), backward ? 1 : 0, num_sms_of_device(x));
+    g = nmf_make_geom(B, D, N, (int)R, nmf_dtype_code(x, "x"), backward ? 1 : 0, num_sms_of_device(x),
+                      (int)p_override, (int)mtw_override);
   } catch (const std::exception& e) {
     TORCH_CHECK(false, "nmf2d (cuda backend): ", e.what());
   }
@@ -462,14 +458,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "segnext-kernels CUDA extension: the MSCA and NMF2D launchers (plain functions; the op layer is Python)";
   m.attr("__version__") = "0.1.0";
   m.def("msca_forward", &msca_forward, "MSCA forward: out = msca(u) with packed weights", py::arg("u"), py::arg("w0"),
-        py::arg("b0"), py::arg("ws"), py::arg("bs"), py::arg("w3"), py::arg("b3"));
+        py::arg("b0"), py::arg("ws"), py::arg("bs"), py::arg("w3"), py::arg("b3"), py::kw_only(),
+        py::arg("tile_cfg") = -1, py::arg("dw_variant") = (int64_t)MSCA_DW_AUTO, py::arg("cl_direct") = false,
+        py::arg("poison") = false);
   m.def("msca_backward", &msca_backward,
         "MSCA backward: [du, dw0, db0, dws, dbs, dw3, db3] (empty tensors where needs is false for the group)",
         py::arg("grad_out"), py::arg("u"), py::arg("w0"), py::arg("b0"), py::arg("ws"), py::arg("bs"), py::arg("w3"),
-        py::arg("b3"), py::arg("needs"));
+        py::arg("b3"), py::arg("needs"), py::kw_only(), py::arg("tile_cfg") = -1,
+        py::arg("dw_variant") = (int64_t)MSCA_DW_AUTO, py::arg("cl_direct") = false, py::arg("poison") = false);
   m.def("tile_table", &tile_table, "Tile configurations (TH, TW, G, RV) of the MSCA kernels, index = tile config");
   // NMF2D launchers (internal: called by the package's NMF2D cuda backend, see nmf/nmf_params.h for their semantics)
-  m.def("nmf_geom", &nmf_geom, "NMF2D geometry (RP, BN, T, P, work_floats)");
+  m.def("nmf_geom", &nmf_geom, "NMF2D geometry (RP, BN, T, P, work_floats)", py::arg("B"), py::arg("D"), py::arg("N"),
+        py::arg("R"), py::arg("x"), py::arg("backward"), py::arg("p_override") = 0, py::arg("mtw_override") = 0);
   m.def("nmf_bases", &nmf_bases, "NMF2D Gram matrix / bases update");
   m.def("nmf_coef", &nmf_coef, "NMF2D coef update pass over x");
   m.def("nmf_bwd_stage", &nmf_bwd_stage, "NMF2D backward of one coef update");

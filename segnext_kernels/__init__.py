@@ -10,12 +10,14 @@ Public API:
 
 Layout: one folder per op (``msca/``, ``nmf/``) with its ``reference.py``, ``interface.py`` and one file per backend;
 ``backends.py`` (which backend runs where), ``extension.py`` (the compiled extensions, loaded lazily),
-``modules.py`` (fused modules and model rewriters).
+``modules.py`` (fused modules and model rewriters), ``knobs.py`` (tuning and test knobs, read from the environment
+once, when this package is imported).
 
 Importing this package needs no GPU, no Triton and no compiled extension: Triton kernels are imported on first use,
 and an extension is loaded (or built) the first time a backend that needs it runs; only then is it said why one is
 missing and how to build it.
 """
+from . import knobs  # noqa: F401  (the environment's knobs are read now, once)
 from .backends import BACKENDS, supports
 from .mlp import mlp, mlp_reference
 from .modules import FusedMlp, FusedMSCA, FusedNMF2D, fuse, fuse_ham, fuse_mlp, fuse_msca

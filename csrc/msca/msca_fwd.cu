@@ -20,8 +20,9 @@
 //  * The S buffer limits the tile: P*CP*sizeof(T) bytes. Larger tiles recompute less halo (depthwise MACs per
 //    output: 16x32 -> 205, 16x16 -> 240, 8x16 -> 346, 8x8 -> 456, 4x8 -> 746, vs 103 without halo) but need more
 //    shared memory, i.e. fewer CTAs per SM. msca_fwd_plan picks the configuration with the lowest estimated cost
-//    (MACs x tile coverage of the image x 1.25 if fewer than 2 CTAs fit per SM); SEGNEXT_MSCA_CUDA_TILE (read by the
-//    binding) forces one for tuning. These weights are estimates, not measurements: tune them on the GPU.
+//    (MACs x tile coverage of the image x 1.25 if fewer than 2 CTAs fit per SM); MscaLaunchOptions::tile_cfg (the
+//    binding's argument, from SEGNEXT_MSCA_CUDA_TILE via segnext_kernels/knobs.py) forces one for tuning. These
+//    weights are estimates, not measurements: tune them on the GPU.
 //  * Barriers: 4 per channel group (load | a | h | v). G channels per group amortise them; G*NTC = 256.
 //  * u is read through its strides (NCHW, channels_last or any view); channels_last loads map consecutive threads to
 //    consecutive channels (only G channels per group: a 32-byte sector is fetched several times, from L2; unmeasured).

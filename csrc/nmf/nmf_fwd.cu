@@ -14,7 +14,6 @@
 // Bases update (nmf_bases_launch): nmf_hsum_kernel (H = sum_p pcc, fixed order), nmf_bupd_kernel (grid (D-chunks, B):
 //   E = sum_p pxc, B_out, per-chunk G partial), nmf_gsum_kernel (G = sum of the chunk partials in chunk order).
 #include <algorithm>
-#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -85,7 +84,8 @@ static int bases_chunk_rows(int64_t B, int64_t D, int RP) {
   return bd;
 }
 
-NmfGeom nmf_make_geom(int64_t B, int64_t D, int64_t N, int R, int dtype, int backward, int num_sms) {
+NmfGeom nmf_make_geom(int64_t B, int64_t D, int64_t N, int R, int dtype, int backward, int num_sms, int p_override,
+                      int mtw_override) {
   if (R < 1 || R > 128) throw std::runtime_error("nmf (cuda): rank R must be in [1, 128], got " + std::to_string(R));
   if (dtype < NMF_F32 || dtype > NMF_BF16) throw std::runtime_error("nmf (cuda): bad dtype");
   NmfGeom g{};
@@ -98,17 +98,14 @@ NmfGeom nmf_make_geom(int64_t B, int64_t D, int64_t N, int R, int dtype, int bac
     const size_t need = backward ? nmf_bwd_smem_host(es, L, g.RP, m, false) : nmf::coef_smem_host(es, L, g.RP, m, false);
     if (need <= lim) mtw = m;
   }
-  if (const char* e = std::getenv("SEGNEXT_NMF_MTW")) {  // tests: force the tile width of the forward
-    const int m = std::atoi(e);
-    if (!backward && (m == 1 || m == 2)) mtw = m;
-  }
+  if (!backward && (mtw_override == 1 || mtw_override == 2)) mtw = mtw_override;  // tests: force the forward's width
   if (!mtw) throw std::runtime_error("nmf (cuda): not enough shared memory for R = " + std::to_string(R));
   g.BN = nmf::geo_bn(g.RP, mtw);
   g.T = (int)((N + g.BN - 1) / g.BN);
   if (g.T < 1) g.T = 1;
   const int64_t sms = num_sms > 0 ? num_sms : 1;
   int64_t P = sms / (B > 0 ? B : 1);  // one wave of one CTA per SM
-  if (const char* e = std::getenv("SEGNEXT_NMF_P")) P = std::atoi(e);  // tests: force CTAs per sample
+  if (p_override > 0) P = p_override;  // tests: force CTAs per sample
   if (P < 1) P = 1;
   if (P > g.T) P = g.T;
   g.P = (int)P;

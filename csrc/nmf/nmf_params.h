@@ -37,7 +37,11 @@ struct NmfGeom {
 };
 
 // backward: geometry of nmf_bwd_stage_launch (else of nmf_coef_launch); num_sms: the device's SM count.
-NmfGeom nmf_make_geom(int64_t B, int64_t D, int64_t N, int R, int dtype, int backward, int num_sms);
+// p_override: 0 (automatic: one wave of one CTA per SM), or the CTAs per sample to use (clamped to [1, T]);
+// mtw_override: 0 (automatic), or the forward's tile width to use, 1 or 2 (BN = geo_bn(RP, MTW); the backward's is
+// always 1). Tuning / tests: the Python backend passes segnext_kernels.knobs.KNOBS.nmf_cuda_p / nmf_cuda_mtw.
+NmfGeom nmf_make_geom(int64_t B, int64_t D, int64_t N, int R, int dtype, int backward, int num_sms, int p_override,
+                      int mtw_override);
 
 // G = B^T B, or (update) the bases update from the partials of a coef pass:
 //   H = sum_p pcc[b, p] and E = sum_p pxc[b, p] (fixed order);  B_out = B_in * E / (B_in H + eps);  G = B_out^T B_out.

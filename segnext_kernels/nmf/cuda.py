@@ -13,6 +13,9 @@ Dtypes: x in float32, float16 or bfloat16 (updates in fp32); float64 is not supp
 2^-17); fp16 x is two exact bf16 pieces (3 mma); fp32 x three pieces each (6 mma, about fp32 accuracy), or two when
 ``torch.backends.cuda.matmul.allow_tf32`` is set (3 mma, about 2^-17: more accurate than TF32). Deterministic:
 per-CTA partials reduced in a fixed order.
+
+Knobs (``segnext_kernels.knobs``, read from the environment once at import): ``config`` passes
+``knobs.KNOBS.nmf_cuda_p`` / ``nmf_cuda_mtw`` (0 = automatic) to ``nmf_geom``, read at each call.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from types import SimpleNamespace
 
 import torch
 
+from .. import knobs
 from ..extension import CUDA_EXTENSION
 
 __all__ = ["CudaKernels", "KERNELS", "SUPPORTED_DTYPES"]
@@ -55,7 +59,9 @@ class CudaKernels:
     @staticmethod
     def config(B, D, N, R, device, dtype, backward):
         probe = torch.empty((1, 1, 1), dtype=dtype, device=device)  # carries device and dtype to the C++ side
-        RP, BN, T, P, work = _ext().nmf_geom(B, D, N, R, probe, bool(backward))
+        k = knobs.KNOBS
+        RP, BN, T, P, work = _ext().nmf_geom(B, D, N, R, probe, bool(backward), p_override=k.nmf_cuda_p,
+                                             mtw_override=k.nmf_cuda_mtw)
         return SimpleNamespace(RP=int(RP), BN=int(BN), T=int(T), P=int(P), work_floats=int(work))
 
     @staticmethod

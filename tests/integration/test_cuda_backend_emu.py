@@ -17,6 +17,7 @@ minute; cached under pytest's cache directory, or a session temp dir with ``-p n
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import torch
 import segnext
 import segnext_kernels
 from segnext_kernels.nmf.reference import nmf2d_reference
-from segnext_kernels import backends, extension
+from segnext_kernels import backends, extension, knobs
 from segnext_kernels.msca import cuda as msca_cuda
 from segnext_kernels.nmf import cuda as nmf_cuda
 from segnext_kernels.msca.reference import pack_weights
@@ -51,19 +52,24 @@ def emu_ext(request, tmp_path_factory):
     return build_torch_extension(build_dir)
 
 
+def set_knobs(monkeypatch, **change):
+    """Replace ``knobs.KNOBS`` with ``change`` applied, for the rest of the test."""
+    monkeypatch.setattr(knobs, "KNOBS", dataclasses.replace(knobs.KNOBS, **change))
+
+
 @pytest.fixture(autouse=True)
 def cuda_backend_on_cpu(emu_ext, monkeypatch):
     """For one test: the emulated extension is the loaded extension and backend="cuda" accepts CPU tensors; outputs
-    and workspaces of the MSCA ops and every NMF buffer are poisoned with NaN; TF32 off (the GPU tests' defaults)."""
+    and workspaces of the MSCA ops and every NMF buffer are poisoned with NaN, the other CUDA knobs at their defaults
+    (``knobs.KNOBS`` replaced); TF32 off (the GPU tests' defaults)."""
     monkeypatch.setattr(extension.CUDA_EXTENSION, "_ext", emu_ext)
     monkeypatch.setattr(extension.CUDA_EXTENSION, "_error", None)
     cuda = backends._BACKENDS["cuda"]
     monkeypatch.setitem(backends._BACKENDS, "cuda", backends.Backend(cuda.name, cuda.what, lambda device: (True, ""),
                                                                      cuda.hint))
-    monkeypatch.setenv("SEGNEXT_MSCA_CUDA_POISON", "1")
-    for knob in ("SEGNEXT_MSCA_CUDA_TILE", "SEGNEXT_MSCA_CUDA_TILE_BWD", "SEGNEXT_MSCA_CUDA_CL_DIRECT",
-                 "SEGNEXT_MSCA_CUDA_DW", "SEGNEXT_NMF_P", "SEGNEXT_NMF_MTW"):
-        monkeypatch.delenv(knob, raising=False)
+    monkeypatch.setattr(knobs, "KNOBS", dataclasses.replace(
+        knobs.KNOBS, msca_cuda_tile=-1, msca_cuda_tile_bwd=-1, msca_cuda_dw="auto", msca_cuda_cl_direct=False,
+        msca_cuda_poison=True, nmf_cuda_p=0, nmf_cuda_mtw=0))
     monkeypatch.setattr(nmf_cuda, "_empty",
                         lambda *shape, dtype, device: torch.full(shape, math.nan, dtype=dtype, device=device))
     old = torch.backends.cuda.matmul.allow_tf32
@@ -80,13 +86,13 @@ def cuda_backend_on_cpu(emu_ext, monkeypatch):
     (torch.bfloat16, (1, 6, 11, 8), "channels_last"),        # binding's NCHW copy of u, du written back
     (torch.float16, (2, 3, 7, 10), "noncontig"),             # a view with offsets and gaps
     (torch.float32, (1, 3, 1, 1), "nchw"),                   # smaller than every filter
-    (torch.bfloat16, (1, 4, 5, 23), "channels_last_direct"),  # SEGNEXT_MSCA_CUDA_CL_DIRECT=1: u read in place
+    (torch.bfloat16, (1, 4, 5, 23), "channels_last_direct"),  # knob msca_cuda_cl_direct: u read in place
 ], ids=lambda c: f"{str(c[0])[6:]}-{'x'.join(map(str, c[1]))}-{c[2]}")
 def test_msca_public_api_forward_backward(case, monkeypatch):
     """segnext_kernels.msca(..., backend="cuda") against the float64 reference, with the GPU test's own check."""
     dtype, shape, layout = case
     if layout == "channels_last_direct":
-        monkeypatch.setenv("SEGNEXT_MSCA_CUDA_CL_DIRECT", "1")
+        set_knobs(monkeypatch, msca_cuda_cl_direct=True)
     args = make_msca(*shape, dtype=dtype, device="cpu", channels_last=layout.startswith("channels_last"),
                      noncontig=layout == "noncontig")
     wide = torch.randn(shape[0], shape[1], shape[2], 2 * shape[3], dtype=dtype)
@@ -168,37 +174,64 @@ def test_msca_binding_rejects_bad_arguments(emu_ext):
         emu_ext.msca_backward(torch.randn(shape).half(), u, *packed, [True] * 7)
     with pytest.raises(RuntimeError, match=r"grad_out: expected shape"):
         emu_ext.msca_backward(torch.randn(1, 4, 5, 7), u, *packed, [True] * 7)
+    with pytest.raises(RuntimeError, match=r"dw_variant: expected 0 \(auto\), 1 \(tensor cores\) or 2 \(fp32 FMA\), "
+                                           r"got 7"):
+        op(u, *packed, dw_variant=7)
+    with pytest.raises(TypeError):  # the knobs are keyword-only
+        op(u, *packed, -1)
     with pytest.raises(TypeError, match=r"backend='cuda': the cuda msca kernels take float32, float16, bfloat16"):
         segnext_kernels.msca(*make_msca(*shape, dtype=torch.float64, device="cpu"), backend="cuda")
 
 
 def test_msca_depthwise_variant_knob(monkeypatch):
-    """SEGNEXT_MSCA_CUDA_DW picks the depthwise variant (fp16/bf16 run on tensor cores unless it says "fma");
-    "tc" refuses float32 and an unknown value is an error naming the variable."""
+    """knobs.KNOBS.msca_cuda_dw (SEGNEXT_MSCA_CUDA_DW) picks the depthwise variant (fp16/bf16 run on tensor cores
+    unless it says "fma"); "tc" refuses float32 and an unknown value is an error naming the variable."""
     shape = (1, 5, 9, 12)
-    monkeypatch.setenv("SEGNEXT_MSCA_CUDA_DW", "fma")
+    set_knobs(monkeypatch, msca_cuda_dw="fma")
     msca_check(make_msca(*shape, dtype=torch.bfloat16, device="cpu"), torch.bfloat16,
                torch.randn(shape, dtype=torch.bfloat16))
-    monkeypatch.setenv("SEGNEXT_MSCA_CUDA_DW", "tc")
+    set_knobs(monkeypatch, msca_cuda_dw="tc")
     with pytest.raises(RuntimeError, match="tensor-core depthwise variant takes float16/bfloat16"):
         segnext_kernels.msca(*make_msca(*shape, dtype=torch.float32, device="cpu"), backend="cuda")
-    monkeypatch.setenv("SEGNEXT_MSCA_CUDA_DW", "wgmma")
-    with pytest.raises(RuntimeError, match="SEGNEXT_MSCA_CUDA_DW: expected 'auto', 'tc' or 'fma', got 'wgmma'"):
+    set_knobs(monkeypatch, msca_cuda_dw="wgmma")
+    with pytest.raises(ValueError, match="SEGNEXT_MSCA_CUDA_DW: expected 'auto', 'tc' or 'fma', got 'wgmma'"):
         segnext_kernels.msca(*make_msca(*shape, dtype=torch.bfloat16, device="cpu"), backend="cuda")
+
+
+def test_msca_knobs_reach_forward_and_backward(monkeypatch, emu_ext):
+    """msca/cuda.py passes the knobs of knobs.KNOBS to the extension as arguments, the same depthwise variant to the
+    forward and the backward, the forward's and the backward's tile knob to each."""
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            fn = getattr(emu_ext, name)
+
+            def call(*a, **k):
+                calls.append((name, k))
+                return fn(*a, **k)
+            return call
+
+    monkeypatch.setattr(extension.CUDA_EXTENSION, "_ext", Spy())
+    set_knobs(monkeypatch, msca_cuda_dw="fma", msca_cuda_tile=3, msca_cuda_tile_bwd=2)
+    shape = (1, 4, 6, 7)
+    run_backend(make_msca(*shape, dtype=torch.bfloat16, device="cpu"), torch.randn(shape, dtype=torch.bfloat16))
+    assert [(n, k) for n, k in calls if n.startswith("msca_")] == [
+        ("msca_forward", dict(tile_cfg=3, dw_variant=2, cl_direct=False, poison=True)),
+        ("msca_backward", dict(tile_cfg=2, dw_variant=2, cl_direct=False, poison=True))], calls
 
 
 def test_bench_runs_both_depthwise_variants(monkeypatch):
     """bench.msca times the cuda backend as "cuda" (depthwise on tensor cores for bf16) and "cuda_fma"
-    (SEGNEXT_MSCA_CUDA_DW=fma during its rows only); fp32 has no separate cuda_fma row."""
-    import os
-
+    (knobs.KNOBS.msca_cuda_dw = "fma" during its rows only); fp32 has no separate cuda_fma row."""
     from bench import common, msca as bench_msca
 
     seen = []
     real = segnext_kernels.msca
+    before = knobs.KNOBS
 
     def spy(*a, **k):
-        seen.append(os.environ.get("SEGNEXT_MSCA_CUDA_DW"))
+        seen.append(knobs.KNOBS.msca_cuda_dw)
         return real(*a, **k)
 
     monkeypatch.setattr(segnext_kernels, "msca", spy)
@@ -208,14 +241,14 @@ def test_bench_runs_both_depthwise_variants(monkeypatch):
     assert st[("bf16", "cuda")]["status"] == "ok" and st[("bf16", "cuda_fma")]["status"] == "ok", rows
     assert st[("fp32", "cuda_fma")]["status"].startswith("skipped"), rows
     assert st[("bf16", "cuda_fma")]["rel_err"] < bench_msca.CHECK_TOL["bf16"]
-    assert set(seen) == {"auto", "fma"} and "SEGNEXT_MSCA_CUDA_DW" not in os.environ
+    assert set(seen) == {"auto", "fma"} and knobs.KNOBS is before
 
 
 def test_msca_forced_tile_too_big_for_shared_memory_is_reported(monkeypatch):
     """A tile configuration whose shared memory exceeds the device's is refused by the plan with a clear error."""
     C = 1200  # the largest tile's S buffer (P x C) is far beyond 227 KB
     args = make_msca(1, C, 4, 4, dtype=torch.float32, device="cpu")
-    monkeypatch.setenv("SEGNEXT_MSCA_CUDA_TILE", "0")
+    set_knobs(monkeypatch, msca_cuda_tile=0)
     with pytest.raises(RuntimeError, match="shared memory"):
         segnext_kernels.msca(*args, backend="cuda")
 

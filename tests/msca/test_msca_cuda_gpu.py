@@ -3,15 +3,18 @@
 Compared with the float64 eager reference (``msca_reference``) under the flash-attention rule of msca_helpers
 (kernel error <= ERR_FACTOR x eager error in the same dtype + ATOL[dtype] x scale); fp32 with TF32 allowed has its
 own absolute bound (TOL_TF32 below), since eager and kernel then round differently. Outputs, gradients and the
-workspace are poisoned with NaN before every launch (SEGNEXT_MSCA_CUDA_POISON=1), so an unwritten element fails.
+workspace are poisoned with NaN before every launch (``knobs.KNOBS.msca_cuda_poison``), so an unwritten element fails.
 The first test builds the extension if needed (JIT, a few minutes).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
 import segnext_kernels
+from segnext_kernels import knobs
 from segnext_kernels.extension import CUDA_EXTENSION
 from segnext_kernels.msca import cuda as msca_cuda
 from segnext_kernels.msca.reference import pack_weights
@@ -25,12 +28,14 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BORDER_SHAPES = [(1, 3, 1, 1), (2, 3, 2, 3), (1, 4, 5, 21), (1, 2, 23, 7)]
 
 
+def set_knobs(monkeypatch, **change):
+    """Replace ``knobs.KNOBS`` with ``change`` applied, for the rest of the test."""
+    monkeypatch.setattr(knobs, "KNOBS", dataclasses.replace(knobs.KNOBS, **change))
+
+
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    monkeypatch.setenv("SEGNEXT_MSCA_CUDA_POISON", "1")
-    monkeypatch.delenv("SEGNEXT_MSCA_CUDA_TILE", raising=False)
-    monkeypatch.delenv("SEGNEXT_MSCA_CUDA_TILE_BWD", raising=False)
-    monkeypatch.delenv("SEGNEXT_MSCA_CUDA_DW", raising=False)
+    set_knobs(monkeypatch, msca_cuda_poison=True, msca_cuda_tile=-1, msca_cuda_tile_bwd=-1, msca_cuda_dw="auto")
 
 
 @pytest.fixture(autouse=True)
@@ -76,8 +81,8 @@ def test_channels_and_batch(B, C, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", BORDER_SHAPES + [(2, 40, 31, 45)], ids=str)
 def test_depthwise_variants(monkeypatch, shape, dtype, dw):
-    """fp16/bf16 with the depthwise part on tensor cores (the default) and on fp32 FMA (SEGNEXT_MSCA_CUDA_DW)."""
-    monkeypatch.setenv("SEGNEXT_MSCA_CUDA_DW", dw)
+    """fp16/bf16 with the depthwise part on tensor cores (the default) and on fp32 FMA (knob msca_cuda_dw)."""
+    set_knobs(monkeypatch, msca_cuda_dw=dw)
     args = make_msca(*shape, dtype=dtype, device=DEV, channels_last=shape[0] == 2)
     check(args, dtype, torch.randn(shape, device=DEV, dtype=dtype))
 
@@ -88,7 +93,7 @@ def test_nonfinite_like_eager(monkeypatch, dtype, dw):
     """A NaN and a +Inf in u: NaN / +-Inf in the output exactly where eager PyTorch (same dtype) puts them, for
     both depthwise variants (the tensor-core one, fp16/bf16 only, redoes such tiles with the direct taps; fp32 always
     runs the FMA one)."""
-    monkeypatch.setenv("SEGNEXT_MSCA_CUDA_DW", dw)
+    set_knobs(monkeypatch, msca_cuda_dw=dw)
     args = list(make_msca(1, 5, 37, 41, dtype=dtype, device=DEV))
     u = args[0].detach().clone()
     u[0, 1, 3, 4] = float("nan")
@@ -137,8 +142,7 @@ def test_every_tile_config(monkeypatch, dtype):
     CUDA_EXTENSION.load()
     tried = 0
     for cfg in range(6):
-        monkeypatch.setenv("SEGNEXT_MSCA_CUDA_TILE", str(cfg))
-        monkeypatch.setenv("SEGNEXT_MSCA_CUDA_TILE_BWD", str(cfg))
+        set_knobs(monkeypatch, msca_cuda_tile=cfg, msca_cuda_tile_bwd=cfg)
         try:
             check(args, dtype, grad_out)
             tried += 1

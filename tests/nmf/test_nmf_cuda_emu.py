@@ -17,6 +17,7 @@ Skipped (saying why) when g++ or the CUDA headers are missing.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import os
 from pathlib import Path
@@ -25,6 +26,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+
+from segnext_kernels import knobs
 
 from emu_build import CSRC, EMU, NMF_KERNEL_SOURCES, build_ctypes_library, cuda_include, skip_reason
 
@@ -60,8 +63,9 @@ class NmfEmu:
         self.lib.emu_nmf_set_order.argtypes = [ctypes.c_int]
         self.lib.emu_nmf_set_smem_limit.argtypes = [ctypes.c_int]
         self.lib.emu_nmf_geom.argtypes = [ctypes.c_longlong, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_int,
-                                          ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int),
-                                          ctypes.POINTER(ctypes.c_longlong), ctypes.c_char_p, ctypes.c_int]
+                                          ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                          ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_longlong),
+                                          ctypes.c_char_p, ctypes.c_int]
         self.num_sms = 4
 
     def order(self, o: int):
@@ -83,10 +87,13 @@ class NmfEmu:
             raise RuntimeError(err.value.decode())
 
     def geom(self, B, D, N, R, dtype, backward):
+        """nmf_make_geom, with the P / MTW overrides of ``knobs.KNOBS`` as nmf/cuda.py passes them."""
         out = (ctypes.c_int * 4)()
         work = ctypes.c_longlong(0)
         err = ctypes.create_string_buffer(512)
-        rc = self.lib.emu_nmf_geom(B, D, N, R, DT[dtype], int(backward), self.num_sms, out, ctypes.byref(work), err, 512)
+        k = knobs.KNOBS
+        rc = self.lib.emu_nmf_geom(B, D, N, R, DT[dtype], int(backward), self.num_sms, k.nmf_cuda_p, k.nmf_cuda_mtw,
+                                   out, ctypes.byref(work), err, 512)
         if rc:
             raise RuntimeError(err.value.decode())
         return SimpleNamespace(RP=out[0], BN=out[1], T=out[2], P=out[3], work_floats=work.value, dtype=dtype)
@@ -149,12 +156,13 @@ def emu(request, tmp_path_factory):
 
 @pytest.fixture
 def force_geom(monkeypatch):
-    """Force CTAs per sample (P) and/or the tile width (MTW 1 or 2) for one test (read by nmf_make_geom)."""
+    """Force CTAs per sample (P) and/or the tile width (MTW 1 or 2) for one test: ``knobs.KNOBS`` replaced, its
+    overrides passed to nmf_make_geom by ``NmfEmu.geom``. Without a call the test runs the automatic geometry."""
+    monkeypatch.setattr(knobs, "KNOBS", dataclasses.replace(knobs.KNOBS, nmf_cuda_p=0, nmf_cuda_mtw=0))
+
     def set_(P=None, mtw=None):
-        if P is not None:
-            monkeypatch.setenv("SEGNEXT_NMF_P", str(P))
-        if mtw is not None:
-            monkeypatch.setenv("SEGNEXT_NMF_MTW", str(mtw))
+        change = {k: v for k, v in (("nmf_cuda_p", P), ("nmf_cuda_mtw", mtw)) if v is not None}
+        monkeypatch.setattr(knobs, "KNOBS", dataclasses.replace(knobs.KNOBS, **change))
     return set_
 
 

@@ -22,11 +22,11 @@ extern "C" void emu_nmf_set_smem_limit(int bytes) { nmf::emu_smem_limit() = byte
   }                                                     \
   return 0;
 
-// out: RP, BN, T, P; work: work_floats
-extern "C" int emu_nmf_geom(long long B, long long D, long long N, int R, int dtype, int backward, int num_sms, int* out,
-                            long long* work, char* err, int errlen) {
+// out: RP, BN, T, P; work: work_floats; p_override, mtw_override: 0 (automatic) or forced (nmf_make_geom)
+extern "C" int emu_nmf_geom(long long B, long long D, long long N, int R, int dtype, int backward, int num_sms,
+                            int p_override, int mtw_override, int* out, long long* work, char* err, int errlen) {
   NMF_TRY({
-    NmfGeom g = nmf_make_geom(B, D, N, R, dtype, backward, num_sms);
+    NmfGeom g = nmf_make_geom(B, D, N, R, dtype, backward, num_sms, p_override, mtw_override);
     out[0] = g.RP; out[1] = g.BN; out[2] = g.T; out[3] = g.P;
     *work = (long long)g.work_floats;
   })
