@@ -16,7 +16,7 @@ from .config import MMSEG_HAM_KWARGS, nmf_kwargs
 from .ham_head import LightHamHead
 from .mscan import MSCAN, MSCAN_CONFIGS
 
-__all__ = ["SegNeXt", "segnext_t", "segnext_s", "segnext_b", "segnext_l", "HEAD_CONFIGS"]
+__all__ = ["SegNeXt", "LogitsResize", "segnext_t", "segnext_s", "segnext_b", "segnext_l", "HEAD_CONFIGS"]
 
 # Official head settings (docs/reference_model.md, "Variants"); in_channels are derived from the backbone's embed_dims.
 HEAD_CONFIGS = {
@@ -25,6 +25,19 @@ HEAD_CONFIGS = {
     "b": dict(channels=512, ham_channels=512, ham_kwargs=dict(MD_R=64)),
     "l": dict(channels=1024, ham_channels=1024, ham_kwargs=dict(MD_R=64)),
 }
+
+
+class LogitsResize(nn.Module):
+    """The final resize of ``SegNeXt.forward``: ``F.interpolate(logits, size, mode="bilinear", align_corners)``.
+
+    A module of its own (no parameters or buffers: ``state_dict`` has no entry for it) so that it can be swapped,
+    e.g. for ``segnext_kernels.FusedLogitsResize`` (``segnext_kernels.fuse_resize``).
+
+    forward(logits, size, align_corners): logits (B, K, h, w) -> (B, K, *size).
+    """
+
+    def forward(self, logits: torch.Tensor, size, align_corners: bool) -> torch.Tensor:
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=align_corners)
 
 
 class SegNeXt(nn.Module):
@@ -39,14 +52,22 @@ class SegNeXt(nn.Module):
     Args:
         align_corners: None (default) keeps the head's flag; a bool sets the head's flag (one flag for both
             resizes, as in mmseg). ``model.align_corners`` reads / writes the head's flag.
+
+    The final resize is the parameterless submodule ``resize`` (:class:`LogitsResize`), which can be swapped.
     """
 
     def __init__(self, backbone: nn.Module, decode_head: nn.Module, align_corners: Optional[bool] = None):
         super().__init__()
         self.backbone = backbone
         self.decode_head = decode_head
+        self.resize = LogitsResize()
         if align_corners is not None:
             self.align_corners = align_corners
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "resize" not in self._modules:  # a model pickled before the resize became a submodule
+            self.resize = LogitsResize()
 
     @property
     def align_corners(self) -> bool:
@@ -58,8 +79,7 @@ class SegNeXt(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         logits = self.decode_head(self.backbone(images))
-        return F.interpolate(logits, size=images.shape[2:], mode="bilinear",
-                             align_corners=self.align_corners)
+        return self.resize(logits, tuple(images.shape[2:]), self.align_corners)
 
 
 # ``in_channels`` and ``act_cfg`` name head options here (mmseg's MSCAN ``in_channels`` is ``in_chans``; the head's

@@ -4,7 +4,9 @@ Public API:
     msca(u, conv0_weight, conv0_bias, strip_weights, strip_biases, conv3_weight, conv3_bias, *, backend="auto")
     nmf2d(x, bases, steps, *, grad_mode="unrolled", eps=1e-6, inv_t=1.0, return_state=False, backend="auto")
     mlp(x, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, *, backend="auto"): MSCAN's Mlp
+    resize_bilinear(x, size, align_corners=False, backend="auto"): F.interpolate(mode="bilinear")
     FusedMSCA, FusedNMF2D, FusedMlp: drop-in modules; fuse_msca / fuse_ham / fuse_mlp(model): swap them in;
+    FusedLogitsResize / fuse_resize(model): SegNeXt's final resize of the logits;
     fuse(model): MSCA and NMF2D
     msca_reference, nmf2d_reference: the eager oracles; BACKENDS, supports(op, backend, device, dtype)
 
@@ -20,10 +22,13 @@ missing and how to build it.
 from . import knobs  # noqa: F401  (the environment's knobs are read now, once)
 from .backends import BACKENDS, supports
 from .mlp import mlp, mlp_reference
-from .modules import FusedMlp, FusedMSCA, FusedNMF2D, fuse, fuse_ham, fuse_mlp, fuse_msca
+from .modules import (FusedLogitsResize, FusedMlp, FusedMSCA, FusedNMF2D, fuse, fuse_ham, fuse_mlp, fuse_msca,
+                      fuse_resize)
 from .msca import msca, msca_reference
 from .nmf import nmf2d, nmf2d_reference
+from .resize import resize_bilinear, resize_bilinear_reference
 
-__all__ = ["BACKENDS", "FusedMSCA", "FusedMlp", "FusedNMF2D", "fuse", "fuse_ham", "fuse_mlp", "fuse_msca", "mlp",
-           "mlp_reference", "msca", "msca_reference", "nmf2d", "nmf2d_reference", "supports"]
+__all__ = ["BACKENDS", "FusedLogitsResize", "FusedMSCA", "FusedMlp", "FusedNMF2D", "fuse", "fuse_ham", "fuse_mlp",
+           "fuse_msca", "fuse_resize", "mlp", "mlp_reference", "msca", "msca_reference", "nmf2d", "nmf2d_reference",
+           "resize_bilinear", "resize_bilinear_reference", "supports"]
 __version__ = "0.1.0"

@@ -1,9 +1,24 @@
-"""What every custom op of the package needs: outputs that never alias an input or each other."""
+"""What every custom op of the package needs: outputs that never alias an input or each other, and the first checks of
+a tensor argument."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-__all__ = ["fresh_outputs"]
+__all__ = ["FLOAT_DTYPES", "check_float_tensor", "fresh_outputs"]
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_float_tensor(name: str, t, ndim: int, dims: str) -> None:
+    """Raises TypeError unless ``t`` is a tensor of a floating dtype (``FLOAT_DTYPES``) and ValueError unless it has
+    ``ndim`` dimensions (``dims`` names them in the message, e.g. ``"B, C, H, W"``); ``name`` starts each message."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor ({dims}), got {t.dim()}-D with shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected dtype float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
 def fresh_outputs(outs, inputs):

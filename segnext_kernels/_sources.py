@@ -10,6 +10,7 @@ CPU_SOURCES = (
     "cpu/binding.cpp", "cpu/cpu_isa.cpp", "cpu/cpu_alloc.cpp",
     "cpu/msca_cpu_fwd.cpp", "cpu/msca_cpu_bwd.cpp",
     "cpu/mlp_cpu_fwd.cpp", "cpu/mlp_cpu_bwd.cpp",
+    "cpu/resize_cpu.cpp",
 )
 #: No -march: the CPU kernels choose their vector ISA at run time (csrc/cpu/cpu_isa.h). -fopenmp: ATen's
 #: at::parallel_for is an inline OpenMP region in its header, which runs on one thread without it.

@@ -14,14 +14,17 @@ from torch import nn
 
 from segnext.ham_head import NMF2D
 from segnext.mscan import DWConv
+from segnext.segmentor import LogitsResize
 
 from .backends import check_backend_name, resolve
 from .mlp import mlp
 from .msca import msca
 from .nmf import nmf2d
+from .resize import resize_bilinear
 from .nmf.interface import _check_eps_inv_t, register_generator
 
-__all__ = ["FusedMSCA", "FusedMlp", "FusedNMF2D", "fuse", "fuse_ham", "fuse_mlp", "fuse_msca", "swap_modules"]
+__all__ = ["FusedLogitsResize", "FusedMSCA", "FusedMlp", "FusedNMF2D", "fuse", "fuse_ham", "fuse_mlp", "fuse_msca",
+           "fuse_resize", "swap_modules"]
 
 
 # ---------------------------------------------------------------------------------------------------------- MSCA
@@ -385,3 +388,50 @@ def swap_modules(model: nn.Module, match, make) -> int:
                 setattr(parent, name, make(child))
                 swapped += 1
     return swapped
+
+
+# ------------------------------------------------------------------------------------------------- logits resize
+class FusedLogitsResize(LogitsResize):
+    """Drop-in for ``segnext.LogitsResize`` (the final bilinear resize of ``SegNeXt.forward``) running
+    ``segnext_kernels.resize_bilinear``. No parameters or buffers, like the module it replaces (``state_dict``
+    unchanged).
+
+    Args:
+        backend: "auto", "cpu" or "reference"; read at every forward.
+
+    forward(logits, size, align_corners): (B, K, h, w) -> (B, K, *size), same dtype (NCHW contiguous on the "cpu"
+    backend). Raises what ``segnext_kernels.resize_bilinear`` raises.
+    """
+
+    def __init__(self, backend: str = "auto"):
+        super().__init__()
+        check_backend_name(backend)
+        self.backend = backend
+
+    def forward(self, logits: torch.Tensor, size, align_corners: bool) -> torch.Tensor:
+        return resize_bilinear(logits, size, align_corners, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"
+
+
+def _is_logits_resize(module: nn.Module) -> bool:
+    return isinstance(module, LogitsResize) and not isinstance(module, FusedLogitsResize)
+
+
+def fuse_resize(model: nn.Module, backend: str = "auto") -> int:
+    """Swap every ``segnext.LogitsResize`` inside ``model`` (``SegNeXt.resize``, the final resize of the logits) for
+    a ``FusedLogitsResize``, in place. Neither has parameters or buffers: ``state_dict`` is unchanged.
+
+    Returns:
+        the number of modules swapped (0 when there are none, e.g. already fused).
+
+    Raises:
+        ValueError: unknown backend (nothing is swapped then).
+        RuntimeError / TypeError: ``backend`` cannot run on the device (and dtype) of ``model``'s parameters, with
+            the error the first forward would give (checked before anything is swapped).
+    """
+    check_backend_name(backend)
+    if any(_is_logits_resize(m) for m in model.modules()):
+        _check_runs_on_model("resize_bilinear", backend, model)
+    return swap_modules(model, _is_logits_resize, lambda m: FusedLogitsResize(backend=backend))

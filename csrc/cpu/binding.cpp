@@ -10,6 +10,7 @@
 #include "cpu/cpu_isa.h"
 #include "cpu/msca_cpu.h"
 #include "cpu/mlp_cpu.h"
+#include "cpu/resize_cpu.h"
 
 namespace {
 
@@ -41,6 +42,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("msca_backward", &msca_backward_py, "Fused MSCA backward on CPU tensors (csrc/cpu/msca_cpu.h)");
   m.def("mlp_forward", &segnext_cpu::mlp_forward, "Fused MSCAN MLP forward on CPU tensors (csrc/cpu/mlp_cpu.h)");
   m.def("mlp_backward", &mlp_backward_py, "Fused MSCAN MLP backward on CPU tensors (csrc/cpu/mlp_cpu.h)");
+  m.def("resize_bilinear_forward", &segnext_cpu::resize_bilinear_forward,
+        "Bilinear resize forward (F.interpolate mode=\"bilinear\") on CPU tensors (csrc/cpu/resize_cpu.h)");
   m.def("isa", &isa, "The vector ISA the kernels run with: avx512, avx2 or scalar");
   m.def("set_poison", &segnext_cpu::set_poison, "Tests: fill every output with NaN at allocation (off by default)");
 }
