@@ -3,16 +3,19 @@
 Public API:
     msca(u, conv0_weight, conv0_bias, strip_weights, strip_biases, conv3_weight, conv3_bias, *, backend="auto")
     nmf2d(x, bases, steps, *, grad_mode="unrolled", eps=1e-6, inv_t=1.0, return_state=False, backend="auto")
-    mlp(x, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, *, backend="auto"): MSCAN's Mlp
+    mlp(x, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, *, residual=None, backend="auto"):
+        MSCAN's Mlp
+    pwconv(x, weight, bias=None, *, act="none", alpha=None, r=None, backend="auto"): 1x1 conv + epilogue (inference)
     resize_bilinear(x, size, align_corners=False, backend="auto"): F.interpolate(mode="bilinear")
     FusedMSCA, FusedNMF2D, FusedMlp: drop-in modules; fuse_msca / fuse_ham / fuse_mlp(model): swap them in;
     FusedLogitsResize / fuse_resize(model): SegNeXt's final resize of the logits;
-    fuse(model): MSCA and NMF2D
+    FusedBlock / fuse_blocks, FusedConv1x1 / fuse_head_convs: MSCAN blocks and the head's 1x1 convs on CPU;
+    fuse(model): all of them (blocks, head convs and resize where the CPU kernels run)
     msca_reference, nmf2d_reference: the eager oracles; BACKENDS, supports(op, backend, device, dtype)
 
-Layout: one folder per op (``msca/``, ``nmf/``) with its ``reference.py``, ``interface.py`` and one file per backend;
+Layout: one folder per op (``msca/``, ``nmf/``, ``mlp/``, ``pwconv/``, ``resize/``) with its ``reference.py``, ``interface.py`` and one file per backend;
 ``backends.py`` (which backend runs where), ``extension.py`` (the compiled extensions, loaded lazily),
-``modules.py`` (fused modules and model rewriters), ``knobs.py`` (tuning and test knobs, read from the environment
+``modules.py`` and ``fused_blocks.py`` (fused modules and model rewriters), ``knobs.py`` (tuning and test knobs, read from the environment
 once, when this package is imported).
 
 Importing this package needs no GPU, no Triton and no compiled extension: Triton kernels are imported on first use,
@@ -21,14 +24,17 @@ missing and how to build it.
 """
 from . import knobs  # noqa: F401  (the environment's knobs are read now, once)
 from .backends import BACKENDS, supports
+from .fused_blocks import FusedBlock, FusedConv1x1, fuse_blocks, fuse_head_convs
 from .mlp import mlp, mlp_reference
 from .modules import (FusedLogitsResize, FusedMlp, FusedMSCA, FusedNMF2D, fuse, fuse_ham, fuse_mlp, fuse_msca,
                       fuse_resize)
 from .msca import msca, msca_reference
 from .nmf import nmf2d, nmf2d_reference
+from .pwconv import pwconv, pwconv_reference
 from .resize import resize_bilinear, resize_bilinear_reference
 
-__all__ = ["BACKENDS", "FusedLogitsResize", "FusedMSCA", "FusedMlp", "FusedNMF2D", "fuse", "fuse_ham", "fuse_mlp",
-           "fuse_msca", "fuse_resize", "mlp", "mlp_reference", "msca", "msca_reference", "nmf2d", "nmf2d_reference",
+__all__ = ["BACKENDS", "FusedBlock", "FusedConv1x1", "FusedLogitsResize", "FusedMSCA", "FusedMlp", "FusedNMF2D",
+           "fuse", "fuse_blocks", "fuse_ham", "fuse_head_convs", "fuse_mlp", "fuse_msca", "fuse_resize", "mlp",
+           "mlp_reference", "msca", "msca_reference", "nmf2d", "nmf2d_reference", "pwconv", "pwconv_reference",
            "resize_bilinear", "resize_bilinear_reference", "supports"]
 __version__ = "0.1.0"

@@ -89,11 +89,14 @@ class Extension:
         device_check: ``() -> (ok, why)``: whether this machine can run the kernels at all (e.g. a CUDA GPU).
         build_tools: ``() -> (ok, why)``: whether a JIT build can be tried.
         build_hint: how to build it ahead of time, appended to errors.
+        on_load: ``(module) -> None`` run once when the module is loaded (hands it the knobs read at import).
     """
 
     def __init__(self, module: str, jit_name: str, sources: tuple, device_check: Callable[[], tuple[bool, str]],
-                 build_tools: Callable[[], tuple[bool, str]], build_hint: str, cuda: bool):
+                 build_tools: Callable[[], tuple[bool, str]], build_hint: str, cuda: bool,
+                 on_load: Optional[Callable] = None):
         self.module, self.jit_name, self.sources = module, jit_name, tuple(sources)
+        self._on_load = on_load
         self._device_check, self._build_tools, self.build_hint, self.cuda = device_check, build_tools, build_hint, cuda
         self._lock = threading.Lock()
         self._ext = None
@@ -156,6 +159,8 @@ class Extension:
                 except RuntimeError as e:
                     self._error = str(e)
                     raise RuntimeError(f"{self._error}. {self.build_hint}") from e
+            if self._on_load is not None:
+                self._on_load(module)
             self._ext = module
             return module
 
@@ -239,4 +244,12 @@ CUDA_EXTENSION = Extension(
 CPU_EXTENSION = Extension(
     "segnext_kernels._C_cpu", "segnext_kernels_C_cpu", CPU_SOURCES, lambda: (True, ""), _cpu_build_tools,
     "Install with a C++ compiler present (pip install --no-build-isolation -e . builds it), or install g++ and "
-    "ninja for the JIT build", cuda=False)
+    "ninja for the JIT build", cuda=False, on_load=lambda module: _apply_cpu_knobs(module))
+
+
+def _apply_cpu_knobs(module) -> None:
+    """The CPU kernels' tiling-plan overrides (``knobs.KNOBS``, read from the environment at import) handed to the
+    extension once, when it loads (``csrc/cpu/cpu_plans.h``)."""
+    from .knobs import apply_cpu_plans
+
+    apply_cpu_plans(module)

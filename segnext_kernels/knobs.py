@@ -26,10 +26,12 @@ CUDA backend (``msca/cuda.py``, ``nmf/cuda.py``; defaults = automatic / off):
 ``SEGNEXT_NMF_MTW`` (``nmf_cuda_mtw``, 0, 1 or 2; 0 = automatic)
     Force the tile width of the NMF2D forward pass kernel (the backward always uses 1).
 
-CPU backend (plans of the CPU kernels, ``""`` = automatic; the CPU backend's own modules give their syntax):
+CPU backend (tiling plans of the CPU kernels, ``""`` = automatic; handed to the extension once, when it loads:
+``apply_cpu_plans``; syntax in ``csrc/cpu/cpu_plans.h``):
 
-``SEGNEXT_MSCA_FWD_PLAN`` (``msca_cpu_fwd_plan``), ``SEGNEXT_MLP_PLAN`` (``mlp_cpu_plan``),
-``SEGNEXT_MLP_BWD_PLAN`` (``mlp_cpu_bwd_plan``): strings, kept as given.
+``SEGNEXT_MSCA_FWD_PLAN`` (``msca_cpu_fwd_plan``): ``band:<n>`` | ``two:<images per group>``;
+``SEGNEXT_MLP_PLAN`` (``mlp_cpu_plan``), ``SEGNEXT_MLP_BWD_PLAN`` (``mlp_cpu_bwd_plan``):
+``<pixels per band>:<hidden block>[:<groups>]``. Tests set them through the extension's ``set_plan_override``.
 
 Booleans take 1/0, true/false, yes/no, on/off (an empty or unset variable is the default); a value that does not
 parse raises ValueError naming the variable when the package is imported.
@@ -40,7 +42,7 @@ import dataclasses
 import os
 from typing import Mapping
 
-__all__ = ["Knobs", "KNOBS"]
+__all__ = ["Knobs", "KNOBS", "apply_cpu_plans"]
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -116,3 +118,11 @@ class Knobs:
 
 #: read once, when the package is imported (tests replace it with ``dataclasses.replace``; module docstring)
 KNOBS = Knobs.from_env()
+
+
+def apply_cpu_plans(ext, knobs: "Knobs | None" = None) -> None:
+    """Hand the CPU tiling-plan overrides of ``knobs`` (default ``KNOBS``) to the CPU extension module ``ext``
+    (``segnext_kernels._C_cpu``; ``extension.CPU_EXTENSION`` calls this once, when it loads)."""
+    k = KNOBS if knobs is None else knobs
+    for which, value in enumerate((k.msca_cpu_fwd_plan, k.mlp_cpu_plan, k.mlp_cpu_bwd_plan)):
+        ext.set_plan_override(which, value)

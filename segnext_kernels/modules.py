@@ -1,7 +1,6 @@
 """nn.Modules that drop into a SegNeXt model in place of the reference ones, keeping parameters and state_dict, and the
 model rewriters that swap them in: ``FusedMSCA`` / ``fuse_msca``, ``FusedNMF2D`` / ``fuse_ham``, ``FusedMlp`` /
-``fuse_mlp``, and ``fuse`` (MSCA and NMF2D; the fused Mlp is not yet faster than eager channels_last, so ``fuse``
-leaves the Mlps alone: call ``fuse_mlp`` to swap them).
+``fuse_mlp``, and ``fuse`` (all of them, with the fused blocks and head convolutions of ``fused_blocks.py``).
 """
 from __future__ import annotations
 
@@ -333,21 +332,32 @@ def fuse_msca(model: nn.Module, backend: str = "auto") -> int:
 
 
 def fuse(model: nn.Module, backend: str = "auto") -> dict:
-    """Apply every fusion of this package to ``model`` in place: ``fuse_msca`` (MSCA attention) and ``fuse_ham``
-    (NMF2D), both with ``backend``. ``state_dict`` is unchanged.
+    """Apply every fusion of this package to ``model`` in place; ``state_dict`` is unchanged.
+
+    ``fuse_msca`` (MSCA attention) and ``fuse_ham`` (NMF2D) with ``backend``; and where the fused CPU kernels run
+    (backend "auto" or "cpu" on a CPU model): ``fuse_blocks`` (each MSCAN block as four fused kernels in eval mode:
+    ``segnext_kernels.fused_blocks``), ``fuse_head_convs`` (the decode head's 1x1 convolutions) and
+    ``fuse_resize`` (the final resize of the logits to the input size).
 
     Returns:
-        ``{"msca": n_msca_swapped, "ham": n_nmf_swapped}``.
+        ``{"msca": n, "ham": n, "block": n, "conv1x1": n, "resize": n}``: how many modules of each kind were
+        swapped.
 
     Raises:
         ValueError, RuntimeError, TypeError: as ``fuse_msca`` / ``fuse_ham`` (checked before anything is swapped).
     """
+    from .fused_blocks import _runs_on_cpu, fuse_blocks, fuse_head_convs
+
     check_backend_name(backend)
     if any(_is_msca(m) for m in model.modules()):
         _check_runs_on_model("msca", backend, model)
     if any(_is_nmf(m) for m in model.modules()):
         _check_runs_on_model("nmf2d", backend, model)
-    return {"msca": fuse_msca(model, backend=backend), "ham": fuse_ham(model, backend=backend)}
+    report = {"msca": fuse_msca(model, backend=backend), "ham": fuse_ham(model, backend=backend)}
+    report["block"] = fuse_blocks(model, backend=backend)
+    report["conv1x1"] = fuse_head_convs(model, backend=backend)
+    report["resize"] = fuse_resize(model, backend=backend) if _runs_on_cpu(model, backend) else 0
+    return report
 
 
 def fuse_mlp(model: nn.Module, backend: str = "auto") -> int:

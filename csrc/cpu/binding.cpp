@@ -8,9 +8,11 @@
 
 #include "cpu/cpu_alloc.h"
 #include "cpu/cpu_isa.h"
+#include "cpu/cpu_plans.h"
 #include "cpu/msca_cpu.h"
 #include "cpu/mlp_cpu.h"
 #include "cpu/resize_cpu.h"
+#include "cpu/pwconv_cpu.h"
 
 namespace {
 
@@ -37,13 +39,21 @@ std::string isa() { return segnext_cpu::isa_name(segnext_cpu::isa()); }
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "segnext-kernels CPU kernels (fused MSCA forward and backward)";
+  m.doc() = "segnext-kernels CPU kernels (fused MSCA, MLP, 1x1 convolution)";
   m.def("msca_forward", &segnext_cpu::msca_forward, "Fused MSCA forward on CPU tensors (csrc/cpu/msca_cpu.h)");
   m.def("msca_backward", &msca_backward_py, "Fused MSCA backward on CPU tensors (csrc/cpu/msca_cpu.h)");
-  m.def("mlp_forward", &segnext_cpu::mlp_forward, "Fused MSCAN MLP forward on CPU tensors (csrc/cpu/mlp_cpu.h)");
+  m.def("mlp_forward", &segnext_cpu::mlp_forward, "Fused MSCAN MLP forward on CPU tensors (csrc/cpu/mlp_cpu.h)",
+        py::arg("x"), py::arg("w1"), py::arg("b1"), py::arg("wdw"), py::arg("bdw"), py::arg("w2"), py::arg("b2"),
+        py::arg("residual") = py::none());
+  m.def("pwconv_forward", &segnext_cpu::pwconv_forward,
+        "Fused 1x1 convolution + epilogue forward on CPU tensors (csrc/cpu/pwconv_cpu.h)", py::arg("x"), py::arg("w"),
+        py::arg("bias"), py::arg("act"), py::arg("alpha"), py::arg("r"));
   m.def("mlp_backward", &mlp_backward_py, "Fused MSCAN MLP backward on CPU tensors (csrc/cpu/mlp_cpu.h)");
   m.def("resize_bilinear_forward", &segnext_cpu::resize_bilinear_forward,
         "Bilinear resize forward (F.interpolate mode=\"bilinear\") on CPU tensors (csrc/cpu/resize_cpu.h)");
   m.def("isa", &isa, "The vector ISA the kernels run with: avx512, avx2 or scalar");
+  m.def("set_plan_override", &segnext_cpu::set_plan_override,
+        "Tiling-plan override: which 0 msca forward, 1 mlp forward, 2 mlp backward; '' = the kernels' own plan",
+        py::arg("which"), py::arg("value"));
   m.def("set_poison", &segnext_cpu::set_poison, "Tests: fill every output with NaN at allocation (off by default)");
 }

@@ -21,14 +21,17 @@
 #include <ATen/ATen.h>
 
 #include <array>
+#include <optional>
 #include <vector>
 
 namespace segnext_cpu {
 
-// x: (B, C, H, W) float32 / bfloat16 / float64 CPU tensor, any strides, B >= 0, C, H, W >= 1; weights as above.
-// Returns y (B, C, H, W) in x's dtype with the memory format of at::empty_like(x).
+// x: (B, C, H, W) float32 / bfloat16 / float64 CPU tensor, any strides, B >= 0, C, H, W >= 1; weights as above;
+// residual: none or a tensor like x, added in the epilogue (y = fc2(...) + residual: the block's residual with the
+// layer scale folded into fc2). Returns y (B, C, H, W) in x's dtype with the memory format of at::empty_like(x).
 at::Tensor mlp_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& wdw,
-                       const at::Tensor& bdw, const at::Tensor& w2, const at::Tensor& b2);
+                       const at::Tensor& bdw, const at::Tensor& w2, const at::Tensor& b2,
+                       const std::optional<at::Tensor>& residual);
 
 // grad_out: (B, C, H, W), any strides (converted to x's dtype). needs: which of (dx, dw1, db1, dwdw, dbdw, dw2, db2)
 // to compute. Returns those 7 tensors: dx like at::empty_like(x); the others contiguous in the weights' dtype with

@@ -75,7 +75,7 @@ namespace {
 // T: x / weights / y dtype; E: compute (float, double for T = double); TG: GEMM operand type of g (T).
 template <class T, class E>
 void forward_impl(const T* x, T* y, int64_t B, int64_t C, int64_t Hd, int64_t H, int64_t W, const T* w1,
-                  const E* b1, const E* wdw, const E* bdw, const T* w2, const E* b2) {
+                  const E* b1, const E* wdw, const E* bdw, const T* w2, const E* b2, const T* res) {
   using TG = T;
   const Rows<E, TG> rk = rows_for<E, TG>();
   const Plan pl = choose_plan(B, Hd, H, W, false);
@@ -140,13 +140,18 @@ void forward_impl(const T* x, T* y, int64_t B, int64_t C, int64_t Hd, int64_t H,
       if (c1 == c0) {  // an empty group (Hd < G * hc never happens: G <= nchunks); keep the partial defined
         for (int64_t c = 0; c < C; ++c) std::fill(acc + c * ldacc, acc + c * ldacc + Nout, E(0));
       }
-      if (G == 1) {  // epilogue: y = acc + b2
+      if (G == 1) {  // epilogue: y = acc + b2 (+ res)
         T* yb = y + b * C * HW + r0 * W;
         for (int64_t c = 0; c < C; ++c) {
           const E bias = b2[c];
           const E* a = acc + c * ldacc;
           T* o = yb + c * HW;
-          for (int64_t i = 0; i < Nout; ++i) o[i] = static_cast<T>(a[i] + bias);
+          if (res) {
+            const T* rr = res + b * C * HW + r0 * W + c * HW;
+            for (int64_t i = 0; i < Nout; ++i) o[i] = static_cast<T>(a[i] + bias + rr[i]);
+          } else {
+            for (int64_t i = 0; i < Nout; ++i) o[i] = static_cast<T>(a[i] + bias);
+          }
         }
       }
     }
@@ -158,10 +163,11 @@ void forward_impl(const T* x, T* y, int64_t B, int64_t C, int64_t Hd, int64_t H,
         const E bias = b2[q % C];
         T* o = y + q * HW;
         const E* p0 = partp + q * HW;
+        const T* rr = res ? res + q * HW : nullptr;
         for (int64_t i = 0; i < HW; ++i) {
           E s = p0[i];
           for (int64_t gi = 1; gi < G; ++gi) s += p0[gi * B * C * HW + i];
-          o[i] = static_cast<T>(s + bias);
+          o[i] = rr ? static_cast<T>(s + bias + rr[i]) : static_cast<T>(s + bias);
         }
       }
     });
@@ -199,9 +205,16 @@ void check_mlp_args(const char* fn, const at::Tensor& x, const at::Tensor& w1, c
 }  // namespace mlp
 
 at::Tensor mlp_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& wdw,
-                       const at::Tensor& bdw, const at::Tensor& w2, const at::Tensor& b2) {
+                       const at::Tensor& bdw, const at::Tensor& w2, const at::Tensor& b2,
+                       const std::optional<at::Tensor>& residual) {
   mlp::check_mlp_args("mlp_forward", x, w1, b1, wdw, bdw, w2, b2);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Hd = w1.size(0);
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->device().is_cpu() && residual->scalar_type() == x.scalar_type() &&
+                    residual->sizes() == x.sizes(),
+                "mlp_forward: residual must be a CPU tensor like x (", x.sizes(), " ", x.scalar_type(), "), got ",
+                residual->sizes(), " ", residual->scalar_type(), " on ", residual->device());
+  }
   at::Tensor out = empty_output_like(x);
   if (out.numel() == 0) return out;
   const at::Tensor xc = x.contiguous();
@@ -210,18 +223,22 @@ at::Tensor mlp_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tens
   if (dt == at::kDouble) {
     auto cd = [](const at::Tensor& t) { return t.contiguous(); };
     at::Tensor w1c = cd(w1), b1c = cd(b1), wdc = cd(wdw), bdc = cd(bdw), w2c = cd(w2), b2c = cd(b2);
+    const at::Tensor rc = residual.has_value() ? residual->contiguous() : at::Tensor();
     mlp::forward_impl<double, double>(xc.data_ptr<double>(), oc.data_ptr<double>(), B, C, Hd, H, W,
                                       w1c.data_ptr<double>(), b1c.data_ptr<double>(), wdc.data_ptr<double>(),
-                                      bdc.data_ptr<double>(), w2c.data_ptr<double>(), b2c.data_ptr<double>());
+                                      bdc.data_ptr<double>(), w2c.data_ptr<double>(), b2c.data_ptr<double>(),
+                                      residual.has_value() ? rc.data_ptr<double>() : nullptr);
   } else {
     // bfloat16: the fp32 path on x converted once (GEMMs in fp32, so fp32 accumulation throughout), y rounded once
     auto cf = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
     at::Tensor w1c = cf(w1), b1c = cf(b1), wdc = cf(wdw), bdc = cf(bdw), w2c = cf(w2), b2c = cf(b2);
     at::Tensor xf = dt == at::kFloat ? xc : xc.to(at::kFloat);
     at::Tensor of = dt == at::kFloat ? oc : at::empty(x.sizes(), xf.options());
+    const at::Tensor rf = residual.has_value() ? residual->to(at::kFloat).contiguous() : at::Tensor();
     mlp::forward_impl<float, float>(xf.data_ptr<float>(), of.data_ptr<float>(), B, C, Hd, H, W,
                                     w1c.data_ptr<float>(), b1c.data_ptr<float>(), wdc.data_ptr<float>(),
-                                    bdc.data_ptr<float>(), w2c.data_ptr<float>(), b2c.data_ptr<float>());
+                                    bdc.data_ptr<float>(), w2c.data_ptr<float>(), b2c.data_ptr<float>(),
+                                    residual.has_value() ? rf.data_ptr<float>() : nullptr);
     if (!of.is_same(oc)) oc.copy_(of);
   }
   if (!oc.is_same(out)) out.copy_(oc);

@@ -2,7 +2,7 @@
 // mlp_cpu.h).
 //
 // Two parts:
-//  1. (include-guarded) the tiling plan, scratch buffers, the row-major GEMM wrapper over at::native::cpublas::gemm
+//  1. (include-guarded) the tiling plan, scratch buffers, the row-major GEMM wrapper (oneDNN brgemm / torch BLAS)
 //     and the table of row kernels;
 //  2. (SEGNEXT_MLP_ROWS defined: 0 portable scalar, 1 AVX2+FMA, 2 AVX-512) the row kernels themselves, included once
 //     per ISA under #pragma GCC target by mlp_cpu_fwd.cpp, so nothing here needs -m flags.
@@ -14,6 +14,7 @@
 #define SEGNEXT_MLP_CPU_KERNELS_H_COMMON
 
 #include <ATen/ATen.h>
+#include <ATen/native/CPUBlas.h>
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
@@ -22,8 +23,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #include "cpu_isa.h"
+#include "cpu_plans.h"
 
 namespace segnext_cpu {
 namespace mlp {
@@ -61,19 +64,18 @@ struct Plan {
   int64_t rows = 1, nb = 1, hc = 64, G = 1;
 };
 
-// SEGNEXT_MLP_PLAN="<pixels per band>:<hidden block>[:<groups>]" overrides the defaults (tuning, plan tests).
+// The override "<pixels per band>:<hidden block>[:<groups>]" (SEGNEXT_MLP_PLAN / SEGNEXT_MLP_BWD_PLAN, read once by
+// the Python package: cpu_plans.h) replaces the defaults (tuning, plan tests).
 inline Plan choose_plan(int64_t B, int64_t Hd, int64_t H, int64_t W, bool backward) {
   int64_t px = backward ? 1024 : 2048, hc = backward ? 32 : 64, G = -1;
-  if (const char* env = std::getenv(backward ? "SEGNEXT_MLP_BWD_PLAN" : "SEGNEXT_MLP_PLAN")) {
-    if (*env) {
-      std::string s(env);
-      px = std::max<int64_t>(1, std::atoll(s.c_str()));
-      auto c = s.find(':');
-      if (c != std::string::npos) {
-        hc = std::max<int64_t>(1, std::atoll(s.c_str() + c + 1));
-        auto c2 = s.find(':', c + 1);
-        if (c2 != std::string::npos) G = std::max<int64_t>(1, std::atoll(s.c_str() + c2 + 1));
-      }
+  const std::string s = plan_override(backward ? PlanKnob::mlp_bwd : PlanKnob::mlp_fwd);
+  if (!s.empty()) {
+    px = std::max<int64_t>(1, std::atoll(s.c_str()));
+    auto c = s.find(':');
+    if (c != std::string::npos) {
+      hc = std::max<int64_t>(1, std::atoll(s.c_str() + c + 1));
+      auto c2 = s.find(':', c + 1);
+      if (c2 != std::string::npos) G = std::max<int64_t>(1, std::atoll(s.c_str() + c2 + 1));
     }
   }
   Plan pl;
@@ -93,13 +95,20 @@ inline Plan choose_plan(int64_t B, int64_t Hd, int64_t H, int64_t W, bool backwa
 }
 
 // Row-major C (M x N) = op(A) op(B) (+ C when accumulate); op(A) is M x K (A stored K x M when ta), op(B) K x N;
-// leading dimensions in elements. Runs at::mm_out / at::addmm_out on strided views of the buffers (torch's CPU BLAS:
-// MKL sgemm / dgemm, single-threaded inside an OpenMP region), which write C in place for these strides.
-// (at::native::cpublas::gemm would avoid the tensor wrappers but is not exported from libtorch_cpu.)
+// leading dimensions in elements. float without transposes runs oneDNN's batch-reduce GEMM micro-kernel
+// (at::native::cpublas::brgemm: JIT AVX-512 / AVX2 code, no tensor wrappers; torch falls back to its CPU BLAS where
+// oneDNN's ukernel is unavailable). The rest runs at::mm_out / at::addmm_out on strided views of the buffers (torch's
+// CPU BLAS: MKL sgemm / dgemm, single-threaded inside an OpenMP region), which write C in place for these strides.
 template <class S>
 inline void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const S* A, int64_t lda, const S* B,
                     int64_t ldb, bool accumulate, S* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
+  if constexpr (std::is_same_v<S, float>) {
+    if (!ta && !tb && K > 0) {
+      at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, false);
+      return;
+    }
+  }
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value);
   at::Tensor a = ta ? at::from_blob(const_cast<S*>(A), {K, M}, {lda, 1}, opts).t()
                     : at::from_blob(const_cast<S*>(A), {M, K}, {lda, 1}, opts);

@@ -34,6 +34,7 @@
 #ifndef SEGNEXT_MSCA_FWD_BODY
 
 #include "msca_cpu.h"
+#include "cpu_plans.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -86,12 +87,12 @@ inline Buffer& thread_buffer(int which) {
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// SEGNEXT_MSCA_FWD_PLAN=band:<n> | two:<images per group> overrides the plan (tests of plan invariance).
+// The override "band:<n>" | "two:<images per group>" (SEGNEXT_MSCA_FWD_PLAN, read once by the Python package:
+// cpu_plans.h) replaces the plan (tuning, tests of plan invariance).
 inline Plan choose_plan(int64_t B, int64_t C, int64_t H, int64_t Wp, int64_t esize) {
   Plan pl;
-  const char* env = std::getenv("SEGNEXT_MSCA_FWD_PLAN");
-  if (env != nullptr && *env != '\0') {
-    std::string s(env);
+  const std::string s = plan_override(PlanKnob::msca_fwd);
+  if (!s.empty()) {
     if (s.rfind("band:", 0) == 0) {
       pl.mode = 0;
       pl.nb = std::max<int64_t>(1, std::min<int64_t>(H, std::atoll(s.c_str() + 5)));

@@ -16,10 +16,11 @@ from ..extension import CPU_EXTENSION
 __all__ = ["forward", "backward"]
 
 
-def forward(x, w1, b1, wdw, bdw, w2, b2):
+def forward(x, w1, b1, wdw, bdw, w2, b2, residual=None):
     """Fused MLP forward. x: (B, C, H, W) float32/bfloat16/float64 CPU tensor, any strides; packed weights as
-    ``mlp.reference.pack_weights`` in x's dtype. Returns (B, C, H, W) in x's dtype, memory format of empty_like(x)."""
-    return CPU_EXTENSION.load().mlp_forward(x, w1, b1, wdw, bdw, w2, b2)
+    ``mlp.reference.pack_weights`` in x's dtype; residual: None or a tensor like x, added in the epilogue. Returns
+    (B, C, H, W) in x's dtype, memory format of empty_like(x)."""
+    return CPU_EXTENSION.load().mlp_forward(x, w1, b1, wdw, bdw, w2, b2, residual)
 
 
 def backward(grad_out, x, w1, b1, wdw, bdw, w2, b2, needs_input_grad):

@@ -18,21 +18,10 @@ from segnext_kernels.mlp import cpu as mlp_cpu
 from segnext_kernels.mlp import mlp, mlp_reference, pack_weights
 from segnext_kernels import FusedMlp, fuse_mlp
 
+from cpu_ext_helpers import ext, poison  # noqa: F401  (the extension; NaN-poisoned outputs)
 from msca_helpers import ATOL, ERR_FACTOR, max_err
 
 GRAD_NAMES = ["x", "fc1.weight", "fc1.bias", "dw.weight", "dw.bias", "fc2.weight", "fc2.bias"]
-
-
-@pytest.fixture(scope="module")
-def ext():
-    return CPU_EXTENSION.load()
-
-
-@pytest.fixture(autouse=True)
-def poison(ext):
-    ext.set_poison(True)
-    yield
-    ext.set_poison(False)
 
 
 def make(B, C, Hd, H, W, dtype=torch.float32, seed=0, channels_last=False, noncontig=False):
@@ -112,22 +101,50 @@ def test_layouts_and_strided_grad_output(layout):
     check(args, torch.float32, wide[..., ::2])
 
 
-def test_plans_agree():
-    """Other tilings (bands, hidden blocks, hidden groups) give the same results up to rounding."""
-    import os
+def test_plans_agree(ext):
+    """Other tilings (bands, hidden blocks, hidden groups; the SEGNEXT_MLP_PLAN / SEGNEXT_MLP_BWD_PLAN overrides, set
+    here through the binding as the package does at load) give the same results up to rounding."""
     args = make(1, 8, 40, 21, 19)
     go = torch.randn(1, 8, 21, 19)
     base, bgrads = run(args, go)
+    differs = False
     for plan in ("19:8", "40:16:3", "1000:40", "7:5:2"):
-        os.environ["SEGNEXT_MLP_PLAN"] = plan
-        os.environ["SEGNEXT_MLP_BWD_PLAN"] = plan
+        ext.set_plan_override(1, plan)
+        ext.set_plan_override(2, plan)
         try:
             out, grads = run(args, go)
         finally:
-            del os.environ["SEGNEXT_MLP_PLAN"], os.environ["SEGNEXT_MLP_BWD_PLAN"]
+            ext.set_plan_override(1, "")
+            ext.set_plan_override(2, "")
         torch.testing.assert_close(out, base, rtol=1e-5, atol=1e-5)
         for n, g, b in zip(GRAD_NAMES, grads, bgrads):
             torch.testing.assert_close(g, b, rtol=1e-4, atol=1e-4, msg=n)
+        differs = differs or not torch.equal(out, base)
+    assert differs, "no override changed the rounding: the overrides did not reach the kernels"
+    with pytest.raises(RuntimeError, match="which must be"):
+        ext.set_plan_override(3, "1:1")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_residual_epilogue(dtype):
+    """mlp(..., residual=r) = mlp(...) + r, with the residual's gradient (= grad_out)."""
+    args = make(2, 6, 24, 9, 11, dtype=dtype)
+    r = torch.randn(2, 6, 9, 11, dtype=torch.float64).to(dtype)
+    go = torch.randn(2, 6, 9, 11, dtype=torch.float64).to(dtype)
+    fn = lambda *a: mlp(*a[:7], residual=a[7], backend="cpu")  # noqa: E731
+    ref_fn = lambda *a: mlp_reference(*a[:7]) + a[7]  # noqa: E731
+    out, grads = run(args + [r], go, fn=fn)
+    ref, rgrads = run(args + [r], go, fn=ref_fn, dtype=torch.float64)
+    eag, egrads = run(args + [r], go, fn=ref_fn, dtype=dtype)
+    within("out", out, ref, eag, dtype)
+    for n, g, rr, e in zip(GRAD_NAMES + ["residual"], grads, rgrads, egrads):
+        within(f"grad {n}", g, rr, e, dtype)
+    if dtype == torch.float64:
+        small = [t.detach().clone().requires_grad_(True) for t in make(1, 3, 6, 4, 5, dtype=dtype)]
+        small.append(torch.randn(1, 3, 4, 5, dtype=dtype, requires_grad=True))
+        assert torch.autograd.gradcheck(fn, small, eps=1e-6, atol=1e-8, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"residual: expected shape \(2, 6, 9, 11\)"):
+        mlp(*args, residual=r[:, :5], backend="cpu")
 
 
 def test_gradcheck_fp64():
@@ -298,3 +315,26 @@ def test_fused_segnext_t_matches_eager(channels_last):
         q = fp[name]
         scale = p.grad.abs().max().item() + 1e-12
         assert (q.grad - p.grad).abs().max().item() <= 2e-3 * scale + 1e-7, name
+
+
+def test_plan_environment_reaches_the_kernels_once():
+    """SEGNEXT_MLP_PLAN is read once at import (knobs.KNOBS) and handed to the extension when it loads: in a fresh
+    process it changes the tiling (so the rounding), and clearing the override restores the default plan."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import sys, torch; sys.path[:0] = ['tests/helpers', 'tests/mlp']; import test_mlp_cpu as t\n"
+            "from segnext_kernels.knobs import KNOBS\n"
+            "assert KNOBS.mlp_cpu_plan == '7:5:2', KNOBS\n"
+            "args = t.make(1, 8, 40, 21, 19)\n"
+            "forced = t.run(args)[0]\n"
+            "t.CPU_EXTENSION.load().set_plan_override(1, '')\n"
+            "default = t.run(args)[0]\n"
+            "torch.testing.assert_close(forced, default, rtol=1e-5, atol=1e-5)\n"
+            "print('differs' if not torch.equal(forced, default) else 'same')\n")
+    root = Path(__file__).resolve().parents[2]
+    p = subprocess.run([sys.executable, "-c", code], cwd=root, env=dict(os.environ, SEGNEXT_MLP_PLAN="7:5:2"),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    assert p.stdout.split()[-1] == "differs"

@@ -210,9 +210,10 @@ def test_opcheck_and_compile():
     u, w0, b0, sw, sb, w3, b3 = make_msca(*shape, dtype=torch.bfloat16, device=DEV)
     packed = pack_weights(w0, b0, sw, sb, w3, b3, torch.float32)
     g = torch.randn(shape, device=DEV, dtype=torch.bfloat16)
-    torch.library.opcheck(torch.ops.segnext.msca_forward.default, (u, *packed),
-                          test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(torch.ops.segnext.msca_backward.default, (g, u, *packed, [True] * 7),
+    # the package's custom ops (the one op layer; the extension's functions run inside them)
+    torch.library.opcheck(torch.ops.segnext_kernels.msca_fwd.default,
+                          (u.clone().requires_grad_(), *[p.clone().requires_grad_() for p in packed], "cuda"))
+    torch.library.opcheck(torch.ops.segnext_kernels.msca_bwd.default, (g, u, *packed, [True] * 7, "cuda"),
                           test_utils=("test_schema", "test_faketensor"))
 
     def f(u, *ws):

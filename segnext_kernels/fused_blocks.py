@@ -1,0 +1,246 @@
+"""Fused MSCAN blocks and 1x1 head convolutions for inference on CPU: ``FusedBlock`` / ``fuse_blocks`` and
+``FusedConv1x1`` / ``fuse_head_convs`` (``fuse`` in ``modules.py`` applies them).
+
+An MSCAN block (official ``mscan.py`` ``Block``; ``segnext.Block``) in eval mode, with BatchNorm norms::
+
+    x1 = x + ls1 * (proj_2(MSCA(GELU(proj_1(BN1(x))))) + BN1(x))
+    x2 = x1 + ls2 * fc2(GELU(dw3x3(fc1(BN2(x1)))))
+
+runs as four kernels: ``pwconv(x, proj_1 with BN1 folded in, act="gelu")``, the MSCA module, ``pwconv`` for
+proj_2 with the shortcut, the layer scale and the residual in its epilogue (``alpha = 1 + ls1 * s1``: BN1's scale
+``s1`` and shift fold into proj_2), and the fused MLP with BN2 folded into fc1, ls2 into fc2 and the residual in its
+epilogue. The folded weights are computed from the parameters and running statistics at each call (a few small
+ops; ``state_dict`` is what it was) and cached while none of them changes (tensor version counters).
+
+Everything else runs the block's own submodules, op for op as eager: training mode, a gradient needed, a norm that
+is not an eval-mode BatchNorm, GELU with ``approximate="tanh"``, a tensor that is not float32 on CPU, and under
+``torch.export`` / ``torch.compile`` tracing of the cache.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backends import check_backend_name, supports
+from .mlp import mlp
+from .pwconv import pwconv
+
+__all__ = ["FusedBlock", "FusedConv1x1", "fuse_blocks", "fuse_head_convs"]
+
+
+def _bn_affine(norm: nn.Module):
+    """(scale, shift) of an eval-mode BatchNorm2d, such that norm(x) = scale[c] * x + shift[c]; None otherwise."""
+    if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or norm.training or norm.running_mean is None:
+        return None
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    shift = -norm.running_mean * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    return scale, shift
+
+
+def _exact_gelu(act: nn.Module) -> bool:
+    return isinstance(act, nn.GELU) and act.approximate == "none"
+
+
+def _is_block(module: nn.Module) -> bool:
+    """A ``segnext.Block`` (NCHW forward) whose attention and MLP have the official structure."""
+    from .modules import _dw_conv, _is_mlp, _is_msca
+
+    if type(module).__name__ != "Block" or not hasattr(module, "layer_scale_1"):
+        return False
+    attn, m = getattr(module, "attn", None), getattr(module, "mlp", None)
+    if attn is None or m is None or not all(hasattr(attn, n) for n in ("proj_1", "proj_2", "spatial_gating_unit")):
+        return False
+    msca_ok = _is_msca(attn.spatial_gating_unit) or type(attn.spatial_gating_unit).__name__ == "FusedMSCA"
+    mlp_ok = _is_mlp(m) or type(m).__name__ == "FusedMlp"
+    return msca_ok and mlp_ok and _dw_conv(m) is not None
+
+
+class FusedBlock(nn.Module):
+    """Drop-in for ``segnext.Block`` (official MSCAN ``Block``) running four fused kernels in eval mode.
+
+    Same submodules (layer_scale_1/2, norm1, attn (proj_1, activation, spatial_gating_unit, proj_2), drop_path,
+    norm2, mlp) and therefore the same ``state_dict``. See the module docstring for what runs when.
+
+    Args (``from_module``): block: the ``segnext.Block`` whose submodules and parameters it takes over (shared
+    objects); backend: "auto" or "cpu" for the fused ops (``pwconv``, ``mlp``), read at every forward.
+
+    forward(x): (B, C, H, W) -> (B, C, H, W), same dtype.
+    """
+
+    @classmethod
+    def from_module(cls, block: nn.Module, backend: str = "auto") -> "FusedBlock":
+        """Raises: TypeError when ``block`` is not an MSCAN block with the official structure."""
+        if not _is_block(block):
+            raise TypeError(f"block: expected a segnext.Block (norm1, attn.proj_1/spatial_gating_unit/proj_2, "
+                            f"norm2, mlp), got {type(block).__name__}")
+        check_backend_name(backend)
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        for name, p in block.named_parameters(recurse=False):
+            fused.register_parameter(name, p)
+        for name, child in block.named_children():
+            fused.add_module(name, child)
+        fused.backend = backend
+        fused._cache_key = None
+        fused._cache = None
+        fused.train(block.training)
+        return fused
+
+    def extra_repr(self) -> str:
+        return f"dim={self.layer_scale_1.numel()}, backend={self.backend!r}"
+
+    # ---------------------------------------------------------------------------------------------- eager path
+    def _eager(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.layer_scale_1[:, None, None] * self.attn(self.norm1(x)))
+        return x + self.drop_path(self.layer_scale_2[:, None, None] * self.mlp(self.norm2(x)))
+
+    # ---------------------------------------------------------------------------------------------- fused path
+    def _sources(self):
+        from .modules import _dw_conv
+
+        a, m = self.attn, self.mlp
+        dw = _dw_conv(m)
+        ts = [self.layer_scale_1, self.layer_scale_2, a.proj_1.weight, a.proj_1.bias, a.proj_2.weight, a.proj_2.bias,
+              m.fc1.weight, m.fc1.bias, dw.weight, dw.bias, m.fc2.weight, m.fc2.bias]
+        for norm in (self.norm1, self.norm2):
+            ts += [norm.running_mean, norm.running_var, norm.weight, norm.bias]
+        return ts, dw
+
+    def _folded(self):
+        ts, dw = self._sources()
+        key = tuple((id(t), t._version) if t is not None else None for t in ts)
+        if key == self._cache_key and self._cache is not None:
+            return self._cache
+        with torch.no_grad():
+            s1, t1 = _bn_affine(self.norm1)
+            s2, t2 = _bn_affine(self.norm2)
+            ls1, ls2 = self.layer_scale_1, self.layer_scale_2
+            a, m = self.attn, self.mlp
+            C = ls1.numel()
+            wp1 = a.proj_1.weight.reshape(C, C)
+            p1w = (wp1 * s1[None, :]).contiguous()
+            p1b = a.proj_1.bias + wp1 @ t1
+            p2w = (a.proj_2.weight.reshape(C, C) * ls1[:, None]).contiguous()
+            p2b = ls1 * (a.proj_2.bias + t1)
+            p2alpha = 1.0 + ls1 * s1
+            Hd = m.fc1.weight.shape[0]
+            w1 = m.fc1.weight.reshape(Hd, C)
+            f1w = (w1 * s2[None, :]).reshape(Hd, C, 1, 1)
+            f1b = m.fc1.bias + w1 @ t2
+            f2w = m.fc2.weight * ls2[:, None, None, None]
+            f2b = m.fc2.bias * ls2
+            cache = (p1w, p1b, p2w, p2b, p2alpha, f1w, f1b, dw.weight, dw.bias, f2w, f2b)
+        self._cache_key, self._cache = key, cache
+        return cache
+
+    def _fast_ok(self, x: torch.Tensor) -> bool:
+        if self.training or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return False
+        if not (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4):
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False
+        if torch.is_autocast_enabled("cpu"):
+            return False
+        if self.backend not in ("auto", "cpu") or not _exact_gelu(self.attn.activation):
+            return False
+        mact = getattr(self.mlp, "act", None)
+        if not _exact_gelu(mact) or _bn_affine(self.norm1) is None or _bn_affine(self.norm2) is None:
+            return False
+        if self.layer_scale_1.dtype != torch.float32:
+            return False
+        return (supports("pwconv", "cpu", x.device, x.dtype)[0] and supports("mlp", "cpu", x.device, x.dtype)[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fast_ok(x):
+            return self._eager(x)
+        p1w, p1b, p2w, p2b, p2alpha, f1w, f1b, dww, dwb, f2w, f2b = self._folded()
+        u = pwconv(x, p1w, p1b, act="gelu", backend="cpu")
+        att = self.attn.spatial_gating_unit(u)
+        x1 = pwconv(att, p2w, p2b, alpha=p2alpha, r=x, backend="cpu")
+        return mlp(x1, f1w, f1b, dww, dwb, f2w, f2b, residual=x1, backend="cpu")
+
+
+class FusedConv1x1(nn.Conv2d):
+    """Drop-in for a 1x1 ``nn.Conv2d`` (stride 1, no padding, groups 1) running ``segnext_kernels.pwconv`` (the
+    same parameters; the state_dict is unchanged). Where ``pwconv`` runs its reference (a gradient is needed, a
+    dtype other than float32, a non-CPU tensor) the result is F.conv2d's.
+
+    forward(x): (B, Cin, H, W) -> (B, Cout, H, W).
+    """
+
+    @classmethod
+    def from_module(cls, conv: nn.Conv2d, backend: str = "auto") -> "FusedConv1x1":
+        """Raises: TypeError when ``conv`` is not an eligible 1x1 nn.Conv2d."""
+        if not _is_conv1x1(conv):
+            raise TypeError(f"conv: expected a 1x1 nn.Conv2d with stride 1, no padding, groups 1, got {conv!r}")
+        check_backend_name(backend)
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        for k, v in conv.__dict__.items():
+            if k not in ("_parameters", "_buffers", "_modules", "training"):
+                fused.__dict__[k] = v
+        fused.weight = conv.weight
+        fused.bias = conv.bias
+        fused.backend = backend
+        fused.train(conv.training)
+        return fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+            return F.conv2d(x, self.weight, self.bias)
+        return pwconv(x, self.weight, self.bias, backend=self.backend)
+
+
+def _is_conv1x1(m: nn.Module) -> bool:
+    return (type(m) is nn.Conv2d and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.padding in ((0, 0), 0)
+            and m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros")
+
+
+def _runs_on_cpu(model: nn.Module, backend: str) -> bool:
+    """Whether the fused CPU ops (pwconv, mlp) run for ``backend`` on ``model``'s parameters."""
+    if backend not in ("auto", "cpu"):
+        return False
+    p = next((t for t in model.parameters() if t.is_floating_point()), None)
+    if p is None or p.device.type != "cpu":
+        return False
+    ok_pw, why_pw = supports("pwconv", "cpu", p.device, torch.float32)
+    ok_mlp, why_mlp = supports("mlp", "cpu", p.device, torch.float32)
+    if not (ok_pw and ok_mlp):
+        if backend == "cpu":
+            raise RuntimeError(f"backend='cpu': the fused CPU block kernels cannot run here ({why_pw or why_mlp})")
+        return False
+    return True
+
+
+def fuse_blocks(model: nn.Module, backend: str = "auto") -> int:
+    """Swap every ``segnext.Block`` inside ``model`` for a ``FusedBlock`` sharing its submodules, in place, when the
+    fused CPU ops can run on ``model``'s device ("auto" / "cpu" on a CPU model; other backends and devices swap
+    nothing). Returns the number swapped. Raises ValueError for an unknown backend, RuntimeError when
+    backend="cpu" cannot run here."""
+    from .modules import swap_modules
+
+    check_backend_name(backend)
+    if not _runs_on_cpu(model, backend):
+        return 0
+    return swap_modules(model, _is_block, lambda m: FusedBlock.from_module(m, backend=backend))
+
+
+def fuse_head_convs(model: nn.Module, backend: str = "auto") -> int:
+    """Swap the 1x1 convolutions of every ``LightHamHead`` inside ``model`` (squeeze, ham_in, ham_out, align,
+    conv_seg) for ``FusedConv1x1`` sharing their parameters, in place, under the same conditions as
+    ``fuse_blocks``. Returns the number swapped."""
+    from .modules import swap_modules
+
+    check_backend_name(backend)
+    if not _runs_on_cpu(model, backend):
+        return 0
+    heads = [m for m in model.modules() if type(m).__name__ == "LightHamHead"]
+    if type(model).__name__ == "LightHamHead":
+        heads = [model]
+    return sum(swap_modules(h, _is_conv1x1, lambda c: FusedConv1x1.from_module(c, backend=backend)) for h in heads)

@@ -1,0 +1,127 @@
+"""The fused pointwise convolution's interface: argument checks, the custom op (with its fake) and the public
+``pwconv``.
+
+Custom op (namespace ``segnext_kernels``; the compiled extension exports a plain function that runs inside it):
+
+``torch.ops.segnext_kernels.pwconv_fwd(x, weight, bias, act, alpha, r, backend) -> Tensor``
+    x (B, Cin, H, W) float32 CPU, any strides; weight (Cout, Cin); bias, alpha (Cout,) or None; r (B, Cout, H, W) or
+    None; act "none" / "gelu" / "relu"; backend: a resolved fused backend ("cpu"). Returns y (B, Cout, H, W),
+    contiguous NCHW. Forward only: ``pwconv`` runs the reference whenever a gradient is needed.
+
+The fake implementation lets ``torch.compile`` (fullgraph), FakeTensor tracing and ``torch.library.opcheck`` treat
+it as an opaque call.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..backends import kernel_module, resolve
+from .reference import pwconv_reference
+
+__all__ = ["ACTIVATIONS", "pwconv", "check_pwconv_args"]
+
+ACTIVATIONS = ("none", "gelu", "relu")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_vec(name: str, t, n: int, x: Tensor) -> None:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
+    if tuple(t.shape) != (n,):
+        raise ValueError(f"{name}: expected shape ({n},), got {tuple(t.shape)}")
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
+    if t.device != x.device:
+        raise RuntimeError(f"{name}: expected a tensor on {x.device} (the device of x), got one on {t.device}")
+
+
+def check_pwconv_args(x, weight, bias, act, alpha, r) -> None:
+    """Validate ``segnext_kernels.pwconv`` arguments.
+
+    Raises:
+        TypeError: a non-tensor, an unsupported dtype, or a dtype different from x's.
+        ValueError: wrong rank or shape (the message gives the expected shape), C, H or W < 1, unknown act.
+        RuntimeError: a tensor on another device than x.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x: expected a 4-D tensor (B, Cin, H, W), got {x.dim()}-D with shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x: expected dtype float16, bfloat16, float32 or float64, got {x.dtype}")
+    B, Cin, H, W = x.shape
+    if Cin < 1 or H < 1 or W < 1:
+        raise ValueError(f"x: expected Cin, H, W >= 1 (B = 0 is fine), got shape {tuple(x.shape)}")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
+    if not (weight.dim() == 2 or (weight.dim() == 4 and tuple(weight.shape[2:]) == (1, 1))) or \
+            weight.shape[1] != Cin or weight.shape[0] < 1:
+        raise ValueError(f"weight: expected shape (Cout, {Cin}) or (Cout, {Cin}, 1, 1), got {tuple(weight.shape)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight: expected dtype {x.dtype} (the dtype of x), got {weight.dtype}")
+    if weight.device != x.device:
+        raise RuntimeError(f"weight: expected a tensor on {x.device} (the device of x), got one on {weight.device}")
+    Cout = weight.shape[0]
+    _check_vec("bias", bias, Cout, x)
+    _check_vec("alpha", alpha, Cout, x)
+    if r is not None:
+        if not isinstance(r, torch.Tensor):
+            raise TypeError(f"r: expected a torch.Tensor or None, got {type(r).__name__}")
+        if tuple(r.shape) != (B, Cout, H, W):
+            raise ValueError(f"r: expected shape {(B, Cout, H, W)}, got {tuple(r.shape)}")
+        if r.dtype != x.dtype:
+            raise TypeError(f"r: expected dtype {x.dtype} (the dtype of x), got {r.dtype}")
+        if r.device != x.device:
+            raise RuntimeError(f"r: expected a tensor on {x.device} (the device of x), got one on {r.device}")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act: expected one of {ACTIVATIONS}, got {act!r}")
+
+
+@torch.library.custom_op("segnext_kernels::pwconv_fwd", mutates_args=())
+def pwconv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, alpha: Optional[Tensor],
+               r: Optional[Tensor], backend: str) -> Tensor:
+    return kernel_module("pwconv", backend).forward(x, weight, bias, act, alpha, r)
+
+
+@pwconv_fwd.register_fake
+def _pwconv_fwd_fake(x, weight, bias, act, alpha, r, backend):
+    return x.new_empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]))
+
+
+def _needs_grad(*ts) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
+
+
+def pwconv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, act: str = "none",
+           alpha: Optional[Tensor] = None, r: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+    """Fused pointwise (1x1) convolution with epilogue::
+
+        y = act(conv1x1(x, weight, bias) + alpha[c] * r)
+
+    Args:
+        x: (B, Cin, H, W) float16, bfloat16, float32 or float64, any strides; B >= 0, Cin, H, W >= 1.
+        weight: (Cout, Cin) or (Cout, Cin, 1, 1); bias, alpha: (Cout,) or None; r: (B, Cout, H, W) or None (alpha
+            without r has no effect). All in x's dtype and on x's device.
+        act: "none", "gelu" (exact, erf) or "relu".
+        backend: "auto", "cpu" or "reference". "cpu" runs the custom op ``torch.ops.segnext_kernels.pwconv_fwd``
+            (float32 CPU tensors); it is forward only, so when autograd needs a gradient (grad mode on and an
+            argument requiring grad), and under ``torch.export``, the eager reference runs instead.
+
+    Returns:
+        (B, Cout, H, W) in x's dtype (the kernel writes contiguous NCHW).
+
+    Raises:
+        TypeError, ValueError, RuntimeError: see ``check_pwconv_args``; a requested backend that cannot run here or
+        does not take x's dtype.
+    """
+    check_pwconv_args(x, weight, bias, act, alpha, r)
+    name = "reference" if torch.compiler.is_exporting() else resolve("pwconv", backend, x.device, x.dtype)
+    if name == "reference" or _needs_grad(x, weight, bias, alpha, r):
+        return pwconv_reference(x, weight, bias, act, alpha, r)
+    w2 = weight.reshape(weight.shape[0], weight.shape[1]).contiguous()
+    return torch.ops.segnext_kernels.pwconv_fwd(x, w2, bias, act, alpha, r, name)

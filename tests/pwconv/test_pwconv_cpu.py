@@ -1,0 +1,150 @@
+"""The "cpu" fused pointwise convolution (csrc/cpu/pwconv_cpu.cpp, segnext_kernels/pwconv/) against its eager
+reference in float64: every activation and epilogue combination, odd sizes, SegNeXt widths, layouts, B = 0,
+NaN-poisoned outputs, NaN propagation, threads, torch integration, the reference fallbacks and bad input.
+
+Tolerance (the flash-attention rule of tests/helpers/msca_helpers.py): error <= 2 x eager's float32 error + ATOL x
+scale, against float64.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from segnext_kernels.pwconv import pwconv, pwconv_reference
+
+from cpu_ext_helpers import ext, poison  # noqa: F401  (the extension; NaN-poisoned outputs)
+from msca_helpers import ATOL, ERR_FACTOR, max_err
+
+
+def make(B, Cin, Cout, H, W, seed=0, layout="nchw"):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+    if layout == "noncontig":
+        x = r(B, 2 * Cin + 1, H + 2, W + 3)[:, 1::2, 1:H + 1, 2:W + 2]
+        res = r(B, Cout, H, 2 * W)[..., ::2]
+    else:
+        x, res = r(B, Cin, H, W), r(B, Cout, H, W)
+    if layout == "channels_last":
+        x, res = (t.contiguous(memory_format=torch.channels_last) for t in (x, res))
+    return x, r(Cout, Cin, scale=Cin ** -0.5), r(Cout, scale=0.5), r(Cout, scale=0.7), res
+
+
+def check(x, w, act, bias=None, alpha=None, r=None):
+    f32 = lambda t: None if t is None else t.float()  # noqa: E731
+    got = pwconv(f32(x), f32(w), f32(bias), act=act, alpha=f32(alpha), r=f32(r), backend="cpu")
+    ref = pwconv_reference(x, w, bias, act, alpha, r)
+    eager = pwconv_reference(f32(x), f32(w), f32(bias), act, f32(alpha), f32(r))
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert not torch.isnan(got).any(), "NaN: an unwritten element?"
+    scale = max(ref.abs().max().item(), 1.0) if ref.numel() else 1.0
+    assert max_err(got, ref) <= ERR_FACTOR * max_err(eager, ref) + ATOL[torch.float32] * scale
+    return got
+
+
+@pytest.mark.parametrize("act", ["none", "gelu", "relu"])
+@pytest.mark.parametrize("epilogue", ["plain", "bias", "residual", "bias_alpha_residual"])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1), (2, 5, 7, 9, 13), (1, 3, 130, 5, 110), (2, 17, 3, 23, 29)],
+                         ids=str)
+def test_epilogues_and_odd_sizes(shape, epilogue, act):
+    x, w, b, a, res = make(*shape)
+    kw = {"plain": {}, "bias": dict(bias=b), "residual": dict(r=res),
+          "bias_alpha_residual": dict(bias=b, alpha=a, r=res)}[epilogue]
+    check(x, w, act, **kw)
+
+
+@pytest.mark.parametrize("shape", [(1, 32, 32, 40, 37), (1, 64, 64, 17, 12), (1, 160, 160, 9, 8),
+                                   (1, 256, 256, 6, 5), (1, 480, 256, 11, 13), (1, 256, 150, 8, 9)], ids=str)
+def test_segnext_widths(shape):
+    x, w, b, a, res = make(*shape)
+    check(x, w, "gelu", bias=b)
+    check(x, w, "none", bias=b, alpha=a, r=res)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "noncontig"])
+def test_layouts(layout):
+    x, w, b, a, res = make(2, 6, 10, 11, 14, layout=layout)
+    got = check(x, w, "relu", bias=b, alpha=a, r=res)
+    assert got.is_contiguous()
+
+
+def test_batch_zero():
+    x, w, b, a, res = make(0, 3, 4, 5, 6)
+    assert pwconv(x.float(), w.float(), b.float(), backend="cpu").shape == (0, 4, 5, 6)
+
+
+def test_nan_and_inf_propagate_as_eager():
+    x, w, b, a, res = (t.float() for t in make(1, 4, 5, 6, 7))
+    x[0, 1, 2, 3] = float("nan")
+    res[0, 2, 4, 5] = float("inf")
+    for act in ("none", "gelu", "relu"):
+        got = pwconv(x, w, b, act=act, alpha=a, r=res, backend="cpu")
+        ref = pwconv_reference(x, w, b, act, a, res)
+        assert torch.equal(torch.isnan(got), torch.isnan(ref)), act
+        assert torch.equal(torch.isinf(got), torch.isinf(ref)), act
+
+
+def test_one_and_two_threads_bitwise_equal():
+    x, w, b, a, res = (t.float() for t in make(2, 48, 40, 37, 41))
+    try:
+        torch.set_num_threads(1)
+        one = pwconv(x, w, b, act="gelu", alpha=a, r=res, backend="cpu")
+        torch.set_num_threads(2)
+        two = pwconv(x, w, b, act="gelu", alpha=a, r=res, backend="cpu")
+    finally:
+        torch.set_num_threads(2)
+    assert torch.equal(one, two)
+
+
+def test_gradient_needed_runs_the_reference():
+    """The kernel is forward only: with a gradient needed the reference runs and autograd works."""
+    x, w, b, a, res = (t.float().requires_grad_() for t in make(1, 4, 5, 6, 7))
+    y = pwconv(x, w, b, act="gelu", alpha=a, r=res, backend="cpu")
+    assert y.grad_fn is not None
+    y.sum().backward()
+    assert all(t.grad is not None for t in (x, w, b, a, res))
+
+
+def test_other_dtypes_fall_back_to_the_reference():
+    x, w, b, a, res = make(1, 4, 5, 6, 7)
+    for dt in (torch.float64, torch.bfloat16):
+        got = pwconv(x.to(dt), w.to(dt), b.to(dt), act="gelu", backend="auto")
+        assert got.dtype == dt
+        torch.testing.assert_close(got, pwconv_reference(x.to(dt), w.to(dt), b.to(dt), "gelu"))
+    with pytest.raises(TypeError, match="cpu"):
+        pwconv(x, w, b, backend="cpu")  # float64 is not a dtype of the cpu kernel
+
+
+def test_opcheck_and_compile_fullgraph():
+    x, w, b, a, res = (t.float() for t in make(1, 3, 4, 7, 9))
+    torch.library.opcheck(torch.ops.segnext_kernels.pwconv_fwd.default, (x, w, b, "gelu", a, res, "cpu"))
+    fn = lambda x: pwconv(x, w, b, act="relu", alpha=a, r=res, backend="cpu")  # noqa: E731
+    with torch.no_grad():
+        ref = fn(x)
+        torch._dynamo.reset()
+        got = torch.compile(fn, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_bad_input(ext):
+    x, w, b, a, res = (t.float() for t in make(1, 4, 5, 6, 7))
+    with pytest.raises(ValueError, match="x: expected a 4-D"):
+        pwconv(x[0], w, b, backend="cpu")
+    with pytest.raises(ValueError, match=r"weight: expected shape \(Cout, 4\)"):
+        pwconv(x, w[:, :3], b, backend="cpu")
+    with pytest.raises(ValueError, match=r"bias: expected shape \(5,\)"):
+        pwconv(x, w, b[:4], backend="cpu")
+    with pytest.raises(TypeError, match="alpha: expected dtype torch.float32"):
+        pwconv(x, w, b, alpha=a.double(), r=res, backend="cpu")
+    with pytest.raises(ValueError, match=r"r: expected shape \(1, 5, 6, 7\)"):
+        pwconv(x, w, b, r=res[:, :4], backend="cpu")
+    with pytest.raises(ValueError, match="act: expected one of"):
+        pwconv(x, w, b, act="silu", backend="cpu")
+    with pytest.raises(TypeError, match="x: expected a torch.Tensor"):
+        pwconv(None, w, b, backend="cpu")
+    with pytest.raises(RuntimeError, match="pwconv_forward: act must be"):
+        ext.pwconv_forward(x, w, b, 7, None, None)
+    with pytest.raises(RuntimeError, match=r"pwconv_forward: w must be a float32 CPU tensor of shape \(Cout, 4\)"):
+        ext.pwconv_forward(x, w[:, :2].contiguous(), b, 0, None, None)
