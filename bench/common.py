@@ -432,6 +432,31 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup_ms: float 
     return {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7], "reps": len(times)}
 
 
+def round_robin(fns: Sequence[Callable[[], object]], plans: Sequence[tuple[int, int]], *, min_reps: int,
+                max_reps: int, min_s: float, min_rounds: int = 0) -> tuple[list[list[float]], int]:
+    """CPU timing of several implementations side by side: rounds in which each ``fns[i]`` makes ``plans[i] =
+    (warm, block)`` calls, ``warm`` untimed (ONNX Runtime's and OpenVINO's worker threads spin-wait after a call and
+    slow the next implementation's calls down) then ``block`` timed ones (``time.perf_counter``), until every fn has
+    ``min_reps`` timed calls and ``min_s`` seconds have passed, or one has ``max_reps``; at least ``min_rounds``
+    rounds. Returns (ms of each timed call, per fn; rounds made)."""
+    times: list[list[float]] = [[] for _ in fns]
+    start, rounds = time.perf_counter(), 0
+    while fns:
+        least = min(len(t) for t in times)
+        if rounds >= min_rounds and (least >= max_reps or (least >= min_reps and
+                                                           time.perf_counter() - start >= min_s)):
+            break
+        for fn, (warm, block), ts in zip(fns, plans, times):
+            for _ in range(warm):
+                fn()
+            for _ in range(block):
+                t0 = time.perf_counter()
+                fn()
+                ts.append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+    return times, rounds
+
+
 class Budget:
     """Wall-clock budget in seconds (None: unlimited): measurements after it is spent are skipped, not started."""
 

@@ -1,26 +1,38 @@
 """Whole-model benchmark: SegNeXt-T/S/B/L inference throughput (images/s) and training-step time, eager against
-``segnext_kernels.fuse(model)`` and torch.compile of each, in fp32 and fp16 / bf16 autocast, with peak memory.
+``segnext_kernels.fuse(model)`` and torch.compile of each, in fp32 and fp16 / bf16 autocast, with peak memory; on
+CPU also against ONNX Runtime and OpenVINO, and a cost-against-input-size sweep.
 
     python -m bench.model [--quick] [--models t,s,b,l] [--cases NAME,...] [--shape B,H,W] [--train-shape B,H,W]
-                          [--precision fp32,fp16,bf16] [--variants eager,fused,compile,compile_fused]
+                          [--precision fp32,fp16,bf16] [--variants eager,fused,compile,compile_fused,ort,openvino]
                           [--fuse-backend auto] [--out DIR] [--save | --no-save] [--budget-s S] [--cpu]
+                          [--threads T] [--no-memory] [--reps N] [--max-reps N] [--min-s S]
+                          [--sweep [--sizes 256,512,...]] [--goals FILE.json ...]
 
 Cases (``CASES``, H x W): ADE20K 512x512 batch 1 and 16, Cityscapes 768x1536 and 1024x2048 (the 2048x1024 frames,
 W x H) batch 1, inference in eval mode under no_grad; one training step (forward, cross-entropy against random
 labels, backward; no optimizer step) at 512x512 batch 16, train mode (BN batch statistics,
-NMF2D with 6 steps), the single-GPU batch of mmseg's 1x16 ADE20K recipe. On CPU: SegNeXt-T at 64x64 batch 1
-(inference and one training step), fp32.
+NMF2D with 6 steps), the single-GPU batch of mmseg's 1x16 ADE20K recipe.
+
+On CPU (no GPU, or ``--cpu``; ``bench/model_cpu.py`` has the details): SegNeXt-T, -S and -B at ADE20K 512x512 and
+Cityscapes 1024x2048 batch 1 (inference) and one training step at 512x512 batch 1 (``CPU_CASES``), fp32 and bf16,
+2 threads (``--threads``), variants eager, fused, compile, compile_fused and the ONNX Runtime / OpenVINO peers (forward
+only; ONNX Runtime fp32 only), timed round-robin in one process; peak memory as peak RSS growth in a fresh subprocess
+per row (``peak_rss_MiB``; ``--no-memory`` skips it); the goals of the CPU issue printed at the end. ``--quick``: T,
+512x512, fp32, eager / fused / ort / openvino. ``--sweep``: SegNeXt-T and -B, eager / fused / ort, fp32, square
+inputs 256 to 2048 (``--sizes``), ms against size in one PNG. ``--goals FILE.json``: the goals from result files.
+CPU runs write result files only with ``--save``.
 
 Variants: "eager" (the reference model), "fused" (``segnext_kernels.fuse(model)``: MSCA and NMF2D swapped in place,
-same parameters), "compile" and "compile_fused" (``torch.compile`` of each, default mode, CUDA only; compile time
-excluded: one call before timing, caches reset per case). Precision "fp32" runs the fp32 model; "fp16" / "bf16" run it under
+same parameters), "compile" and "compile_fused" (``torch.compile`` of each, default mode; compile time
+excluded: one call before timing, caches reset per case), "ort" and "openvino" (CPU only: the exported eager model,
+``bench/cpu_peers.py``). Precision "fp32" runs the fp32 model; "fp16" / "bf16" run it under
 ``torch.autocast(dtype=...)`` (weights stay fp32, as in mixed-precision training).
 
 Columns: median / p20 / p80 ms per call (a batch, or one training step); img/s = batch / median; ``vs eager`` /
 ``vs compile`` = that variant's median / this median; peak MiB = ``torch.cuda.max_memory_allocated`` over one call
-after a reset (weights, inputs and activations; n/a on CPU). Printed beside the table: the paper's real-time claim,
-SegNeXt-T at 25 FPS for 768x1536 on one RTX 3090 (paper section 4.3 / Table 11), next to our SegNeXt-T 768x1536
-figure (a different GPU: compare with care).
+after a reset (weights, inputs and activations; on CPU ``peak_rss_MiB`` instead, see ``bench/model_cpu.py``).
+Printed beside the table: the paper's real-time claim, SegNeXt-T at 25 FPS for 768x1536 on one RTX 3090 (paper
+section 4.3 / Table 11), next to our SegNeXt-T 768x1536 figure (a different GPU: compare with care).
 """
 from __future__ import annotations
 
@@ -44,10 +56,19 @@ CASES = {
     "city1024x2048-b1": ("infer", 1, 1024, 2048),
     "train512-b16": ("train", 16, 512, 512),
 }
-CPU_CASES = {"cpu64-b1": ("infer", 1, 64, 64), "cpu-train64-b1": ("train", 1, 64, 64)}
+#: CPU runs: batch 1 (and tiny cases for smoke tests, selectable with --cases)
+CPU_CASES = {"ade512-b1": ("infer", 1, 512, 512), "city1024x2048-b1": ("infer", 1, 1024, 2048),
+             "cpu-train512-b1": ("train", 1, 512, 512), "cpu64-b1": ("infer", 1, 64, 64),
+             "cpu-train64-b1": ("train", 1, 64, 64)}
 QUICK = dict(models=("t", "b"), cases=("ade512-b16", "city768x1536-b1", "train512-b16"),
              precisions=("fp32", "bf16"), variants=("eager", "fused"))
-VARIANTS = ("eager", "fused", "compile", "compile_fused")
+VARIANTS = ("eager", "fused", "compile", "compile_fused", "ort", "openvino")
+GPU_VARIANTS = ("eager", "fused", "compile", "compile_fused")
+#: the CPU presets: the full matrix of the CPU issue, and --quick (the smoke run)
+CPU_FULL = dict(models=("t", "s", "b"), cases=("ade512-b1", "city1024x2048-b1", "cpu-train512-b1"),
+                precisions=("fp32", "bf16"), variants=VARIANTS)
+CPU_QUICK = dict(models=("t",), cases=("ade512-b1",), precisions=("fp32",),
+                 variants=("eager", "fused", "ort", "openvino"))
 PRECISIONS = ("fp32", "fp16", "bf16")
 #: rows with the same values of these share baselines (speedup columns)
 GROUP_KEYS = ("model", "case", "precision")
@@ -64,21 +85,18 @@ def resolve_fuse():
 
 
 def resolved_backends(model, device: torch.device) -> dict:
-    """``{"msca": {backend: count}, "ham": {backend: count}}``: which backend each swapped module of ``model``
-    actually runs on ``device`` (its ``backend`` attribute resolved by ``segnext_kernels.backend.resolve_backend`` /
-    ``segnext_kernels.nmf.resolve_nmf_backend``, the functions the ops themselves call)."""
-    out: dict[str, dict[str, int]] = {"msca": {}, "ham": {}}
+    """``{"msca": {backend: count}, "ham": {backend: count}, "mlp": {...}}``: which backend each swapped module of
+    ``model`` actually runs on ``device`` (its ``backend`` attribute resolved by ``segnext_kernels.backends.resolve``,
+    the function the ops themselves call)."""
+    out: dict[str, dict[str, int]] = {"msca": {}, "ham": {}, "mlp": {}}
     p = next((t for t in model.parameters() if t.is_floating_point()), None)
     dtype = p.dtype if p is not None else torch.float32
     for m in model.modules():
-        kind = {"FusedMSCA": "msca", "FusedNMF2D": "ham"}.get(type(m).__name__)
+        kind = {"FusedMSCA": "msca", "FusedNMF2D": "ham", "FusedMlp": "mlp"}.get(type(m).__name__)
         if kind is None:
             continue
         try:
-            if kind == "msca":
-                name = common.sk_resolve_backend(m.backend, device, dtype)
-            else:
-                name = common.sk_resolve_nmf_backend(m.backend, device, dtype)
+            name = common.sk_resolve({"ham": "nmf2d"}.get(kind, kind), m.backend, device, dtype)
         except Exception as e:  # noqa: BLE001 - the forward would raise the same
             name = f"unavailable ({type(e).__name__})"
         out[kind][name] = out[kind].get(name, 0) + 1
@@ -232,7 +250,7 @@ def paper_line(rows, device_name: str) -> str:
             and r["img_per_s"]]
     if not ours:
         return (f"{PAPER_CLAIM}.\n  ours: SegNeXt-T at 768x1536 was not measured in this run"
-                + (" (CPU runs use 64x64)" if "CPU" in device_name else ""))
+                + (" (the CPU cases are 512x512 and 1024x2048)" if "CPU" in device_name else ""))
     parts = ", ".join(f"{r['variant']} {r['precision']} {r['img_per_s']:.1f}" for r in ours)
     best = max(ours, key=lambda r: r["img_per_s"])
     return (f"{PAPER_CLAIM}.\n  ours on {device_name} (images/s, batch 1): {parts}; best {best['img_per_s']:.1f} "
@@ -257,17 +275,38 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="GPU subset: SegNeXt-T and -B, ade512-b16, city768x1536-b1, train512-b16, fp32 and bf16, "
-                         "eager and fused")
-    ap.add_argument("--models", default=None, help="subset of t,s,b,l (default all; CPU: t)")
-    ap.add_argument("--cases", default=None, help=f"subset of {','.join(CASES)} (default all; CPU: the 64x64 ones)")
+                         "eager and fused; CPU: SegNeXt-T, ade512-b1, fp32, eager, fused, ort, openvino")
+    ap.add_argument("--models", default=None, help="subset of t,s,b,l (default all; CPU: t,s,b; sweep: t,b)")
+    ap.add_argument("--cases", default=None,
+                    help=f"subset of {','.join(CASES)} (default all) or, on CPU, of {','.join(CPU_CASES)} "
+                         "(default the first three)")
     ap.add_argument("--shape", default=None, metavar="B,H,W", help="custom inference case (replaces --cases)")
     ap.add_argument("--train-shape", default=None, metavar="B,H,W", help="custom training-step case (with --shape)")
-    ap.add_argument("--precision", default=None, help="subset of fp32,fp16,bf16 (default all; CPU: fp32)")
+    ap.add_argument("--precision", default=None,
+                    help="subset of fp32,fp16,bf16 (default all; CPU: fp32,bf16; sweep: fp32)")
     ap.add_argument("--variants", default=None,
-                    help="subset of eager,fused,compile,compile_fused (default all; compile is CUDA only)")
+                    help="subset of eager,fused,compile,compile_fused,ort,openvino (default: GPU the first four, CPU "
+                         "all; ort and openvino are CPU only; sweep: eager,fused,ort)")
     ap.add_argument("--fuse-backend", default="auto", help="backend passed to fuse() (default auto)")
+    ap.add_argument("--sweep", action="store_true",
+                    help="CPU: cost against input size: SegNeXt-T and -B, eager/fused/ort, fp32, batch 1, square "
+                         "inputs (--sizes); its own CSV/JSON/PNG")
+    ap.add_argument("--sizes", default=None,
+                    help="sweep sizes, comma-separated multiples of 32 (default 256,512,768,1024,1536,2048)")
+    ap.add_argument("--no-memory", action="store_true",
+                    help="CPU: skip the peak-memory subprocesses (peak_rss_MiB empty)")
+    ap.add_argument("--reps", type=int, default=5, help="CPU: minimum timed calls per variant (default 5)")
+    ap.add_argument("--max-reps", type=int, default=25, help="CPU: maximum timed calls per variant (default 25)")
+    ap.add_argument("--min-s", type=float, default=0.0,
+                    help="CPU: minimum timing seconds per (model, case, precision) (default 0)")
+    ap.add_argument("--goals", nargs="+", default=None, metavar="FILE.json",
+                    help="print the CPU goals from result files (JSON or CSV path) and exit")
     common.add_timing_args(ap, "100, quick 50", "500, quick 200", check=False)
     common.add_common_args(ap)
+    ap.set_defaults(threads=None)  # CPU: 2 threads unless --threads (bench/model_cpu.py)
+    for a in ap._actions:
+        if a.dest == "threads":
+            a.help = "CPU runs: torch / ONNX Runtime / OpenVINO threads (default 2)"
     return ap
 
 
@@ -275,40 +314,57 @@ def main(argv=None) -> int:
     return common.run_main(build_parser, _main, argv)
 
 
+def custom_cases(args) -> dict:
+    """The cases of ``--shape`` (inference) and ``--train-shape`` (a training step); empty without either."""
+    cases = {}
+    if args.shape:
+        B, H, W = common.parse_shape(args.shape, 3, "--shape")
+        cases[f"custom{H}x{W}-b{B}"] = ("infer", B, H, W)
+    if args.train_shape:
+        B, H, W = common.parse_shape(args.train_shape, 3, "--train-shape")
+        cases[f"train-custom{H}x{W}-b{B}"] = ("train", B, H, W)
+    return cases
+
+
 def _main(args, argv, device) -> int:
-    gpu = device.type == "cuda"
-    quick = args.quick and gpu
-    models = common.parse_list(args.models or (",".join(QUICK["models"]) if quick else
-                                               ",".join(MODELS) if gpu else "t"), MODELS, "--models")
+    if args.goals:
+        from . import model_cpu
+
+        return model_cpu.main_goals(args.goals)
+    if device.type == "cpu":
+        from . import model_cpu
+
+        return model_cpu.main_cpu(args, argv)
+    return _main_gpu(args, argv, device)
+
+
+def _main_gpu(args, argv, device) -> int:
+    """The CUDA run (CPU runs: ``bench/model_cpu.py``)."""
+    quick = args.quick
+    models = common.parse_list(args.models or (",".join(QUICK["models"]) if quick else ",".join(MODELS)), MODELS,
+                               "--models")
     if args.shape or args.train_shape:
-        cases = {}
-        if args.shape:
-            B, H, W = common.parse_shape(args.shape, 3, "--shape")
-            cases[f"custom{H}x{W}-b{B}"] = ("infer", B, H, W)
-        if args.train_shape:
-            B, H, W = common.parse_shape(args.train_shape, 3, "--train-shape")
-            cases[f"train-custom{H}x{W}-b{B}"] = ("train", B, H, W)
+        cases = custom_cases(args)
     elif args.cases:
         allowed = dict(CASES, **CPU_CASES)
         cases = {n: allowed[n] for n in common.parse_list(args.cases, list(allowed), "--cases")}
     else:
-        cases = {n: CASES[n] for n in QUICK["cases"]} if quick else dict(CASES) if gpu else dict(CPU_CASES)
+        cases = {n: CASES[n] for n in QUICK["cases"]} if quick else dict(CASES)
     precisions = common.parse_list(args.precision or (",".join(QUICK["precisions"]) if quick else
-                                                      ",".join(PRECISIONS) if gpu else "fp32"),
-                                   PRECISIONS, "--precision")
-    variants = common.parse_list(args.variants or (",".join(QUICK["variants"]) if quick else ",".join(VARIANTS)),
+                                                      ",".join(PRECISIONS)), PRECISIONS, "--precision")
+    variants = common.parse_list(args.variants or (",".join(QUICK["variants"]) if quick else ",".join(GPU_VARIANTS)),
                                  VARIANTS, "--variants")
     notes = []
-    if not gpu and any(v.startswith("compile") for v in variants):
-        variants = [v for v in variants if not v.startswith("compile")]
-        notes.append("compile variants skipped: the torch.compile baselines are measured on CUDA only")
+    if any(v in ("ort", "openvino") for v in variants):
+        variants = [v for v in variants if v not in ("ort", "openvino")]
+        notes.append("ort / openvino skipped: the ONNX Runtime and OpenVINO peers are measured on CPU runs (--cpu)")
+    if args.sweep:
+        notes.append("--sweep is a CPU run (--cpu): ignored here")
     fuse_fn, fuse_desc = resolve_fuse()
     if any(v.endswith("fused") for v in variants):
         notes.append(f"fused = {fuse_desc}, backend={args.fuse_backend!r}")
         notes.append("the backend each fused module actually runs is asked for (resolve_backend); where they all "
                      "resolve to the reference, fused runs the eager ops: its rows say 'same code', no speedup")
-    if not gpu:
-        notes.append("peak memory is n/a on CPU; result files are written only with --save")
     env = common.environment(device)
     floors = {"hbm_GBps": None, "hbm_source": "none", "hbm_peak_GBps": None, "fma_peak_TFLOPs": None}
     meta_cols = common.run_meta("model", env, floors)
@@ -329,7 +385,7 @@ def _main(args, argv, device) -> int:
     title = common.plot_title("SegNeXt speedup vs eager", env)
     paths = writer.finish(lambda p: plot(rows, p, title))
     print()
-    print(("SegNeXt, CPU wall-clock figures" if not gpu else f"SegNeXt on {env['device']}") +
+    print(f"SegNeXt on {env['device']}" +
           " (median ms per batch / training step; img/s = batch / median; vs X = X's median / this median with its "
           "p20/p80 range; ~same = the spreads overlap; same code = both ran the same ops: no ratio)")
     print(table(rows, present))

@@ -195,21 +195,12 @@ def run_cases(shapes: dict, dtypes, modes, threads_list, impls, env_meta: dict, 
                                 row["status"] = common.short_error(e)
                                 emit(row)
                         if group:
-                            times = [[] for _ in group]
-                            start = time.perf_counter()
-                            while len(times[0]) < max_reps and (len(times[0]) < min_reps or
-                                                                time.perf_counter() - start < min_s):
-                                for (_, fn), ts in zip(group, times):
-                                    # a block per impl: ONNX Runtime's and OpenVINO's worker threads spin-wait
-                                    # after a call and slow the next impl's call down (4x measured for the cpu
-                                    # kernels right after an ORT call); untimed calls first (a pause would be
-                                    # worse: the cores' first calls after idling are slow too)
-                                    for _ in range(WARM_CALLS):
-                                        fn()
-                                    for _ in range(BLOCK):
-                                        t0 = time.perf_counter()
-                                        fn()
-                                        ts.append((time.perf_counter() - t0) * 1e3)
+                            # a block per impl: ONNX Runtime's and OpenVINO's worker threads spin-wait after a
+                            # call and slow the next impl's call down (4x measured for the cpu kernels right after
+                            # an ORT call); untimed calls first (a pause would be worse: the cores' first calls
+                            # after idling are slow too)
+                            times, _ = common.round_robin([fn for _, fn in group], [(WARM_CALLS, BLOCK)] * len(group),
+                                                          min_reps=min_reps, max_reps=max_reps, min_s=min_s)
                             for (row, _), ts in zip(group, times):
                                 row.update(_stats(ts))
                                 emit(row)

@@ -15,8 +15,11 @@ for GPU figures: without any GPU file the section says that no GPU measurements 
 After the GPU part, a CPU part from the newest CPU MSCA files (``python -m bench.msca`` on CPU, merged over files of
 the same CPU model and commit): the CPU model, commit, date and versions, per mode a table of every implementation's
 median ms at the largest thread count measured, the FMA floor, the cpu backend against its fastest peer (with the
-spread), and a plain list of what was not run. When the README lacks the markers the section is printed and the
-README is left alone.
+spread), and a plain list of what was not run. Then, from the newest CPU whole-model files of ``python -m
+bench.model --cpu`` (files that carry ``meta.goals``, i.e. written by ``bench/model_cpu.py``) and of its ``--sweep``:
+per case ms of every variant, images/s, peak RSS, the goals of the CPU issue (met / missed / not measured, with
+the numbers) and the size sweep. When the README lacks the markers the section is printed and the README is left
+alone.
 """
 from __future__ import annotations
 
@@ -30,13 +33,16 @@ from . import common
 START = "<!-- bench:results:start -->"
 END = "<!-- bench:results:end -->"
 KINDS = ("msca", "nmf", "model")
+#: CPU result kinds summarised (model_sweep: ``python -m bench.model --cpu --sweep``)
+CPU_KINDS = ("msca", "model", "model_sweep")
 TITLES = {"msca": "MSCA (one attention module)", "nmf": "NMF2D (Hamburger decoder)", "model": "Whole SegNeXt models"}
 
 
 #: columns identifying one measurement; a newer file's row replaces an older one's with the same identity
 IDENTITY = {"msca": ("shape_name", "shape", "dtype", "mode", "impl", "threads"),
             "nmf": ("shape_name", "shape", "R", "K", "dtype", "mode", "grad", "impl"),
-            "model": ("model", "case", "batch", "H", "W", "precision", "variant")}
+            "model": ("model", "case", "batch", "H", "W", "precision", "variant", "threads"),
+            "model_sweep": ("model", "case", "batch", "H", "W", "precision", "variant", "threads")}
 
 
 def _load(results_dir: Path, device_kind: str = "cuda") -> list[tuple[tuple, Path, dict]]:
@@ -48,7 +54,7 @@ def _load(results_dir: Path, device_kind: str = "cuda") -> list[tuple[tuple, Pat
             kind = meta["kind"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if kind in KINDS and meta.get("device_kind") == device_kind and data.get("rows"):
+        if kind in KINDS + CPU_KINDS and meta.get("device_kind") == device_kind and data.get("rows"):
             found.append(((str(meta.get("date", "")), path.name), path, data))
     return sorted(found, key=lambda t: t[0])
 
@@ -61,19 +67,22 @@ def newest_gpu_results(results_dir: Path) -> dict:
 
 
 def newest_cpu_results(results_dir: Path) -> dict:
-    """As ``newest_gpu_results`` for the CPU MSCA files (``python -m bench.msca`` on CPU; kind "msca" only): the
+    """As ``newest_gpu_results`` for the CPU files: MSCA (``python -m bench.msca`` on CPU) and the whole models
+    (``python -m bench.model --cpu``, only files with ``meta.goals``; ``--sweep`` ones as kind "model_sweep"): the
     newest file, preferring the preset runs (default / full) over custom-shape ones, merged with the other CPU
     files of the same CPU model and commit."""
-    return _newest_results(results_dir, "cpu", ("msca",))
+    return _newest_results(results_dir, "cpu", CPU_KINDS)
 
 
 def _newest_results(results_dir: Path, device_kind: str, kinds) -> dict:
-    from . import model as _model, msca as _msca, nmf as _nmf
+    from . import model as _model, model_cpu as _model_cpu, msca as _msca, nmf as _nmf
 
     files = _load(results_dir, device_kind)
     out = {}
     for kind in kinds:
         mine = [(k, p, d) for k, p, d in files if d["meta"]["kind"] == kind]
+        if device_kind == "cpu" and kind != "msca":  # the CPU model files of bench/model_cpu.py (they carry goals)
+            mine = [t for t in mine if "goals" in t[2]["meta"]]
         if not mine:
             continue
         preset = [t for t in mine if t[2]["meta"].get("subset") != "custom"]
@@ -85,7 +94,9 @@ def _newest_results(results_dir: Path, device_kind: str, kinds) -> dict:
             for r in d["rows"]:
                 merged[tuple(str(r.get(c)) for c in IDENTITY[kind])] = dict(r)
         rows = list(merged.values())
-        if kind == "model":
+        if device_kind == "cpu" and kind != "msca":
+            _model_cpu.derive(rows)
+        elif kind == "model":
             common.add_derived(rows, _model.GROUP_KEYS, ("eager", "compile"), impl_key="variant")
         else:
             mod = _msca if kind == "msca" else _nmf
@@ -328,6 +339,90 @@ def _cpu_section(res: dict, readme_dir: Path) -> list[str]:
     return out
 
 
+MODEL_COLS = (("eager", "eager"), ("fused", "fused"), ("compile", "torch.compile"),
+              ("compile_fused", "compile of fused"), ("ort", "ONNX Runtime"), ("openvino", "OpenVINO"))
+
+
+def _cpu_head(what: str, res: dict, readme_dir: Path) -> str:
+    meta = res["meta"]
+    data = ", ".join(f"[{p.stem}]({_link(p.with_suffix('.csv'), readme_dir)}) (CSV)" for p in res["files"])
+    threads = sorted({str(r.get("threads")) for r in res["rows"] if r.get("threads") not in (None, "")})
+    subset = meta.get("subset", "?") + (" run" if len(res["files"]) == 1 else f" run over {len(res['files'])} files")
+    if not res["complete"]:
+        subset += ", cut off before the end"
+    return (f"**{what}** (wall-clock `time.perf_counter` medians per image or training step, the variants timed "
+            f"round-robin in one process; CPU figures): {meta.get('cpu_model', meta.get('device'))}, "
+            f"{', '.join(threads) or '?'} thread(s); torch {meta.get('torch')}, onnxruntime {meta.get('onnxruntime')}, "
+            f"openvino {meta.get('openvino')}; commit `{meta.get('commit')}`, {meta.get('date')}; {subset}; "
+            f"{meta.get('fuse', 'fused = segnext_kernels.fuse')}; data: {data}.")
+
+
+def _cpu_model_section(res: dict, readme_dir: Path) -> list[str]:
+    """The CPU whole-model part: per (model, case, precision) the ms of every variant, images/s of eager and fused,
+    fused against eager and against the faster peer, peak RSS; then the goals, plainly; the PNG."""
+    from . import model_cpu as _mc
+
+    rows = res["rows"]
+    present = [(v, h) for v, h in MODEL_COLS if any(r["variant"] == v for r in rows)]
+    out = [_cpu_head("Whole SegNeXt models on CPU", res, readme_dir), "",
+           "Peak memory = peak RSS of one call minus the RSS before the model was built (weights, runtime state "
+           "and the call's working memory), each variant in a fresh subprocess (`bench/model_cpu.py`). `x (a-b)` = "
+           "ratio of medians (range over the p20-p80 spreads), `~same` = the spreads overlap.", ""]
+    header = ["model", "case", "precision"] + [f"{h} ms" for _, h in present]
+    header += ["img/s eager / fused", "fused vs eager", "fused / best peer", "peak RSS MiB " +
+               " / ".join(v for v, _ in present)]
+    table = []
+    for g in dict.fromkeys((r["model"], r["case"], r["precision"]) for r in rows):
+        sub = {r["variant"]: r for r in rows if (r["model"], r["case"], r["precision"]) == g}
+        line = list(g) + [_cell_ms(sub.get(v)) for v, _ in present]
+        line.append(" / ".join(common.fmt(sub[v]["img_per_s"], "g3") if v in sub and _ok(sub[v]) else "-"
+                               for v in ("eager", "fused")))
+        f = sub.get("fused")
+        line.append((f.get("vs_eager") or "-") if f and _ok(f) else "-")
+        line.append(_x(f and _ok(f) and f.get("ms_vs_best_peer")) + (f" ({f['best_peer']})" if f and _ok(f) and
+                                                                    f.get("best_peer") else ""))
+        line.append(" / ".join(common.fmt(sub[v].get("peak_rss_MiB"), ".0f") if v in sub else "-"
+                               for v, _ in present))
+        table.append(line)
+    out += _md_table(header, table) + [""]
+    gs = _mc.goals(rows)
+    out.append("Goals of the CPU issue (" + ", ".join(f"{n} {v}" for v, n in (
+        ("met", sum(g["verdict"] == "met" for g in gs)), ("missed", sum(g["verdict"] == "missed" for g in gs)),
+        ("not measured", sum(g["verdict"] == "not measured" for g in gs)))) + f"; {_mc.GOAL_CASE}, fp32, "
+               f"{_mc.GOAL_THREADS} threads, batch 1):")
+    out.append("")
+    out += [f"- **{g['verdict']}**: {g['model']}, {g['goal']}: {g['text']}" for g in gs]
+    failed = [r for r in rows if str(r.get("status", "")).startswith(("error", "CHECK"))]
+    if failed:
+        out += ["", "Failed combinations (see the CSV): " + "; ".join(
+            f"{r['model']} {r['case']} {r['precision']} {r['variant']}: {r['status'][:80]}" for r in failed[:6]) +
+            (f"; and {len(failed) - 6} more" if len(failed) > 6 else "")]
+    pngs = [p.with_suffix(".png") for p in res["files"] if p.with_suffix(".png").is_file()]
+    if pngs:
+        out += ["", f"![SegNeXt on CPU: median ms]({_link(pngs[-1], readme_dir)})"]
+    return out
+
+
+def _cpu_sweep_section(res: dict, readme_dir: Path) -> list[str]:
+    """The size sweep: ms of each (model, variant) by input size, and the PNG."""
+    rows = res["rows"]
+    cols = list(dict.fromkeys((r["model"], r["variant"]) for r in rows))
+    header = ["H = W"] + [f"{m[-1]} {v} ms" for m, v in cols]
+    table = []
+    for size in sorted({int(r["H"]) for r in rows}):
+        line = [str(size)]
+        for m, v in cols:
+            r = next((x for x in rows if x["model"] == m and x["variant"] == v and int(x["H"]) == size), None)
+            line.append(_cell_ms(r))
+        table.append(line)
+    out = [_cpu_head("Cost against input size on CPU", res, readme_dir) + " fp32, batch 1, square inputs.", ""]
+    out += _md_table(header, table)
+    pngs = [p.with_suffix(".png") for p in res["files"] if p.with_suffix(".png").is_file()]
+    if pngs:
+        out += ["", f"![SegNeXt on CPU: ms against input size]({_link(pngs[-1], readme_dir)})"]
+    return out
+
+
 def build_section(results: dict, readme_dir: Path, want_dtype: str = "bf16", cpu_results=None) -> str:
     """The markdown placed between the markers (without the markers): the GPU results, then the CPU MSCA ones."""
     lines = ["_Generated by `python -m bench.report --write` from the newest result files in `bench/results/`; "
@@ -339,6 +434,9 @@ def build_section(results: dict, readme_dir: Path, want_dtype: str = "bf16", cpu
         cpu_lines = [""] + _cpu_section(cpu_results["msca"], readme_dir)
     else:
         cpu_lines = ["", "**MSCA on CPU**: no CPU result file yet (`python -m bench.msca --full` writes one)."]
+    for kind, part in (("model", _cpu_model_section), ("model_sweep", _cpu_sweep_section)):
+        if cpu_results and kind in cpu_results:
+            cpu_lines += [""] + part(cpu_results[kind], readme_dir)
     if not results:
         lines += ["No GPU measurements exist yet: `bench/results/` holds no result file from a GPU, so there are no "
                   "speed figures here (they are missing, not guessed). To produce them on a CUDA machine: "

@@ -223,20 +223,27 @@ def test_nmf_cli_save(tmp_path, capsys):
         assert int(r["bytes"]) == (K + 2 if r["mode"] == "fwd" else 2 * K + 5) * 16 * 64 * 4
 
 
-def test_model_cli_save(tmp_path, capsys):
+def test_model_cli_save(tmp_path, capsys, monkeypatch):
     # --fuse-backend reference: the modules resolve to the reference, deterministically (auto may pick the cpu
-    # backend, whose extension can take minutes to build on first use)
-    rc = model_bench.main(["--cpu", "--shape", "1,64,64", "--train-shape", "1,64,64", "--fuse-backend", "reference",
-                           "--save", "--out", str(tmp_path)])
+    # backend, whose extension can take minutes to build on first use); one timed round (plumbing)
+    from bench import model_cpu
+
+    for name, value in (("WARM_CALLS", 1), ("BLOCK", 1), ("MIN_ROUNDS", 1)):
+        monkeypatch.setattr(model_cpu, name, value)
+    rc = model_bench.main(["--cpu", "--models", "t", "--precision", "fp32", "--variants", "eager,fused",
+                           "--shape", "1,64,64", "--train-shape", "1,64,64", "--fuse-backend", "reference",
+                           "--threads", "1", "--reps", "1", "--max-reps", "1", "--no-memory", "--save",
+                           "--out", str(tmp_path)])
     text = capsys.readouterr().out
     assert rc == 0
-    assert "SegNeXt, CPU wall-clock figures" in text and "img/s" in text and "peak MiB" in text
+    assert "SegNeXt on CPU" in text and "img/s" in text and "peak RSS MiB" in text
     assert "25 FPS" in text and "768x1536" in text and "RTX 3090" in text
-    assert "compile variants skipped" in text and "fused = " in text
+    assert "fused = " in text and "Goals (SegNeXt-T and -B" in text
     rows, data = _check_files(tmp_path, "model", n_rows=2 * 2)  # (infer, train) x (eager, fused)
     for r in rows:
         assert r["status"] == "ok", r["status"]
-        assert r["model"] == "SegNeXt-T" and float(r["img_per_s"]) > 0 and r["peak_mem_MiB"] == ""
+        assert r["model"] == "SegNeXt-T" and float(r["img_per_s"]) > 0 and r["peak_rss_MiB"] == ""
+        assert r["threads"] == "1" and int(r["reps"]) >= 1
         if r["variant"] == "fused":
             # the backends the swapped modules actually run are recorded; where all resolve to the reference the
             # fused model runs eager's ops: "same code", no speedup (the old "fused 1.07x vs eager" on CPU was noise
@@ -246,7 +253,7 @@ def test_model_cli_save(tmp_path, capsys):
             assert (r["code"] == "eager ops") == all_reference
             assert (r["vs_eager"] == "same code") == all_reference
             assert all_reference and r["speedup_vs_eager"] == "" and "same code" in text
-    assert data["meta"]["fuse"]
+    assert data["meta"]["fuse"] and data["meta"]["goals"]
 
 
 def _readme_copy(tmp_path: Path, markers: bool = True) -> Path:
@@ -392,6 +399,8 @@ def test_bad_arguments_are_reported():
         nmf.main(["--cpu", "--grad", "sideways"])
     with pytest.raises(SystemExit):
         model_bench.main(["--cpu", "--models", "xl"])
+    with pytest.raises(SystemExit):
+        model_bench.main(["--cpu", "--sweep", "--sizes", "100"])
 
 
 def test_sass_census_parses_loops():
