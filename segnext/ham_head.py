@@ -255,6 +255,21 @@ class Hamburger(nn.Module):
         return F.relu(x + enjoy, inplace=True)
 
 
+class LogitsResize(nn.Module):
+    """A bilinear resize as a module: ``F.interpolate(logits, size, mode="bilinear", align_corners)``; the final
+    resize of ``SegNeXt.forward`` (``SegNeXt.resize``) and the decode head's resize of its inputs to the first
+    selected map's size (``LightHamHead.resize``).
+
+    A module of its own (no parameters or buffers: ``state_dict`` has no entry for it) so that it can be swapped,
+    e.g. for ``segnext_kernels.FusedLogitsResize`` (``segnext_kernels.fuse_resize``).
+
+    forward(logits, size, align_corners): logits (B, K, h, w) -> (B, K, *size).
+    """
+
+    def forward(self, logits: torch.Tensor, size, align_corners: bool) -> torch.Tensor:
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=align_corners)
+
+
 class LightHamHead(nn.Module):
     """SegNeXt decoder (official ``LightHamHead``, an mmseg ``BaseDecodeHead`` with
     ``input_transform='multiple_select'``; paper section 3.2, Fig. 3c).
@@ -305,14 +320,18 @@ class LightHamHead(nn.Module):
         self.squeeze = ConvModule(sum(in_channels), ham_channels, 1, norm_cfg=norm_cfg)
         self.hamburger = Hamburger(ham_channels, ham_kwargs, norm_cfg=norm_cfg)
         self.align = ConvModule(ham_channels, channels, 1, norm_cfg=norm_cfg)
+        self.resize = LogitsResize()  # no parameters: state_dict unchanged
         nn.init.normal_(self.conv_seg.weight, 0.0, 0.01)
         nn.init.zeros_(self.conv_seg.bias)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "resize" not in self._modules:  # a head pickled before the resize became a submodule
+            self.resize = LogitsResize()
 
     def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         feats = [inputs[i] for i in self.in_index]
         size = feats[0].shape[2:]
-        feats = [f if f.shape[2:] == size else
-                 F.interpolate(f, size=size, mode="bilinear", align_corners=self.align_corners)
-                 for f in feats]
+        feats = [f if f.shape[2:] == size else self.resize(f, size, self.align_corners) for f in feats]
         x = self.hamburger(self.squeeze(torch.cat(feats, dim=1)))
         return self.conv_seg(self.dropout(self.align(x)))

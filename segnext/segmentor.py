@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MMSEG_HAM_KWARGS, nmf_kwargs
-from .ham_head import LightHamHead
+from .ham_head import LightHamHead, LogitsResize  # noqa: F401  (LogitsResize: also its old home)
 from .mscan import MSCAN, MSCAN_CONFIGS
 
 __all__ = ["SegNeXt", "LogitsResize", "segnext_t", "segnext_s", "segnext_b", "segnext_l", "HEAD_CONFIGS"]
@@ -25,19 +25,6 @@ HEAD_CONFIGS = {
     "b": dict(channels=512, ham_channels=512, ham_kwargs=dict(MD_R=64)),
     "l": dict(channels=1024, ham_channels=1024, ham_kwargs=dict(MD_R=64)),
 }
-
-
-class LogitsResize(nn.Module):
-    """The final resize of ``SegNeXt.forward``: ``F.interpolate(logits, size, mode="bilinear", align_corners)``.
-
-    A module of its own (no parameters or buffers: ``state_dict`` has no entry for it) so that it can be swapped,
-    e.g. for ``segnext_kernels.FusedLogitsResize`` (``segnext_kernels.fuse_resize``).
-
-    forward(logits, size, align_corners): logits (B, K, h, w) -> (B, K, *size).
-    """
-
-    def forward(self, logits: torch.Tensor, size, align_corners: bool) -> torch.Tensor:
-        return F.interpolate(logits, size=size, mode="bilinear", align_corners=align_corners)
 
 
 class SegNeXt(nn.Module):

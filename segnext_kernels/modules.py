@@ -430,8 +430,8 @@ def _is_logits_resize(module: nn.Module) -> bool:
 
 
 def fuse_resize(model: nn.Module, backend: str = "auto") -> int:
-    """Swap every ``segnext.LogitsResize`` inside ``model`` (``SegNeXt.resize``, the final resize of the logits) for
-    a ``FusedLogitsResize``, in place. Neither has parameters or buffers: ``state_dict`` is unchanged.
+    """Swap every ``segnext.LogitsResize`` inside ``model`` (``SegNeXt.resize``, the final resize of the logits, and
+    ``LightHamHead.resize``, the head's resize of its inputs) for a ``FusedLogitsResize``, in place. Neither has parameters or buffers: ``state_dict`` is unchanged.
 
     Returns:
         the number of modules swapped (0 when there are none, e.g. already fused).

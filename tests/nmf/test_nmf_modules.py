@@ -110,7 +110,7 @@ def test_fuse_returns_both_counts():
     assert sum(isinstance(m, FusedMSCA) for m in model.modules()) == 13
     assert sum(isinstance(m, FusedNMF2D) for m in model.modules()) == 1
     assert list(model.state_dict().keys()) == keys
-    assert fuse(model) == {"msca": 0, "ham": 0, "block": 13, "conv1x1": 5, "resize": 1}  # CPU blocks, head
+    assert fuse(model) == {"msca": 0, "ham": 0, "block": 13, "conv1x1": 5, "resize": 2}  # CPU blocks, head
     with pytest.raises(ValueError, match="backend"):
         fuse(segnext.segnext_t(), backend="nope")
     model = segnext.segnext_t()
