@@ -74,6 +74,10 @@ def newest_cpu_results(results_dir: Path) -> dict:
     return _newest_results(results_dir, "cpu", CPU_KINDS)
 
 
+def _base_commit(commit) -> str:
+    return str(commit or "").removesuffix("-dirty")
+
+
 def _newest_results(results_dir: Path, device_kind: str, kinds) -> dict:
     from . import model as _model, model_cpu as _model_cpu, msca as _msca, nmf as _nmf
 
@@ -87,8 +91,10 @@ def _newest_results(results_dir: Path, device_kind: str, kinds) -> dict:
             continue
         preset = [t for t in mine if t[2]["meta"].get("subset") != "custom"]
         newest = (preset or mine)[-1][2]["meta"]
-        same = [(p, d) for _, p, d in mine if (d["meta"].get("device"), d["meta"].get("commit")) ==
-                (newest.get("device"), newest.get("commit"))]
+        # files of one device and commit; a "-dirty" run (uncommitted edits in the tree) joins its commit's files:
+        # each file's own commit label is listed under the section (``files``)
+        same = [(p, d) for _, p, d in mine if (d["meta"].get("device"), _base_commit(d["meta"].get("commit"))) ==
+                (newest.get("device"), _base_commit(newest.get("commit")))]
         merged: dict[tuple, dict] = {}
         for _, d in same:
             for r in d["rows"]:
