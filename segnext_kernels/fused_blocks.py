@@ -7,10 +7,11 @@ An MSCAN block (official ``mscan.py`` ``Block``; ``segnext.Block``) in eval mode
     x2 = x1 + ls2 * fc2(GELU(dw3x3(fc1(BN2(x1)))))
 
 runs as four kernels: ``pwconv(x, proj_1 with BN1 folded in, act="gelu")``, the MSCA module, ``pwconv`` for
-proj_2 with the shortcut, the layer scale and the residual in its epilogue (``alpha = 1 + ls1 * s1``: BN1's scale
-``s1`` and shift fold into proj_2), and the fused MLP with BN2 folded into fc1, ls2 into fc2 and the residual in its
-epilogue. The folded weights are computed from the parameters and running statistics at each call (a few small
-ops; ``state_dict`` is what it was) and cached while none of them changes (tensor version counters).
+proj_2 with the shortcut, the layer scale and the residual in its epilogue (``gamma = ls1``, ``alpha = 1 + ls1 *
+s1``: BN1's scale ``s1`` and shift fold into the epilogue), and the fused MLP with BN2 as its input affine, ls2 as
+its output scale and the residual in its epilogue. Only proj_1's C x C weight gets a folded copy; the per-channel
+vectors and that copy are computed from the parameters and running statistics (a few small ops; ``state_dict`` is
+what it was) and cached while none of them changes (tensor version counters).
 
 Everything else runs the block's own submodules, op for op as eager: training mode, a gradient needed, a norm that
 is not an eval-mode BatchNorm, GELU with ``approximate="tanh"``, a tensor that is not float32 on CPU, and under
@@ -112,6 +113,8 @@ class FusedBlock(nn.Module):
         return ts, dw
 
     def _folded(self):
+        """The per-channel vectors of the fused path, and proj_1's weight with BN1 folded in (C x C); the large
+        weights (proj_2, fc1, fc2) are used as they are: BN2 and the layer scales are applied inside the kernels."""
         ts, dw = self._sources()
         key = tuple((id(t), t._version) if t is not None else None for t in ts)
         if key == self._cache_key and self._cache is not None:
@@ -120,21 +123,17 @@ class FusedBlock(nn.Module):
             s1, t1 = _bn_affine(self.norm1)
             s2, t2 = _bn_affine(self.norm2)
             ls1, ls2 = self.layer_scale_1, self.layer_scale_2
-            a, m = self.attn, self.mlp
+            a = self.attn
             C = ls1.numel()
             wp1 = a.proj_1.weight.reshape(C, C)
             p1w = (wp1 * s1[None, :]).contiguous()
             p1b = a.proj_1.bias + wp1 @ t1
-            p2w = (a.proj_2.weight.reshape(C, C) * ls1[:, None]).contiguous()
+            # x1 = x + ls1 * (proj_2(att) + BN1(x)) = ls1 * (W2 att) + ls1 * (b2 + t1) + (1 + ls1 * s1) * x
             p2b = ls1 * (a.proj_2.bias + t1)
             p2alpha = 1.0 + ls1 * s1
-            Hd = m.fc1.weight.shape[0]
-            w1 = m.fc1.weight.reshape(Hd, C)
-            f1w = (w1 * s2[None, :]).reshape(Hd, C, 1, 1)
-            f1b = m.fc1.bias + w1 @ t2
-            f2w = m.fc2.weight * ls2[:, None, None, None]
-            f2b = m.fc2.bias * ls2
-            cache = (p1w, p1b, p2w, p2b, p2alpha, f1w, f1b, dw.weight, dw.bias, f2w, f2b)
+            # x2 = x1 + ls2 * mlp(BN2(x1)): the MLP kernel's input affine (s2, t2) and output scale ls2
+            affine = torch.stack([s2, t2, ls2]).contiguous()
+            cache = (p1w, p1b, p2b, p2alpha, ls1.detach(), affine)
         self._cache_key, self._cache = key, cache
         return cache
 
@@ -159,11 +158,16 @@ class FusedBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fast_ok(x):
             return self._eager(x)
-        p1w, p1b, p2w, p2b, p2alpha, f1w, f1b, dww, dwb, f2w, f2b = self._folded()
+        from .modules import _dw_conv
+
+        p1w, p1b, p2b, p2alpha, ls1, affine = self._folded()
+        a, m = self.attn, self.mlp
+        dw = _dw_conv(m)
         u = pwconv(x, p1w, p1b, act="gelu", backend="cpu")
-        att = self.attn.spatial_gating_unit(u)
-        x1 = pwconv(att, p2w, p2b, alpha=p2alpha, r=x, backend="cpu")
-        return mlp(x1, f1w, f1b, dww, dwb, f2w, f2b, residual=x1, backend="cpu")
+        att = a.spatial_gating_unit(u)
+        x1 = pwconv(att, a.proj_2.weight, p2b, alpha=p2alpha, r=x, gamma=ls1, backend="cpu")
+        return mlp(x1, m.fc1.weight, m.fc1.bias, dw.weight, dw.bias, m.fc2.weight, m.fc2.bias, residual=x1,
+                   affine=affine, backend="cpu")
 
 
 class FusedConv1x1(nn.Conv2d):

@@ -44,10 +44,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("msca_backward", &msca_backward_py, "Fused MSCA backward on CPU tensors (csrc/cpu/msca_cpu.h)");
   m.def("mlp_forward", &segnext_cpu::mlp_forward, "Fused MSCAN MLP forward on CPU tensors (csrc/cpu/mlp_cpu.h)",
         py::arg("x"), py::arg("w1"), py::arg("b1"), py::arg("wdw"), py::arg("bdw"), py::arg("w2"), py::arg("b2"),
-        py::arg("residual") = py::none());
+        py::arg("residual") = py::none(), py::arg("affine") = py::none());
   m.def("pwconv_forward", &segnext_cpu::pwconv_forward,
         "Fused 1x1 convolution + epilogue forward on CPU tensors (csrc/cpu/pwconv_cpu.h)", py::arg("x"), py::arg("w"),
-        py::arg("bias"), py::arg("act"), py::arg("alpha"), py::arg("r"));
+        py::arg("bias"), py::arg("act"), py::arg("alpha"), py::arg("r"), py::arg("gamma") = py::none());
   m.def("mlp_backward", &mlp_backward_py, "Fused MSCAN MLP backward on CPU tensors (csrc/cpu/mlp_cpu.h)");
   m.def("resize_bilinear_forward", &segnext_cpu::resize_bilinear_forward,
         "Bilinear resize forward (F.interpolate mode=\"bilinear\") on CPU tensors (csrc/cpu/resize_cpu.h)");

@@ -75,7 +75,8 @@ namespace {
 // T: x / weights / y dtype; E: compute (float, double for T = double); TG: GEMM operand type of g (T).
 template <class T, class E>
 void forward_impl(const T* x, T* y, int64_t B, int64_t C, int64_t Hd, int64_t H, int64_t W, const T* w1,
-                  const E* b1, const E* wdw, const E* bdw, const T* w2, const E* b2, const T* res) {
+                  const E* b1, const E* wdw, const E* bdw, const T* w2, const E* b2, const T* res,
+                  const E* in_scale, const E* in_shift, const E* out_scale) {
   using TG = T;
   const Rows<E, TG> rk = rows_for<E, TG>();
   const Plan pl = choose_plan(B, Hd, H, W, false);
@@ -106,6 +107,20 @@ void forward_impl(const T* x, T* y, int64_t B, int64_t C, int64_t Hd, int64_t H,
       E* h = static_cast<E*>(scratch(0, sizeof(E) * pl.hc * Nin));
       TG* g = static_cast<TG*>(scratch(1, sizeof(TG) * pl.hc * Nout));
       E* tmp = static_cast<E*>(scratch(2, sizeof(E) * (W + 64)));
+      // the input affine (an eval BatchNorm before fc1) on the band + halo, into scratch: fc1 reads it from there
+      const T* xin = xb + ri0 * W;
+      int64_t ldx = HW;
+      if (in_scale) {
+        E* xs = static_cast<E*>(scratch(4, sizeof(E) * C * Nin));
+        for (int64_t c = 0; c < C; ++c) {
+          const E sc = in_scale[c], sh = in_shift[c];
+          const T* src = xin + c * HW;
+          E* dst = xs + c * Nin;
+          for (int64_t i = 0; i < Nin; ++i) dst[i] = static_cast<E>(src[i]) * sc + sh;
+        }
+        xin = reinterpret_cast<const T*>(xs);  // T == E on this path (checked by the caller)
+        ldx = Nin;
+      }
       E* acc;
       int64_t ldacc;
       if (G > 1) {
@@ -122,7 +137,7 @@ void forward_impl(const T* x, T* y, int64_t B, int64_t C, int64_t Hd, int64_t H,
       for (int64_t ch = c0; ch < c1; ++ch) {
         const int64_t j0 = ch * pl.hc, m = std::min(pl.hc, Hd - j0);
         // h = W1[j0:j0+m] @ x[:, ri0:ri1]
-        gemm_rm<E>(false, false, m, Nin, C, w1 + j0 * C, C, xb + ri0 * W, HW, false, h, Nin);
+        gemm_rm<E>(false, false, m, Nin, C, w1 + j0 * C, C, xin, ldx, false, h, Nin);
         for (int64_t jj = 0; jj < m; ++jj) {
           const int64_t j = j0 + jj;
           const E* hj = h + jj * Nin;
@@ -140,13 +155,18 @@ void forward_impl(const T* x, T* y, int64_t B, int64_t C, int64_t Hd, int64_t H,
       if (c1 == c0) {  // an empty group (Hd < G * hc never happens: G <= nchunks); keep the partial defined
         for (int64_t c = 0; c < C; ++c) std::fill(acc + c * ldacc, acc + c * ldacc + Nout, E(0));
       }
-      if (G == 1) {  // epilogue: y = acc + b2 (+ res)
+      if (G == 1) {  // epilogue: y = out_scale * (acc + b2) (+ res)
         T* yb = y + b * C * HW + r0 * W;
         for (int64_t c = 0; c < C; ++c) {
           const E bias = b2[c];
           const E* a = acc + c * ldacc;
           T* o = yb + c * HW;
-          if (res) {
+          if (out_scale) {
+            const E gm = out_scale[c], gb = out_scale[c] * bias;
+            const T* rr = res ? res + b * C * HW + r0 * W + c * HW : nullptr;
+            if (rr) for (int64_t i = 0; i < Nout; ++i) o[i] = static_cast<T>(a[i] * gm + gb + rr[i]);
+            else for (int64_t i = 0; i < Nout; ++i) o[i] = static_cast<T>(a[i] * gm + gb);
+          } else if (res) {
             const T* rr = res + b * C * HW + r0 * W + c * HW;
             for (int64_t i = 0; i < Nout; ++i) o[i] = static_cast<T>(a[i] + bias + rr[i]);
           } else {
@@ -164,10 +184,12 @@ void forward_impl(const T* x, T* y, int64_t B, int64_t C, int64_t Hd, int64_t H,
         T* o = y + q * HW;
         const E* p0 = partp + q * HW;
         const T* rr = res ? res + q * HW : nullptr;
+        const E gm = out_scale ? out_scale[q % C] : E(1);
         for (int64_t i = 0; i < HW; ++i) {
           E s = p0[i];
           for (int64_t gi = 1; gi < G; ++gi) s += p0[gi * B * C * HW + i];
-          o[i] = rr ? static_cast<T>(s + bias + rr[i]) : static_cast<T>(s + bias);
+          const E v = out_scale ? (s + bias) * gm : s + bias;
+          o[i] = rr ? static_cast<T>(v + rr[i]) : static_cast<T>(v);
         }
       }
     });
@@ -206,7 +228,7 @@ void check_mlp_args(const char* fn, const at::Tensor& x, const at::Tensor& w1, c
 
 at::Tensor mlp_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& wdw,
                        const at::Tensor& bdw, const at::Tensor& w2, const at::Tensor& b2,
-                       const std::optional<at::Tensor>& residual) {
+                       const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& affine) {
   mlp::check_mlp_args("mlp_forward", x, w1, b1, wdw, bdw, w2, b2);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Hd = w1.size(0);
   if (residual.has_value()) {
@@ -215,9 +237,19 @@ at::Tensor mlp_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tens
                 "mlp_forward: residual must be a CPU tensor like x (", x.sizes(), " ", x.scalar_type(), "), got ",
                 residual->sizes(), " ", residual->scalar_type(), " on ", residual->device());
   }
+  if (affine.has_value()) {
+    TORCH_CHECK(affine->device().is_cpu() && affine->scalar_type() == at::kFloat && x.scalar_type() == at::kFloat &&
+                    affine->sizes() == at::IntArrayRef({3, x.size(1)}),
+                "mlp_forward: affine must be a float32 CPU tensor of shape (3, ", x.size(1), ") (input scale, input "
+                "shift, output scale) with float32 x, got ", affine->sizes(), " ", affine->scalar_type(), " (x ",
+                x.scalar_type(), ")");
+  }
   at::Tensor out = empty_output_like(x);
   if (out.numel() == 0) return out;
   const at::Tensor xc = x.contiguous();
+  const at::Tensor afc = affine.has_value() ? affine->contiguous() : at::Tensor();
+  const float* af = affine.has_value() ? afc.data_ptr<float>() : nullptr;
+  const int64_t Cn = x.size(1);
   at::Tensor oc = out.is_contiguous() ? out : empty_output(x.sizes(), x.options());
   const auto dt = x.scalar_type();
   if (dt == at::kDouble) {
@@ -227,7 +259,8 @@ at::Tensor mlp_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tens
     mlp::forward_impl<double, double>(xc.data_ptr<double>(), oc.data_ptr<double>(), B, C, Hd, H, W,
                                       w1c.data_ptr<double>(), b1c.data_ptr<double>(), wdc.data_ptr<double>(),
                                       bdc.data_ptr<double>(), w2c.data_ptr<double>(), b2c.data_ptr<double>(),
-                                      residual.has_value() ? rc.data_ptr<double>() : nullptr);
+                                      residual.has_value() ? rc.data_ptr<double>() : nullptr, nullptr, nullptr,
+                                      nullptr);
   } else {
     // bfloat16: the fp32 path on x converted once (GEMMs in fp32, so fp32 accumulation throughout), y rounded once
     auto cf = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
@@ -238,7 +271,8 @@ at::Tensor mlp_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tens
     mlp::forward_impl<float, float>(xf.data_ptr<float>(), of.data_ptr<float>(), B, C, Hd, H, W,
                                     w1c.data_ptr<float>(), b1c.data_ptr<float>(), wdc.data_ptr<float>(),
                                     bdc.data_ptr<float>(), w2c.data_ptr<float>(), b2c.data_ptr<float>(),
-                                    residual.has_value() ? rf.data_ptr<float>() : nullptr);
+                                    residual.has_value() ? rf.data_ptr<float>() : nullptr, af,
+                                    af ? af + Cn : nullptr, af ? af + 2 * Cn : nullptr);
     if (!of.is_same(oc)) oc.copy_(of);
   }
   if (!oc.is_same(out)) out.copy_(oc);

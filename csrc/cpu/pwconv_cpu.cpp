@@ -34,7 +34,8 @@ void check_vec(const std::optional<at::Tensor>& t, const char* name, int64_t n) 
 }  // namespace
 
 at::Tensor pwconv_forward(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
-                          int64_t act, const std::optional<at::Tensor>& alpha, const std::optional<at::Tensor>& r) {
+                          int64_t act, const std::optional<at::Tensor>& alpha, const std::optional<at::Tensor>& r,
+                          const std::optional<at::Tensor>& gamma) {
   TORCH_CHECK(x.device().is_cpu(), "pwconv_forward: x must be a CPU tensor, got device ", x.device());
   TORCH_CHECK(x.dim() == 4, "pwconv_forward: x must be 4-D (B, Cin, H, W), got shape ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat, "pwconv_forward: x must be float32, got ", x.scalar_type());
@@ -47,6 +48,7 @@ at::Tensor pwconv_forward(const at::Tensor& x, const at::Tensor& w, const std::o
               x.sizes(), ", w ", w.sizes());
   check_vec(bias, "bias", Cout);
   check_vec(alpha, "alpha", Cout);
+  check_vec(gamma, "gamma", Cout);
   if (r.has_value()) {
     TORCH_CHECK(r->device().is_cpu() && r->scalar_type() == at::kFloat, "pwconv_forward: r must be a float32 CPU "
                 "tensor, got ", r->scalar_type(), " on ", r->device());
@@ -59,6 +61,8 @@ at::Tensor pwconv_forward(const at::Tensor& x, const at::Tensor& w, const std::o
   const at::Tensor rc = r.has_value() ? r->contiguous() : at::Tensor();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor ac = alpha.has_value() ? alpha->contiguous() : at::Tensor();
+  const at::Tensor gc = gamma.has_value() ? gamma->contiguous() : at::Tensor();
+  const float* gp = gamma.has_value() ? gc.data_ptr<float>() : nullptr;
   const float* xp = xc.data_ptr<float>();
   const float* wp = wc.data_ptr<float>();
   const float* rp = r.has_value() ? rc.data_ptr<float>() : nullptr;
@@ -81,6 +85,10 @@ at::Tensor pwconv_forward(const at::Tensor& x, const at::Tensor& w, const std::o
         const int64_t o = o0 + i;
         float* row = yt + i * HW;
         const float bo = bp ? bp[o] : 0.0f;
+        if (gp) {
+          const float go = gp[o];
+          for (int64_t j = 0; j < n; ++j) row[j] *= go;
+        }
         if (rp) {
           const float* rr = rp + (b * Cout + o) * HW + p0;
           const float ao = ap ? ap[o] : 1.0f;

@@ -2,13 +2,14 @@
 
 Custom ops (namespace ``segnext_kernels``; the compiled extension exports plain functions that run inside these):
 
-``torch.ops.segnext_kernels.mlp_fwd(x, w1, b1, wdw, bdw, w2, b2, backend, residual=None) -> Tensor``
+``torch.ops.segnext_kernels.mlp_fwd(x, w1, b1, wdw, bdw, w2, b2, backend, residual=None, affine=None) -> Tensor``
     x (B, C, H, W) float32/bfloat16/float64 (what the backend takes: ``backends.supports``), any strides; packed
     weights as ``mlp.reference.pack_weights``, in x's dtype: w1 (Hd, C), b1 (Hd,), wdw (Hd, 9), bdw (Hd,), w2 (C, Hd),
     b2 (C,); backend: a resolved fused backend ("cpu"), whose module (``mlp/<backend>.py``) provides ``forward`` /
     ``backward``; residual: None or a tensor like x added to the output (the block's residual, fused into the
-    epilogue). Returns y (B, C, H, W) in x's dtype with the memory format of ``torch.empty_like(x)``.
-    Differentiable w.r.t. x, the six packed weights and residual.
+    epilogue); affine: None or a (3, C) float32 tensor (input scale, input shift, output scale; float32 x, inference
+    only: a backward through it raises). Returns y (B, C, H, W) in x's dtype with the memory format of
+    ``torch.empty_like(x)``. Differentiable w.r.t. x, the six packed weights and residual (without affine).
 ``torch.ops.segnext_kernels.mlp_bwd(grad_out, x, w1, b1, wdw, bdw, w2, b2, needs_input_grad, backend)``
     needs_input_grad: 7 bools for (x, w1, b1, wdw, bdw, w2, b2). Returns 7 tensors: dx like ``empty_like(x)``, the rest
     contiguous with the packed shapes in x's dtype; an entry whose flag is False is an empty (0,) tensor.
@@ -87,12 +88,12 @@ def check_mlp_args(x, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_
 # ------------------------------------------------------------------------------------------------------- forward
 @torch.library.custom_op("segnext_kernels::mlp_fwd", mutates_args=())
 def mlp_fwd(x: Tensor, w1: Tensor, b1: Tensor, wdw: Tensor, bdw: Tensor, w2: Tensor, b2: Tensor,
-            backend: str, residual: Optional[Tensor] = None) -> Tensor:
-    return kernel_module("mlp", backend).forward(x, w1, b1, wdw, bdw, w2, b2, residual)
+            backend: str, residual: Optional[Tensor] = None, affine: Optional[Tensor] = None) -> Tensor:
+    return kernel_module("mlp", backend).forward(x, w1, b1, wdw, bdw, w2, b2, residual, affine)
 
 
 @mlp_fwd.register_fake
-def _mlp_fwd_fake(x, w1, b1, wdw, bdw, w2, b2, backend, residual=None):
+def _mlp_fwd_fake(x, w1, b1, wdw, bdw, w2, b2, backend, residual=None, affine=None):
     return torch.empty_like(x)
 
 
@@ -122,20 +123,24 @@ def _mlp_bwd_fake(grad_out, x, w1, b1, wdw, bdw, w2, b2, needs_input_grad, backe
 
 # ------------------------------------------------------------------------------------------------------ autograd
 def _setup_context(ctx, inputs, output):
-    x, w1, b1, wdw, bdw, w2, b2, backend, residual = inputs
+    x, w1, b1, wdw, bdw, w2, b2, backend = inputs[:8]
     ctx.backend = backend
+    ctx.affine = len(inputs) > 9 and inputs[9] is not None
     ctx.save_for_backward(x, w1, b1, wdw, bdw, w2, b2)
 
 
 def _backward(ctx, grad_out):
     # ctx.needs_input_grad has one entry per argument given: 8, or 9 with residual (y = mlp(x) + residual)
     n_in = len(ctx.needs_input_grad)
+    if ctx.affine:
+        raise RuntimeError("mlp: the affine argument (an eval BatchNorm and layer scale fused into the kernel) is "
+                           "for inference only; call mlp without it where a gradient is needed")
     needs = tuple(bool(n) for n in ctx.needs_input_grad[:7])
     d_residual = grad_out if n_in > 8 and ctx.needs_input_grad[8] else None
     if not any(needs):
-        return ((None,) * 8 + (d_residual,))[:n_in]
+        return ((None,) * 8 + (d_residual, None))[:n_in]
     grads = torch.ops.segnext_kernels.mlp_bwd(grad_out, *ctx.saved_tensors, list(needs), ctx.backend)
-    return (tuple(g if n else None for g, n in zip(grads, needs)) + (None, d_residual))[:n_in]
+    return (tuple(g if n else None for g, n in zip(grads, needs)) + (None, d_residual, None))[:n_in]
 
 
 mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -143,10 +148,12 @@ mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 # ------------------------------------------------------------------------------------------------ public function
 def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, dw_weight: Tensor, dw_bias: Tensor, fc2_weight: Tensor,
-        fc2_bias: Tensor, *, residual: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+        fc2_bias: Tensor, *, residual: Optional[Tensor] = None, affine: Optional[Tensor] = None,
+        backend: str = "auto") -> Tensor:
     """Fused MSCAN MLP (official ``Mlp`` of ``mscan.py``, dropout p = 0)::
 
         y = fc2(GELU(dwconv3x3(fc1(x)))) (+ residual)
+        with affine = (s, t, g):  y = g * fc2(GELU(dwconv3x3(fc1(s * x + t)))) (+ residual)
 
     Args:
         x: (B, C, H, W) float16, bfloat16, float32 or float64; NCHW, channels_last or any other strides; B >= 0,
@@ -154,7 +161,11 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, dw_weight: Tensor, dw_b
         fc1_weight: (Hd, C, 1, 1); fc1_bias: (Hd,); dw_weight: (Hd, 1, 3, 3); dw_bias: (Hd,);
         fc2_weight: (C_out, Hd, 1, 1); fc2_bias: (C_out,). All in x's dtype and on x's device.
         residual: None or a tensor like x (same shape, dtype, device), added in the kernel's epilogue (the MSCAN
-            block's residual ``x + layer_scale * mlp(x)`` with the layer scale folded into fc2).
+            block's residual ``x + layer_scale * mlp(x)``).
+        affine: None or a (3, C) tensor in x's dtype: per channel an input scale and shift (an eval BatchNorm before
+            fc1) and an output scale (the block's layer scale), applied in the kernel without copies of the
+            weights. Inference only: with a gradient needed the reference runs it, and a backward through the fused
+            op raises RuntimeError.
         backend: "auto", "cpu" or "reference" ("cuda" / "triton" have no MLP kernels; ``segnext_kernels.backends``
             says why one cannot run). "cpu" runs the custom op ``torch.ops.segnext_kernels.mlp_fwd`` (opaque to
             torch.compile, autograd via ``register_autograd``); "reference" runs eager ops (``mlp.reference``).
@@ -179,13 +190,20 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, dw_weight: Tensor, dw_b
         cast = lambda t: t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
         with torch.autocast(x.device.type, enabled=False):
             return mlp(cast(x), cast(fc1_weight), cast(fc1_bias), cast(dw_weight), cast(dw_bias), cast(fc2_weight),
-                       cast(fc2_bias), residual=cast(residual), backend=backend)
+                       cast(fc2_bias), residual=cast(residual), affine=cast(affine), backend=backend)
     check_mlp_args(x, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias)
     if residual is not None:
         _check_like("residual", residual, (x.shape[0], fc2_weight.shape[0], x.shape[2], x.shape[3]), x)
+    if affine is not None:
+        _check_like("affine", affine, (3, x.shape[1]), x)
     name = "reference" if torch.compiler.is_exporting() else resolve("mlp", backend, x.device, x.dtype)
-    if name == "reference" or fc2_weight.shape[0] != x.shape[1]:
-        y = mlp_reference(x, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias)
+    fused_affine = affine is None or (x.dtype == torch.float32 and not (
+        torch.is_grad_enabled() and any(t.requires_grad for t in (x, fc1_weight, fc2_weight, affine))))
+    if name == "reference" or fc2_weight.shape[0] != x.shape[1] or not fused_affine:
+        xin = x if affine is None else x * affine[0][None, :, None, None] + affine[1][None, :, None, None]
+        y = mlp_reference(xin, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias)
+        if affine is not None:
+            y = y * affine[2][None, :, None, None]
         return y if residual is None else y + residual
     packed = pack_weights(fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias)
-    return torch.ops.segnext_kernels.mlp_fwd(x, *packed, name, residual)
+    return torch.ops.segnext_kernels.mlp_fwd(x, *packed, name, residual, affine)

@@ -14,7 +14,8 @@ __all__ = ["forward"]
 _ACT_CODES = {"none": 0, "gelu": 1, "relu": 2}
 
 
-def forward(x, weight, bias, act, alpha, r):
-    """x (B, Cin, H, W) float32 CPU, any strides; weight (Cout, Cin) contiguous; bias / alpha (Cout,) or None;
-    r (B, Cout, H, W) or None; act "none" / "gelu" / "relu". Returns y (B, Cout, H, W) float32, contiguous NCHW."""
-    return CPU_EXTENSION.load().pwconv_forward(x, weight, bias, _ACT_CODES[act], alpha, r)
+def forward(x, weight, bias, act, alpha, r, gamma=None):
+    """x (B, Cin, H, W) float32 CPU, any strides; weight (Cout, Cin) contiguous; bias / alpha / gamma (Cout,) or
+    None; r (B, Cout, H, W) or None; act "none" / "gelu" / "relu". Returns y (B, Cout, H, W) float32, contiguous
+    NCHW."""
+    return CPU_EXTENSION.load().pwconv_forward(x, weight, bias, _ACT_CODES[act], alpha, r, gamma)

@@ -3,9 +3,9 @@
 
 Custom op (namespace ``segnext_kernels``; the compiled extension exports a plain function that runs inside it):
 
-``torch.ops.segnext_kernels.pwconv_fwd(x, weight, bias, act, alpha, r, backend) -> Tensor``
-    x (B, Cin, H, W) float32 CPU, any strides; weight (Cout, Cin); bias, alpha (Cout,) or None; r (B, Cout, H, W) or
-    None; act "none" / "gelu" / "relu"; backend: a resolved fused backend ("cpu"). Returns y (B, Cout, H, W),
+``torch.ops.segnext_kernels.pwconv_fwd(x, weight, bias, act, alpha, r, backend, gamma=None) -> Tensor``
+    x (B, Cin, H, W) float32 CPU, any strides; weight (Cout, Cin); bias, alpha, gamma (Cout,) or None; r
+    (B, Cout, H, W) or None; act "none" / "gelu" / "relu"; backend: a resolved fused backend ("cpu"). Returns y (B, Cout, H, W),
     contiguous NCHW. Forward only: ``pwconv`` runs the reference whenever a gradient is needed.
 
 The fake implementation lets ``torch.compile`` (fullgraph), FakeTensor tracing and ``torch.library.opcheck`` treat
@@ -40,7 +40,7 @@ def _check_vec(name: str, t, n: int, x: Tensor) -> None:
         raise RuntimeError(f"{name}: expected a tensor on {x.device} (the device of x), got one on {t.device}")
 
 
-def check_pwconv_args(x, weight, bias, act, alpha, r) -> None:
+def check_pwconv_args(x, weight, bias, act, alpha, r, gamma=None) -> None:
     """Validate ``segnext_kernels.pwconv`` arguments.
 
     Raises:
@@ -69,6 +69,7 @@ def check_pwconv_args(x, weight, bias, act, alpha, r) -> None:
     Cout = weight.shape[0]
     _check_vec("bias", bias, Cout, x)
     _check_vec("alpha", alpha, Cout, x)
+    _check_vec("gamma", gamma, Cout, x)
     if r is not None:
         if not isinstance(r, torch.Tensor):
             raise TypeError(f"r: expected a torch.Tensor or None, got {type(r).__name__}")
@@ -84,12 +85,12 @@ def check_pwconv_args(x, weight, bias, act, alpha, r) -> None:
 
 @torch.library.custom_op("segnext_kernels::pwconv_fwd", mutates_args=())
 def pwconv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, alpha: Optional[Tensor],
-               r: Optional[Tensor], backend: str) -> Tensor:
-    return kernel_module("pwconv", backend).forward(x, weight, bias, act, alpha, r)
+               r: Optional[Tensor], backend: str, gamma: Optional[Tensor] = None) -> Tensor:
+    return kernel_module("pwconv", backend).forward(x, weight, bias, act, alpha, r, gamma)
 
 
 @pwconv_fwd.register_fake
-def _pwconv_fwd_fake(x, weight, bias, act, alpha, r, backend):
+def _pwconv_fwd_fake(x, weight, bias, act, alpha, r, backend, gamma=None):
     return x.new_empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]))
 
 
@@ -98,15 +99,16 @@ def _needs_grad(*ts) -> bool:
 
 
 def pwconv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, act: str = "none",
-           alpha: Optional[Tensor] = None, r: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+           alpha: Optional[Tensor] = None, r: Optional[Tensor] = None, gamma: Optional[Tensor] = None,
+           backend: str = "auto") -> Tensor:
     """Fused pointwise (1x1) convolution with epilogue::
 
-        y = act(conv1x1(x, weight, bias) + alpha[c] * r)
+        y = act(gamma[c] * conv1x1(x, weight) + bias[c] + alpha[c] * r)
 
     Args:
         x: (B, Cin, H, W) float16, bfloat16, float32 or float64, any strides; B >= 0, Cin, H, W >= 1.
-        weight: (Cout, Cin) or (Cout, Cin, 1, 1); bias, alpha: (Cout,) or None; r: (B, Cout, H, W) or None (alpha
-            without r has no effect). All in x's dtype and on x's device.
+        weight: (Cout, Cin) or (Cout, Cin, 1, 1); bias, alpha, gamma: (Cout,) or None (gamma None: 1); r:
+            (B, Cout, H, W) or None (alpha without r has no effect). All in x's dtype and on x's device.
         act: "none", "gelu" (exact, erf) or "relu".
         backend: "auto", "cpu" or "reference". "cpu" runs the custom op ``torch.ops.segnext_kernels.pwconv_fwd``
             (float32 CPU tensors); it is forward only, so when autograd needs a gradient (grad mode on and an
@@ -119,9 +121,9 @@ def pwconv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, act: str
         TypeError, ValueError, RuntimeError: see ``check_pwconv_args``; a requested backend that cannot run here or
         does not take x's dtype.
     """
-    check_pwconv_args(x, weight, bias, act, alpha, r)
+    check_pwconv_args(x, weight, bias, act, alpha, r, gamma)
     name = "reference" if torch.compiler.is_exporting() else resolve("pwconv", backend, x.device, x.dtype)
-    if name == "reference" or _needs_grad(x, weight, bias, alpha, r):
-        return pwconv_reference(x, weight, bias, act, alpha, r)
+    if name == "reference" or _needs_grad(x, weight, bias, alpha, r, gamma):
+        return pwconv_reference(x, weight, bias, act, alpha, r, gamma)
     w2 = weight.reshape(weight.shape[0], weight.shape[1]).contiguous()
-    return torch.ops.segnext_kernels.pwconv_fwd(x, w2, bias, act, alpha, r, name)
+    return torch.ops.segnext_kernels.pwconv_fwd(x, w2, bias, act, alpha, r, name, gamma)

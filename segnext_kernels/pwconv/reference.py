@@ -1,6 +1,6 @@
 """Eager PyTorch reference of the fused pointwise convolution::
 
-    y = act(conv1x1(x, weight, bias) + alpha[None, :, None, None] * r)      act: none, exact GELU or ReLU
+    y = act(gamma * conv1x1(x, weight) + bias + alpha * r)      (per output channel; act: none, exact GELU or ReLU)
 
 the 1x1 convolution of SegNeXt's blocks and head with what follows it (official ``mscan.py`` ``SpatialAttention``:
 ``proj_1`` + GELU, ``proj_2`` + shortcut; the block's layer scale and residual; mmseg ``LightHamHead``'s 1x1
@@ -17,18 +17,25 @@ __all__ = ["pwconv_reference"]
 
 
 def pwconv_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, act: str = "none",
-                     alpha: Optional[torch.Tensor] = None, r: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     alpha: Optional[torch.Tensor] = None, r: Optional[torch.Tensor] = None,
+                     gamma: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The fused pointwise convolution in eager ops.
 
     Args:
-        x: (B, Cin, H, W); weight: (Cout, Cin) or (Cout, Cin, 1, 1); bias, alpha: (Cout,) or None; r: (B, Cout, H, W)
-            or None (alpha without r is ignored; r without alpha is added as is); act: "none", "gelu", "relu".
+        x: (B, Cin, H, W); weight: (Cout, Cin) or (Cout, Cin, 1, 1); bias, alpha, gamma: (Cout,) or None; r:
+            (B, Cout, H, W) or None (alpha without r is ignored; r without alpha is added as is); act: "none", "gelu",
+            "relu".
 
     Returns:
         (B, Cout, H, W) in x's dtype, differentiable by autograd. No input checks (``pwconv`` validates).
     """
     w = weight if weight.dim() == 4 else weight[:, :, None, None]
-    y = F.conv2d(x, w, bias)
+    if gamma is None:
+        y = F.conv2d(x, w, bias)
+    else:
+        y = F.conv2d(x, w) * gamma[None, :, None, None]
+        if bias is not None:
+            y = y + bias[None, :, None, None]
     if r is not None:
         y = y + (r if alpha is None else alpha[None, :, None, None] * r)
     if act == "gelu":

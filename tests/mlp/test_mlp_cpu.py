@@ -338,3 +338,34 @@ def test_plan_environment_reaches_the_kernels_once():
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     assert p.stdout.split()[-1] == "differs"
+
+
+def test_affine_inference_epilogues():
+    """mlp(..., affine=(s, t, g), residual=r) = g * mlp(s x + t) + r (an eval BatchNorm before fc1 and the layer
+    scale after fc2, inside the kernel), float32; the fused op refuses a backward through it, and with a gradient
+    needed the public function runs the reference."""
+    args = make(2, 6, 24, 9, 11)
+    r = torch.randn(2, 6, 9, 11, dtype=torch.float64)
+    aff = torch.stack([torch.rand(6, dtype=torch.float64) + 0.5, torch.randn(6, dtype=torch.float64) * 0.3,
+                       torch.rand(6, dtype=torch.float64) * 0.5])
+
+    def ref_fn(a, rr, af):
+        x = a[0] * af[0][None, :, None, None] + af[1][None, :, None, None]
+        return mlp_reference(x, *a[1:]) * af[2][None, :, None, None] + rr
+
+    with torch.no_grad():
+        got = mlp(*[t.float() for t in args], residual=r.float(), affine=aff.float(), backend="cpu")
+        ref = ref_fn([t.double() for t in args], r, aff)
+        eager = ref_fn([t.float() for t in args], r.float(), aff.float())
+    within("out", got, ref, eager, torch.float32)
+    leaves = [t.float().requires_grad_() for t in args]
+    y = mlp(*leaves, affine=aff.float(), backend="cpu")  # a gradient is needed: the reference, differentiable
+    y.sum().backward()
+    assert leaves[0].grad is not None
+    packed = pack_weights(*[t.float() for t in args[1:]])
+    xg = args[0].float().requires_grad_()
+    out = torch.ops.segnext_kernels.mlp_fwd(xg, *packed, "cpu", None, aff.float())
+    with pytest.raises(RuntimeError, match="inference only"):
+        out.sum().backward()
+    with pytest.raises(ValueError, match=r"affine: expected shape \(3, 6\)"):
+        mlp(*args, affine=aff[:2], backend="cpu")

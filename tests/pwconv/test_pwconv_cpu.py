@@ -32,11 +32,11 @@ def make(B, Cin, Cout, H, W, seed=0, layout="nchw"):
     return x, r(Cout, Cin, scale=Cin ** -0.5), r(Cout, scale=0.5), r(Cout, scale=0.7), res
 
 
-def check(x, w, act, bias=None, alpha=None, r=None):
+def check(x, w, act, bias=None, alpha=None, r=None, gamma=None):
     f32 = lambda t: None if t is None else t.float()  # noqa: E731
-    got = pwconv(f32(x), f32(w), f32(bias), act=act, alpha=f32(alpha), r=f32(r), backend="cpu")
-    ref = pwconv_reference(x, w, bias, act, alpha, r)
-    eager = pwconv_reference(f32(x), f32(w), f32(bias), act, f32(alpha), f32(r))
+    got = pwconv(f32(x), f32(w), f32(bias), act=act, alpha=f32(alpha), r=f32(r), gamma=f32(gamma), backend="cpu")
+    ref = pwconv_reference(x, w, bias, act, alpha, r, gamma)
+    eager = pwconv_reference(f32(x), f32(w), f32(bias), act, f32(alpha), f32(r), f32(gamma))
     assert got.dtype == torch.float32 and got.shape == ref.shape
     assert not torch.isnan(got).any(), "NaN: an unwritten element?"
     scale = max(ref.abs().max().item(), 1.0) if ref.numel() else 1.0
@@ -45,13 +45,14 @@ def check(x, w, act, bias=None, alpha=None, r=None):
 
 
 @pytest.mark.parametrize("act", ["none", "gelu", "relu"])
-@pytest.mark.parametrize("epilogue", ["plain", "bias", "residual", "bias_alpha_residual"])
+@pytest.mark.parametrize("epilogue", ["plain", "bias", "residual", "bias_alpha_residual", "gamma_bias_alpha_residual"])
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1), (2, 5, 7, 9, 13), (1, 3, 130, 5, 110), (2, 17, 3, 23, 29)],
                          ids=str)
 def test_epilogues_and_odd_sizes(shape, epilogue, act):
     x, w, b, a, res = make(*shape)
     kw = {"plain": {}, "bias": dict(bias=b), "residual": dict(r=res),
-          "bias_alpha_residual": dict(bias=b, alpha=a, r=res)}[epilogue]
+          "bias_alpha_residual": dict(bias=b, alpha=a, r=res),
+          "gamma_bias_alpha_residual": dict(bias=b, alpha=a, r=res, gamma=a.flip(0) + 0.5)}[epilogue]
     check(x, w, act, **kw)
 
 
