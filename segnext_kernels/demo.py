@@ -219,7 +219,8 @@ def _strict_fp32():
 
 def _run(model, x, gen: torch.Generator, seed: int, device: torch.device, warmup: bool, repeats: int):
     """(logits, seconds of each timed forward); one warm-up forward first when ``warmup``; the NMF2D bases
-    generator is re-seeded before every forward, so every run sees the same bases."""
+    generator is re-seeded before every forward, so every run sees the same bases. Each forward's output is dropped
+    before the next one starts, as in a loop over images."""
     def once():
         gen.manual_seed(seed)
         if device.type == "cuda":
@@ -232,8 +233,12 @@ def _run(model, x, gen: torch.Generator, seed: int, device: torch.device, warmup
 
     if warmup:
         once()
-    runs = [once() for _ in range(max(1, repeats))]
-    return runs[-1][0], [t for _, t in runs]
+    times, y = [], None
+    for _ in range(max(1, repeats)):
+        y = None  # the previous output is freed before the next forward allocates its own
+        y, t = once()
+        times.append(t)
+    return y, times
 
 
 def _spread(times) -> str:

@@ -38,7 +38,7 @@ namespace {
 
 constexpr int64_t kGroup = 16;                 // columns per table group (the AVX-512 width)
 constexpr int64_t kPad = 32;                   // readable floats after a row buffer (two-register window)
-constexpr size_t kBigOutput = size_t(4) << 20;  // outputs from this size: own huge-page mapping, streaming stores
+constexpr size_t kBigOutput = size_t(4) << 20;  // outputs from this size: own cached mapping, streaming stores
 constexpr size_t kHugePage = size_t(2) << 20;
 constexpr int64_t kTaskElems = 16384;          // output elements per task (rows per task = ceil(this / OW))
 
@@ -297,13 +297,13 @@ void resize_f64(const double* x, double* y, const Shape& s, bool align_corners) 
 }
 
 // ---------------------------------------------------------------------------------------------------- allocation
-// A contiguous output; >= kBigOutput bytes on Linux: an anonymous mapping of its own, 2 MiB aligned and rounded up to
-// whole 2 MiB pages, advised MADV_HUGEPAGE before anything touches it. When the tensor dies its mapping goes back to a
-// small cache (at most kCacheBytes in all) that the next call of about the same size takes again, already faulted in:
-// a fresh 157 MB output (SegNeXt's 150 logits at 512x512) costs 40 ms of 4 KiB page faults, a few ms in huge pages
-// when free huge pages are at hand, and stalls in the kernel's compaction when they are not (measured 20-190 ms),
-// while a cached one costs nothing (what ONNX Runtime's arena does). NaN-filled when the tests' poisoning is on.
-// *big: whether it is such a mapping.
+// A contiguous output; >= kBigOutput bytes on Linux: an anonymous mapping of its own (2 MiB aligned, whole 2 MiB
+// units). When the tensor dies its mapping goes back to a small cache (at most kCacheBytes in all) that the next call
+// of about the same size takes again, already faulted in: a fresh 157 MB output (SegNeXt's 150 logits at 512x512)
+// costs 40-60 ms of page faults, a cached one nothing (what ONNX Runtime's arena does). The mappings are not advised
+// MADV_HUGEPAGE: with THP in "madvise" mode that made a fresh mapping cost 200-350 ms whenever no free huge pages were
+// at hand (measured here: the first one in a process, and every call whose previous output was still alive), for
+// 10 ms when they were. NaN-filled when the tests' poisoning is on. *big: whether it is such a mapping.
 #ifdef __linux__
 constexpr size_t kCacheBytes = size_t(512) << 20;
 
@@ -330,9 +330,8 @@ MappingCache& mapping_cache() {
   return *cache;
 }
 
-// A fresh 2 MiB-aligned anonymous mapping of len bytes (a multiple of 2 MiB), advised MADV_HUGEPAGE; nullptr on
-// failure.
-void* map_huge(size_t len) {
+// A fresh 2 MiB-aligned anonymous mapping of len bytes (a multiple of 2 MiB); nullptr on failure.
+void* map_aligned(size_t len) {
   void* raw = mmap(nullptr, len + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (raw == MAP_FAILED) return nullptr;
   const uintptr_t start = reinterpret_cast<uintptr_t>(raw);
@@ -340,11 +339,7 @@ void* map_huge(size_t len) {
   const size_t head = aligned - start, tail = kHugePage - head;
   if (head > 0) munmap(raw, head);
   if (tail > 0) munmap(reinterpret_cast<void*>(aligned + len), tail);
-  void* p = reinterpret_cast<void*>(aligned);
-#ifdef MADV_HUGEPAGE
-  madvise(p, len, MADV_HUGEPAGE);  // advice only: without THP the mapping works with 4 KiB pages
-#endif
-  return p;
+  return reinterpret_cast<void*>(aligned);
 }
 #endif
 
@@ -371,7 +366,7 @@ at::Tensor alloc_output(at::IntArrayRef sizes, const at::TensorOptions& opts, bo
         }
       }
     }
-    if (p == nullptr) p = map_huge(len);
+    if (p == nullptr) p = map_aligned(len);
     if (p != nullptr) {
       at::Tensor t = at::from_blob(p, sizes, [len](void* q) { mapping_cache().give(q, len); }, opts);
       if (poison_enabled()) t.fill_(std::numeric_limits<double>::quiet_NaN());
