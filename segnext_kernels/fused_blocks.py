@@ -25,6 +25,7 @@ from torch import nn
 
 from .backends import check_backend_name, supports
 from .mlp import mlp
+from .modules import _dw_conv, _is_mlp, _is_msca, swap_modules
 from .pwconv import pwconv
 
 __all__ = ["FusedBlock", "FusedConv1x1", "fuse_blocks", "fuse_head_convs"]
@@ -49,8 +50,6 @@ def _exact_gelu(act: nn.Module) -> bool:
 
 def _is_block(module: nn.Module) -> bool:
     """A ``segnext.Block`` (NCHW forward) whose attention and MLP have the official structure."""
-    from .modules import _dw_conv, _is_mlp, _is_msca
-
     if type(module).__name__ != "Block" or not hasattr(module, "layer_scale_1"):
         return False
     attn, m = getattr(module, "attn", None), getattr(module, "mlp", None)
@@ -102,20 +101,17 @@ class FusedBlock(nn.Module):
 
     # ---------------------------------------------------------------------------------------------- fused path
     def _sources(self):
-        from .modules import _dw_conv
-
-        a, m = self.attn, self.mlp
-        dw = _dw_conv(m)
-        ts = [self.layer_scale_1, self.layer_scale_2, a.proj_1.weight, a.proj_1.bias, a.proj_2.weight, a.proj_2.bias,
-              m.fc1.weight, m.fc1.bias, dw.weight, dw.bias, m.fc2.weight, m.fc2.bias]
+        """The tensors the folded vectors depend on (their version counters key the cache)."""
+        a = self.attn
+        ts = [self.layer_scale_1, self.layer_scale_2, a.proj_1.weight, a.proj_1.bias, a.proj_2.bias]
         for norm in (self.norm1, self.norm2):
             ts += [norm.running_mean, norm.running_var, norm.weight, norm.bias]
-        return ts, dw
+        return ts
 
     def _folded(self):
         """The per-channel vectors of the fused path, and proj_1's weight with BN1 folded in (C x C); the large
         weights (proj_2, fc1, fc2) are used as they are: BN2 and the layer scales are applied inside the kernels."""
-        ts, dw = self._sources()
+        ts = self._sources()
         key = tuple((id(t), t._version) if t is not None else None for t in ts)
         if key == self._cache_key and self._cache is not None:
             return self._cache
@@ -158,8 +154,6 @@ class FusedBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fast_ok(x):
             return self._eager(x)
-        from .modules import _dw_conv
-
         p1w, p1b, p2b, p2alpha, ls1, affine = self._folded()
         a, m = self.attn, self.mlp
         dw = _dw_conv(m)
@@ -227,8 +221,6 @@ def fuse_blocks(model: nn.Module, backend: str = "auto") -> int:
     fused CPU ops can run on ``model``'s device ("auto" / "cpu" on a CPU model; other backends and devices swap
     nothing). Returns the number swapped. Raises ValueError for an unknown backend, RuntimeError when
     backend="cpu" cannot run here."""
-    from .modules import swap_modules
-
     check_backend_name(backend)
     if not _runs_on_cpu(model, backend):
         return 0
@@ -239,8 +231,6 @@ def fuse_head_convs(model: nn.Module, backend: str = "auto") -> int:
     """Swap the 1x1 convolutions of every ``LightHamHead`` inside ``model`` (squeeze, ham_in, ham_out, align,
     conv_seg) for ``FusedConv1x1`` sharing their parameters, in place, under the same conditions as
     ``fuse_blocks``. Returns the number swapped."""
-    from .modules import swap_modules
-
     check_backend_name(backend)
     if not _runs_on_cpu(model, backend):
         return 0

@@ -300,10 +300,10 @@ void resize_f64(const double* x, double* y, const Shape& s, bool align_corners) 
 // A contiguous output; >= kBigOutput bytes on Linux: an anonymous mapping of its own (2 MiB aligned, whole 2 MiB
 // units). When the tensor dies its mapping goes back to a small cache (at most kCacheBytes in all) that the next call
 // of about the same size takes again, already faulted in: a fresh 157 MB output (SegNeXt's 150 logits at 512x512)
-// costs 40-60 ms of page faults, a cached one nothing (what ONNX Runtime's arena does). The mappings are not advised
-// MADV_HUGEPAGE: with THP in "madvise" mode that made a fresh mapping cost 200-350 ms whenever no free huge pages were
-// at hand (measured here: the first one in a process, and every call whose previous output was still alive), for
-// 10 ms when they were. NaN-filled when the tests' poisoning is on. *big: whether it is such a mapping.
+// pays its page faults (tens of ms in one-off timings here), a cached one none (what ONNX Runtime's arena does). The
+// mappings are not advised MADV_HUGEPAGE: with THP in "madvise" mode a fresh huge-page mapping stalled for hundreds
+// of ms whenever no free huge pages were at hand (one-off timings: the first one in a process, and every call whose
+// previous output was still alive; the demo's fused median in CI went from ~90 to 305 ms). NaN-filled when the tests' poisoning is on. *big: whether it is such a mapping.
 #ifdef __linux__
 constexpr size_t kCacheBytes = size_t(512) << 20;
 

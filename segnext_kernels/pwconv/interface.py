@@ -105,6 +105,9 @@ def pwconv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, act: str
 
         y = act(gamma[c] * conv1x1(x, weight) + bias[c] + alpha[c] * r)
 
+    The 1x1 convolutions of SegNeXt with what follows them (official ``mscan.py`` ``SpatialAttention.proj_1`` + GELU
+    and ``proj_2`` + shortcut, ``Block``'s layer scale and residual; mmseg ``LightHamHead``'s 1x1 ``ConvModule``s).
+
     Args:
         x: (B, Cin, H, W) float16, bfloat16, float32 or float64, any strides; B >= 0, Cin, H, W >= 1.
         weight: (Cout, Cin) or (Cout, Cin, 1, 1); bias, alpha, gamma: (Cout,) or None (gamma None: 1); r:

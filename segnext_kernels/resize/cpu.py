@@ -5,7 +5,7 @@ chosen at run time, ``csrc/cpu/cpu_isa.h``). Source indices and weights are PyTo
 so results match ``F.interpolate`` to ~1 ulp. Outputs of 4 MiB or more get a 2 MiB-aligned mapping of their own
 (Linux), written with non-temporal stores (float32); a freed one goes back to a small cache (512 MiB at most) that
 the next call reuses, already faulted in, which saves the page-fault cost of a fresh 150-class full-resolution
-output (40-60 ms at 512x512) whenever the previous output has been dropped. Threaded with torch's intra-op pool; bitwise identical for any number of
+output whenever the previous output has been dropped. Threaded with torch's intra-op pool; bitwise identical for any number of
 threads. A function of the extension ``segnext_kernels._C_cpu`` (``extension.CPU_EXTENSION``, loaded or JIT-built
 lazily); it runs inside the custom op of ``resize/interface.py``.
 

@@ -18,7 +18,7 @@ from segnext_kernels.mlp import cpu as mlp_cpu
 from segnext_kernels.mlp import mlp, mlp_reference, pack_weights
 from segnext_kernels import FusedMlp, fuse_mlp
 
-from cpu_ext_helpers import ext, poison  # noqa: F401  (the extension; NaN-poisoned outputs)
+from cpu_ext_helpers import ext, poison, run_with_isa  # noqa: F401  (the extension; NaN-poisoned outputs)
 from msca_helpers import ATOL, ERR_FACTOR, max_err
 
 GRAD_NAMES = ["x", "fc1.weight", "fc1.bias", "dw.weight", "dw.bias", "fc2.weight", "fc2.bias"]
@@ -202,21 +202,11 @@ def test_small_image_hidden_groups_threads_bitwise():
 @pytest.mark.parametrize("isa", ["scalar", "avx2"])
 def test_lower_vector_isas(isa):
     """SEGNEXT_CPU_ISA is read once per process: each lower ISA in a fresh one (the AVX-512 path runs above)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    code = ("import sys, torch; sys.path[:0] = ['tests/helpers', 'tests/mlp']; import test_mlp_cpu as t\n"
-            "for dt, shape in ((torch.float32, (2, 5, 24, 13, 29)), (torch.bfloat16, (1, 3, 16, 8, 21)),\n"
+    body = ("for dt, shape in ((torch.float32, (2, 5, 24, 13, 29)), (torch.bfloat16, (1, 3, 16, 8, 21)),\n"
             "                  (torch.float32, (1, 3, 8, 1, 1)), (torch.float32, (1, 4, 8, 3, 17))):\n"
             "    B, C, Hd, H, W = shape\n"
-            "    t.check(t.make(*shape, dtype=dt), dt, torch.randn(B, C, H, W).to(dt))\n"
-            "print(t.CPU_EXTENSION.load().isa())\n")
-    root = Path(__file__).resolve().parents[2]
-    p = subprocess.run([sys.executable, "-c", code], cwd=root, env=dict(os.environ, SEGNEXT_CPU_ISA=isa),
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
-    assert p.stdout.split()[-1] == isa
+            "    t.check(t.make(*shape, dtype=dt), dt, torch.randn(B, C, H, W).to(dt))")
+    run_with_isa("tests/mlp/test_mlp_cpu.py", body, isa)
 
 
 def test_opcheck():
