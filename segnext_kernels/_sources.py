@@ -12,6 +12,7 @@ CPU_SOURCES = (
     "cpu/mlp_cpu_fwd.cpp", "cpu/mlp_cpu_bwd.cpp",
     "cpu/resize_cpu.cpp",
     "cpu/pwconv_cpu.cpp",
+    "cpu/nmf_cpu.cpp",
 )
 #: No -march: the CPU kernels choose their vector ISA at run time (csrc/cpu/cpu_isa.h). -fopenmp: ATen's
 #: at::parallel_for is an inline OpenMP region in its header, which runs on one thread without it.

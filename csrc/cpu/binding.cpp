@@ -13,6 +13,7 @@
 #include "cpu/mlp_cpu.h"
 #include "cpu/resize_cpu.h"
 #include "cpu/pwconv_cpu.h"
+#include "cpu/nmf_cpu.h"
 
 namespace {
 
@@ -39,7 +40,7 @@ std::string isa() { return segnext_cpu::isa_name(segnext_cpu::isa()); }
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "segnext-kernels CPU kernels (fused MSCA, MLP, 1x1 convolution)";
+  m.doc() = "segnext-kernels CPU kernels (fused MSCA, MLP, 1x1 convolution, NMF2D, resize)";
   m.def("msca_forward", &segnext_cpu::msca_forward, "Fused MSCA forward on CPU tensors (csrc/cpu/msca_cpu.h)");
   m.def("msca_backward", &msca_backward_py, "Fused MSCA backward on CPU tensors (csrc/cpu/msca_cpu.h)");
   m.def("mlp_forward", &segnext_cpu::mlp_forward, "Fused MSCAN MLP forward on CPU tensors (csrc/cpu/mlp_cpu.h)",
@@ -48,6 +49,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pwconv_forward", &segnext_cpu::pwconv_forward,
         "Fused 1x1 convolution + epilogue forward on CPU tensors (csrc/cpu/pwconv_cpu.h)", py::arg("x"), py::arg("w"),
         py::arg("bias"), py::arg("act"), py::arg("alpha"), py::arg("r"), py::arg("gamma") = py::none());
+  m.def("nmf_forward", &segnext_cpu::nmf_forward, "NMF2D forward on CPU tensors (csrc/cpu/nmf_cpu.h)",
+        py::arg("x"), py::arg("bases0"), py::arg("steps"), py::arg("eps"), py::arg("inv_t"), py::arg("return_state"));
   m.def("mlp_backward", &mlp_backward_py, "Fused MSCAN MLP backward on CPU tensors (csrc/cpu/mlp_cpu.h)");
   m.def("resize_bilinear_forward", &segnext_cpu::resize_bilinear_forward,
         "Bilinear resize forward (F.interpolate mode=\"bilinear\") on CPU tensors (csrc/cpu/resize_cpu.h)");

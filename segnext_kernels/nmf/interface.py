@@ -21,7 +21,8 @@ Custom ops (namespace ``segnext_kernels``):
     (what a backward of that grad mode needs; "none" when no backward can follow). Returns y (B, D, N) in x's
     dtype, contiguous; with return_state bases_K (B, D, R) and coef_F (B, N, R) in the compute dtype, else two
     empty (0,) tensors; saved: the small per-step tensors of ``driver.nmf_forward`` in ``SAVED_KEYS[save]``
-    order (empty for "none"); backend: "triton" or "cuda". Differentiable w.r.t. x and bases0.
+    order (empty for "none"); backend: "triton", "cuda" or "cpu" (forward only: save must be "none").
+    Differentiable w.r.t. x and bases0 (triton, cuda).
 ``torch.ops.segnext_kernels.nmf2d_bwd(grad_y?, grad_bases?, grad_coef?, x, saved, grad_mode, steps, eps, inv_t,
         need_x, need_bases, backend) -> (g_x, g_bases0)``
     g_x (B, D, N) in x's dtype (contiguous) when need_x; g_bases0 (B, D, R) in the compute dtype when need_bases
@@ -127,6 +128,12 @@ def nmf2d_fwd(x: Tensor, bases0: Tensor, steps: int, eps: float, inv_t: float, s
                   return_state: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     if save not in SAVED_KEYS:
         raise ValueError(f"save: expected one of {tuple(SAVED_KEYS)}, got {save!r}")
+    if backend == "cpu":  # forward-only kernels: nothing saved (nmf2d runs the reference when a gradient is needed)
+        if save != "none":
+            raise ValueError(f"save: the cpu NMF2D kernels are forward only, expected 'none', got {save!r}")
+        y, bases_k, coef_f = kernel_module("nmf2d", "cpu").forward(x, bases0, steps, eps, inv_t, return_state)
+        y, bases_k, coef_f = fresh_outputs([y, bases_k, coef_f], (x, bases0))
+        return y, bases_k, coef_f, []
     y, bases_k, coef_f, saved = nmf_forward(_kernels(backend), x, bases0, steps, eps, inv_t,
                                             save=None if save == "none" else save)
     if return_state:  # bases_K / coef_F are slots of the saved histories: copy them out
@@ -291,9 +298,10 @@ def nmf2d(x: torch.Tensor, bases: torch.Tensor, steps: int, *, grad_mode: str = 
             would round or flush to 0.
         inv_t: softmax inverse temperature of the init (official NMF2D forces 1); finite in the compute dtype.
         return_state: also return the final bases (B, D, R) and coef (B, N, R), in the compute dtype.
-        backend: "auto" (Triton on CUDA tensors, the eager reference on CPU tensors: no CPU NMF kernels yet; see
-            ``segnext_kernels.backends``), "cuda" (CUDA extension; float16/bfloat16/float32), "triton", "reference". With TRITON_INTERPRET=1
-            "triton" runs on CPU tensors. "cuda" and "triton" run the custom op
+        backend: "auto" (Triton on CUDA tensors, "cpu" on CPU tensors; see ``segnext_kernels.backends``), "cuda"
+            (CUDA extension; float16/bfloat16/float32), "triton", "cpu" (C++ CPU kernels, ``nmf/cpu.py``;
+            float32/bfloat16/float16, forward only: with a gradient needed the reference runs), "reference". With
+            TRITON_INTERPRET=1 "triton" runs on CPU tensors. "cuda", "triton" and "cpu" run the custom op
             ``torch.ops.segnext_kernels.nmf2d_fwd`` (below): opaque to ``torch.compile`` (fake
             implementations registered), autograd via ``torch.library.register_autograd``; "reference" runs eager
             PyTorch ops.
@@ -315,7 +323,9 @@ def nmf2d(x: torch.Tensor, bases: torch.Tensor, steps: int, *, grad_mode: str = 
     _check_nmf_args(x, bases, steps, grad_mode, eps, inv_t, return_state)
     name = "reference" if torch.compiler.is_exporting() else resolve("nmf2d", backend, x.device, x.dtype)
     steps, eps, inv_t = int(steps), float(eps), float(inv_t)
-    if name == "reference" or x.numel() == 0:
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or bases.requires_grad)
+    if name == "reference" or x.numel() == 0 or (name == "cpu" and need_grad):
+        # the cpu kernels are forward only: with a gradient needed the reference runs (eager autograd)
         # empty inputs (B, D or N = 0) have nothing to fuse: the eager reference handles them (and their grads)
         return nmf2d_reference(x, bases, steps, eps=eps, inv_t=inv_t, grad_mode=grad_mode,
                                return_state=return_state)

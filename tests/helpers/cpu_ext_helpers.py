@@ -7,6 +7,8 @@
 - ``run_with_isa(test_file, body, isa)``: runs ``body`` (with the test module imported as ``t``) in a fresh
   interpreter at the repository root with ``SEGNEXT_CPU_ISA=isa`` (read once per process), and checks that it
   exits 0 and that the extension ran with that ISA.
+- ``check_opcheck_and_compile(op, args, fn, x)``: ``torch.library.opcheck`` on ``op(*args)``, then
+  ``torch.compile(fn, fullgraph=True)`` (aot_eager) must give eager's ``fn(x)`` bit for bit.
 
 Import the fixtures into a test module by name: ``from cpu_ext_helpers import ext, poison  # noqa: F401``.
 """
@@ -18,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from segnext_kernels.extension import CPU_EXTENSION
 
@@ -51,3 +54,14 @@ def run_with_isa(test_file: str, body: str, isa: str, timeout: int = 600) -> str
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     assert p.stdout.split()[-1] == isa
     return p.stdout
+
+
+def check_opcheck_and_compile(op, args, fn, x) -> None:
+    """``opcheck(op, args)`` (schema, fake kernel, autograd registration), then ``torch.compile(fn, fullgraph=True,
+    backend="aot_eager")(x)`` must equal eager ``fn(x)`` exactly (no graph break, the same kernel runs)."""
+    torch.library.opcheck(op, args)
+    with torch.no_grad():
+        ref = fn(x)
+        torch._dynamo.reset()
+        got = torch.compile(fn, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)

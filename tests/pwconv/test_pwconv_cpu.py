@@ -12,7 +12,7 @@ import torch
 
 from segnext_kernels.pwconv import pwconv, pwconv_reference
 
-from cpu_ext_helpers import ext, poison  # noqa: F401  (the extension; NaN-poisoned outputs)
+from cpu_ext_helpers import check_opcheck_and_compile, ext, poison  # noqa: F401  (the extension; NaN-poisoned outputs)
 from msca_helpers import ATOL, ERR_FACTOR, max_err
 
 
@@ -120,13 +120,8 @@ def test_other_dtypes_fall_back_to_the_reference():
 
 def test_opcheck_and_compile_fullgraph():
     x, w, b, a, res = (t.float() for t in make(1, 3, 4, 7, 9))
-    torch.library.opcheck(torch.ops.segnext_kernels.pwconv_fwd.default, (x, w, b, "gelu", a, res, "cpu"))
     fn = lambda x: pwconv(x, w, b, act="relu", alpha=a, r=res, backend="cpu")  # noqa: E731
-    with torch.no_grad():
-        ref = fn(x)
-        torch._dynamo.reset()
-        got = torch.compile(fn, fullgraph=True, backend="aot_eager")(x)
-    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    check_opcheck_and_compile(torch.ops.segnext_kernels.pwconv_fwd.default, (x, w, b, "gelu", a, res, "cpu"), fn, x)
 
 
 def test_bad_input(ext):
