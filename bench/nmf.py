@@ -7,7 +7,9 @@ and torch.compile, for every SegNeXt decoder shape, dtype and mode.
 
 Shapes (``SHAPES``): x (B, D, N) non-negative, bases (B, D, R); D = ham_channels (256 T/S, 512 B, 1024 L),
 R = 16 (T/S) or 64 (B/L), N = (H/8)(W/8): 64*64 = 4096 for ADE20K 512x512 (batch 16), 128*256 = 32768 for
-Cityscapes 2048x1024 (batch 1). On CPU the default is one tiny shape (1, 64, 256, 16).
+Cityscapes 2048x1024 (batch 1). On CPU the defaults are the ADE20K 512x512 head shapes at batch 1 (what the
+whole-model CPU benchmark runs): "ade512-TS-b1" (1, 256, 4096, 16) and "ade512-B-b1" (1, 512, 4096, 64);
+``--quick`` on CPU runs one tiny shape (1, 64, 256, 16).
 
 Steps K: 7 in ``fwd`` (eval, as the models run at inference) and 6 in ``fwdbwd`` (training), ``--steps`` sets both.
 ``fwdbwd``: forward + ``torch.autograd.grad`` of the reconstruction with respect to x (x comes from ham_in + ReLU
@@ -16,9 +18,10 @@ SegNeXt / mmseg, default) or "one_step" (Hamburger paper). Inputs: x = torch.ran
 torch.rand normalised over D (the official draw, done once outside the timing), x rotated over enough copies to
 exceed twice the L2.
 
-Implementations: backends "cuda", "triton" and "reference" through ``segnext_kernels.nmf2d(..., backend=)`` (each
-reported unavailable, with the reason, where it cannot run); baselines "eager" (``nmf2d_reference`` called
-directly), "compile" / "compile_max" (``torch.compile(nmf2d_reference)``, default / max-autotune, CUDA only).
+Implementations: backends "cuda", "triton", "cpu" and "reference" through ``segnext_kernels.nmf2d(..., backend=)``
+(each reported unavailable, with the reason, where it cannot run; "cpu" is forward only, its ``fwdbwd`` rows run the
+reference's backward); baselines "eager" (``nmf2d_reference`` called directly), "compile" / "compile_max"
+(``torch.compile(nmf2d_reference)``, default / max-autotune, CUDA only).
 
 Byte model (a fused implementation streaming x once per pass; bases and coef, at most R/D of x, not counted),
 X = B*D*N*s bytes (s = dtype size):
@@ -56,9 +59,10 @@ SHAPES: dict[str, tuple[int, int, int, int]] = {
     "city-B": (1, 512, 128 * 256, 64),
     "city-L": (1, 1024, 128 * 256, 64),
 }
-CPU_SHAPES = {"cpu-tiny": (1, 64, 256, 16)}
+CPU_SHAPES = {"ade512-TS-b1": (1, 256, 64 * 64, 16), "ade512-B-b1": (1, 512, 64 * 64, 64)}
+CPU_QUICK_SHAPES = {"cpu-tiny": (1, 64, 256, 16)}
 QUICK_SHAPES = ["ade512-TS", "ade512-B", "city-B"]
-BACKENDS = ("cuda", "triton", "reference")
+BACKENDS = ("cuda", "triton", "cpu", "reference")
 BASELINES = ("eager", "compile", "compile_max")
 MODES = ("fwd", "fwdbwd")
 #: rows with the same values of these share baselines (speedup columns)
@@ -84,7 +88,7 @@ def byte_flop_model(shape, dtype_name: str, mode: str, K: int) -> dict:
 
 def impl_status(impl: str, device: torch.device) -> tuple[bool, str]:
     """(runs here, note); see bench.msca.impl_status."""
-    if impl in ("cuda", "triton"):
+    if impl in ("cuda", "triton", "cpu"):
         try:
             common.sk_backends()
         except ImportError as e:
@@ -274,12 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="GPU subset: bf16, ade512-TS, ade512-B, city-B, fwd+fwdbwd, backends + eager + compile")
     ap.add_argument("--shape", action="append", default=None, metavar="B,D,N,R",
                     help="custom shape (repeatable); replaces the default shape set")
-    ap.add_argument("--shapes", default=None, help=f"comma-separated names from {','.join(SHAPES)}")
+    ap.add_argument("--shapes", default=None, help="comma-separated names from "
+                    f"{','.join([*SHAPES, *CPU_SHAPES, *CPU_QUICK_SHAPES])}")
     ap.add_argument("--dtype", default=None, help="comma-separated subset of fp32,fp16,bf16 (default: all)")
     ap.add_argument("--mode", default="fwd,fwdbwd", help="fwd, fwdbwd or both")
     ap.add_argument("--steps", type=int, default=None, help="K (default: 7 for fwd = eval, 6 for fwdbwd = train)")
     ap.add_argument("--grad", default="unrolled", help="gradient mode(s) of fwdbwd: unrolled, one_step or both")
-    ap.add_argument("--backends", default=None, help="subset of cuda,triton,reference (default: all that run here)")
+    ap.add_argument("--backends", default=None, help="subset of cuda,triton,cpu,reference (default: all that run here)")
     ap.add_argument("--baselines", default=None, help="subset of eager,compile,compile_max (default: all)")
     common.add_timing_args(ap, "25, quick 10", "100, quick 50")
     common.add_common_args(ap)
@@ -298,9 +303,10 @@ def _main(args, argv, device) -> int:
         shapes = {f"custom{i + 1 if len(args.shape) > 1 else ''}": common.parse_shape(s, 4, "--shape")
                   for i, s in enumerate(args.shape)}
     elif args.shapes:
-        shapes = {n: SHAPES[n] for n in common.parse_list(args.shapes, list(SHAPES), "--shapes")}
+        named = {**SHAPES, **CPU_SHAPES, **CPU_QUICK_SHAPES}
+        shapes = {n: named[n] for n in common.parse_list(args.shapes, list(named), "--shapes")}
     elif args.quick:
-        shapes = {n: SHAPES[n] for n in QUICK_SHAPES} if gpu else dict(CPU_SHAPES)
+        shapes = {n: SHAPES[n] for n in QUICK_SHAPES} if gpu else dict(CPU_QUICK_SHAPES)
     else:
         shapes = dict(SHAPES) if gpu else dict(CPU_SHAPES)
     dtypes = common.parse_list(args.dtype or ("bf16" if args.quick else "fp32,fp16,bf16"), list(common.DTYPES),

@@ -36,8 +36,8 @@ else:
     MSCA_CASES = [("cpu-tiny", (1, 16, 16, 16), "fp32", mode, impl)
                   for mode, impl in (("fwd", "reference"), ("fwd", "eager_nchw"), ("fwd", "eager_cl"),
                                      ("fwdbwd", "eager_nchw"))]
-    NMF_CASES = [("cpu-tiny", nmf.CPU_SHAPES["cpu-tiny"], "fp32", mode, impl)
-                 for mode, impl in (("fwd", "reference"), ("fwd", "eager"), ("fwdbwd", "eager"))]
+    NMF_CASES = [("cpu-tiny", nmf.CPU_QUICK_SHAPES["cpu-tiny"], "fp32", mode, impl)
+                 for mode, impl in (("fwd", "reference"), ("fwd", "cpu"), ("fwd", "eager"), ("fwdbwd", "eager"))]
     MODEL_CASES = [("t", "cpu64-b1", model_bench.CPU_CASES["cpu64-b1"], "fp32", "eager")]
 
 
