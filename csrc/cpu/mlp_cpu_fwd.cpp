@@ -104,22 +104,25 @@ void forward_impl(const T* x, T* y, int64_t B, int64_t C, int64_t Hd, int64_t H,
       const int64_t c0 = grp * nchunks / G, c1 = (grp + 1) * nchunks / G;
       const T* xb = x + b * C * HW;
 
-      E* h = static_cast<E*>(scratch(0, sizeof(E) * pl.hc * Nin));
-      TG* g = static_cast<TG*>(scratch(1, sizeof(TG) * pl.hc * Nout));
+      // scratch rows get leading dimensions that do not alias in the caches (padded_ld): g is fc2's B operand
+      const int64_t ldh = padded_ld(Nin), ldg = padded_ld(Nout);
+      E* h = static_cast<E*>(scratch(0, sizeof(E) * pl.hc * ldh));
+      TG* g = static_cast<TG*>(scratch(1, sizeof(TG) * pl.hc * ldg));
       E* tmp = static_cast<E*>(scratch(2, sizeof(E) * (W + 64)));
       // the input affine (an eval BatchNorm before fc1) on the band + halo, into scratch: fc1 reads it from there
       const T* xin = xb + ri0 * W;
       int64_t ldx = HW;
       if (in_scale) {
-        E* xs = static_cast<E*>(scratch(4, sizeof(E) * C * Nin));
+        const int64_t ldxs = padded_ld(Nin);
+        E* xs = static_cast<E*>(scratch(4, sizeof(E) * C * ldxs));
         for (int64_t c = 0; c < C; ++c) {
           const E sc = in_scale[c], sh = in_shift[c];
           const T* src = xin + c * HW;
-          E* dst = xs + c * Nin;
+          E* dst = xs + c * ldxs;
           for (int64_t i = 0; i < Nin; ++i) dst[i] = static_cast<E>(src[i]) * sc + sh;
         }
         xin = reinterpret_cast<const T*>(xs);  // T == E on this path (checked by the caller)
-        ldx = Nin;
+        ldx = ldxs;
       }
       E* acc;
       int64_t ldacc;
@@ -137,20 +140,20 @@ void forward_impl(const T* x, T* y, int64_t B, int64_t C, int64_t Hd, int64_t H,
       for (int64_t ch = c0; ch < c1; ++ch) {
         const int64_t j0 = ch * pl.hc, m = std::min(pl.hc, Hd - j0);
         // h = W1[j0:j0+m] @ x[:, ri0:ri1]
-        gemm_rm<E>(false, false, m, Nin, C, w1 + j0 * C, C, xin, ldx, false, h, Nin);
+        gemm_rm<E>(false, false, m, Nin, C, w1 + j0 * C, C, xin, ldx, false, h, ldh);
         for (int64_t jj = 0; jj < m; ++jj) {
           const int64_t j = j0 + jj;
-          const E* hj = h + jj * Nin;
+          const E* hj = h + jj * ldh;
           for (int64_t yy = r0; yy < r1; ++yy) {
             const E* up = yy > 0 ? hj + (yy - 1 - ri0) * W : nullptr;
             const E* mid = hj + (yy - ri0) * W;
             const E* dn = yy + 1 < H ? hj + (yy + 1 - ri0) * W : nullptr;
             rk.dw(up, mid, dn, wdw + j * 9, b1[j], bdw[j], W, tmp);
-            rk.gelu(tmp, W, g + jj * Nout + (yy - r0) * W);
+            rk.gelu(tmp, W, g + jj * ldg + (yy - r0) * W);
           }
         }
         // acc (+)= W2[:, j0:j0+m] @ g
-        gemm_rm<E>(false, false, C, Nout, m, w2 + j0, Hd, g, Nout, ch != c0, acc, ldacc);
+        gemm_rm<E>(false, false, C, Nout, m, w2 + j0, Hd, g, ldg, ch != c0, acc, ldacc);
       }
       if (c1 == c0) {  // an empty group (Hd < G * hc never happens: G <= nchunks); keep the partial defined
         for (int64_t c = 0; c < C; ++c) std::fill(acc + c * ldacc, acc + c * ldacc + Nout, E(0));

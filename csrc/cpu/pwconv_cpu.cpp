@@ -70,9 +70,11 @@ at::Tensor pwconv_forward(const at::Tensor& x, const at::Tensor& w, const std::o
   const float* ap = alpha.has_value() ? ac.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
 
-  // tiles: up to 128 output channels x up to 512 pixels (a 256 KiB fp32 tile: the epilogue reads it from L2)
-  const int64_t MB = std::min<int64_t>(Cout, 128), NBLK = std::min<int64_t>(HW, 512);
-  const int64_t nm = mlp::ceil_div(Cout, MB), nn = mlp::ceil_div(HW, NBLK);
+  // tiles: up to 128 output channels x up to 512 pixels (a 256 KiB fp32 tile: the epilogue reads it from L2); the
+  // channel blocks are of equal size (Cout = 150: 75 + 75, not 128 + 22), so the threads' shares of tiles, split in
+  // order, hold the same work
+  const int64_t nm = mlp::ceil_div(Cout, 128), MB = mlp::ceil_div(Cout, nm), NBLK = std::min<int64_t>(HW, 512);
+  const int64_t nn = mlp::ceil_div(HW, NBLK);
   const mlp::Rows<float, float> rk = mlp::rows_for<float, float>();
   at::parallel_for(0, B * nm * nn, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -80,7 +82,7 @@ at::Tensor pwconv_forward(const at::Tensor& x, const at::Tensor& w, const std::o
       const int64_t o0 = mb * MB, m = std::min(MB, Cout - o0);
       const int64_t p0 = pb * NBLK, n = std::min(NBLK, HW - p0);
       float* yt = yp + (b * Cout + o0) * HW + p0;
-      at::native::cpublas::brgemm(m, n, Cin, Cin, HW, HW, false, wp + o0 * Cin, xp + b * Cin * HW + p0, yt, false);
+      mlp::gemm_rm<float>(false, false, m, n, Cin, wp + o0 * Cin, Cin, xp + b * Cin * HW + p0, HW, false, yt, HW);
       for (int64_t i = 0; i < m; ++i) {
         const int64_t o = o0 + i;
         float* row = yt + i * HW;

@@ -87,7 +87,7 @@ def test_borders_and_odd_sizes(shape, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(1, 32, 256, 32, 40), (1, 64, 512, 17, 12), (1, 160, 640, 9, 8),
-                                   (1, 256, 1024, 6, 5)], ids=str)
+                                   (1, 256, 1024, 6, 5), (1, 48, 192, 16, 16)], ids=str)
 def test_segnext_hidden_widths(shape, dtype):
     args = make(*shape, dtype=dtype)
     B, C, _, H, W = shape
@@ -330,14 +330,18 @@ def test_plan_environment_reaches_the_kernels_once():
     assert p.stdout.split()[-1] == "differs"
 
 
-def test_affine_inference_epilogues():
+# (1, 40, 96, 16, 16): one band of 16 x 16 = 256 pixels, a leading dimension the kernel pads in its scratch
+# (padded_ld) and whose image planes fc1 packs (aliasing_ld)
+@pytest.mark.parametrize("shape", [(2, 6, 24, 9, 11), (1, 40, 96, 16, 16)], ids=str)
+def test_affine_inference_epilogues(shape):
     """mlp(..., affine=(s, t, g), residual=r) = g * mlp(s x + t) + r (an eval BatchNorm before fc1 and the layer
     scale after fc2, inside the kernel), float32; the fused op refuses a backward through it, and with a gradient
     needed the public function runs the reference."""
-    args = make(2, 6, 24, 9, 11)
-    r = torch.randn(2, 6, 9, 11, dtype=torch.float64)
-    aff = torch.stack([torch.rand(6, dtype=torch.float64) + 0.5, torch.randn(6, dtype=torch.float64) * 0.3,
-                       torch.rand(6, dtype=torch.float64) * 0.5])
+    B, C, _, H, W = shape
+    args = make(*shape)
+    r = torch.randn(B, C, H, W, dtype=torch.float64)
+    aff = torch.stack([torch.rand(C, dtype=torch.float64) + 0.5, torch.randn(C, dtype=torch.float64) * 0.3,
+                       torch.rand(C, dtype=torch.float64) * 0.5])
 
     def ref_fn(a, rr, af):
         x = a[0] * af[0][None, :, None, None] + af[1][None, :, None, None]
@@ -357,5 +361,5 @@ def test_affine_inference_epilogues():
     out = torch.ops.segnext_kernels.mlp_fwd(xg, *packed, "cpu", None, aff.float())
     with pytest.raises(RuntimeError, match="inference only"):
         out.sum().backward()
-    with pytest.raises(ValueError, match=r"affine: expected shape \(3, 6\)"):
+    with pytest.raises(ValueError, match=rf"affine: expected shape \(3, {C}\)"):
         mlp(*args, affine=aff[:2], backend="cpu")

@@ -56,8 +56,11 @@ def test_epilogues_and_odd_sizes(shape, epilogue, act):
     check(x, w, act, **kw)
 
 
+# (.., 16, 16) and (.., 32, 16): H * W = 256 / 512, image planes the GEMM packs (aliasing_ld); Cout = 150 / 130: two
+# equal channel blocks (75 + 75, 65 + 65)
 @pytest.mark.parametrize("shape", [(1, 32, 32, 40, 37), (1, 64, 64, 17, 12), (1, 160, 160, 9, 8),
-                                   (1, 256, 256, 6, 5), (1, 480, 256, 11, 13), (1, 256, 150, 8, 9)], ids=str)
+                                   (1, 256, 256, 6, 5), (1, 480, 256, 11, 13), (1, 256, 150, 8, 9),
+                                   (1, 40, 150, 16, 16), (2, 330, 130, 32, 16)], ids=str)
 def test_segnext_widths(shape):
     x, w, b, a, res = make(*shape)
     check(x, w, "gelu", bias=b)
