@@ -31,9 +31,14 @@ from .pwconv import pwconv
 __all__ = ["FusedBlock", "FusedConv1x1", "fuse_blocks", "fuse_head_convs"]
 
 
+def _is_eval_bn(norm: nn.Module) -> bool:
+    """An eval-mode BatchNorm with running statistics (an affine map per channel)."""
+    return isinstance(norm, nn.modules.batchnorm._BatchNorm) and not norm.training and norm.running_mean is not None
+
+
 def _bn_affine(norm: nn.Module):
     """(scale, shift) of an eval-mode BatchNorm2d, such that norm(x) = scale[c] * x + shift[c]; None otherwise."""
-    if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or norm.training or norm.running_mean is None:
+    if not _is_eval_bn(norm):
         return None
     scale = torch.rsqrt(norm.running_var + norm.eps)
     if norm.weight is not None:
@@ -145,7 +150,7 @@ class FusedBlock(nn.Module):
         if self.backend not in ("auto", "cpu") or not _exact_gelu(self.attn.activation):
             return False
         mact = getattr(self.mlp, "act", None)
-        if not _exact_gelu(mact) or _bn_affine(self.norm1) is None or _bn_affine(self.norm2) is None:
+        if not _exact_gelu(mact) or not _is_eval_bn(self.norm1) or not _is_eval_bn(self.norm2):
             return False
         if self.layer_scale_1.dtype != torch.float32:
             return False
