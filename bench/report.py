@@ -15,7 +15,8 @@ for GPU figures: without any GPU file the section says that no GPU measurements 
 After the GPU part, a CPU part from the newest CPU MSCA files (``python -m bench.msca`` on CPU, merged over files of
 the same CPU model and commit): the CPU model, commit, date and versions, per mode a table of every implementation's
 median ms at the largest thread count measured, the FMA floor, the cpu backend against its fastest peer (with the
-spread), and a plain list of what was not run. Then, from the newest CPU whole-model files of ``python -m
+spread), and a plain list of what was not run; the newest CPU NMF2D files (``python -m bench.nmf`` on CPU): the cpu
+backend against the eager reference per shape, dtype, mode and thread count. Then, from the newest CPU whole-model files of ``python -m
 bench.model --cpu`` (files that carry ``meta.goals``, i.e. written by ``bench/model_cpu.py``) and of its ``--sweep``:
 per case ms of every variant, images/s, peak RSS, the goals of the CPU issue (met / missed / not measured, with
 the numbers) and the size sweep. When the README lacks the markers the section is printed and the README is left
@@ -34,13 +35,13 @@ START = "<!-- bench:results:start -->"
 END = "<!-- bench:results:end -->"
 KINDS = ("msca", "nmf", "model")
 #: CPU result kinds summarised (model_sweep: ``python -m bench.model --cpu --sweep``)
-CPU_KINDS = ("msca", "model", "model_sweep")
+CPU_KINDS = ("msca", "nmf", "model", "model_sweep")
 TITLES = {"msca": "MSCA (one attention module)", "nmf": "NMF2D (Hamburger decoder)", "model": "Whole SegNeXt models"}
 
 
 #: columns identifying one measurement; a newer file's row replaces an older one's with the same identity
 IDENTITY = {"msca": ("shape_name", "shape", "dtype", "mode", "impl", "threads"),
-            "nmf": ("shape_name", "shape", "R", "K", "dtype", "mode", "grad", "impl"),
+            "nmf": ("shape_name", "shape", "R", "K", "dtype", "mode", "grad", "impl", "threads"),
             "model": ("model", "case", "batch", "H", "W", "precision", "variant", "threads"),
             "model_sweep": ("model", "case", "batch", "H", "W", "precision", "variant", "threads")}
 
@@ -85,7 +86,7 @@ def _newest_results(results_dir: Path, device_kind: str, kinds) -> dict:
     out = {}
     for kind in kinds:
         mine = [(k, p, d) for k, p, d in files if d["meta"]["kind"] == kind]
-        if device_kind == "cpu" and kind != "msca":  # the CPU model files of bench/model_cpu.py (they carry goals)
+        if device_kind == "cpu" and kind.startswith("model"):  # the CPU model files of bench/model_cpu.py (goals)
             mine = [t for t in mine if "goals" in t[2]["meta"]]
         if not mine:
             continue
@@ -100,7 +101,7 @@ def _newest_results(results_dir: Path, device_kind: str, kinds) -> dict:
             for r in d["rows"]:
                 merged[tuple(str(r.get(c)) for c in IDENTITY[kind])] = dict(r)
         rows = list(merged.values())
-        if device_kind == "cpu" and kind != "msca":
+        if device_kind == "cpu" and kind.startswith("model"):
             _model_cpu.derive(rows)
         elif kind == "model":
             common.add_derived(rows, _model.GROUP_KEYS, ("eager", "compile"), impl_key="variant")
@@ -363,6 +364,37 @@ def _cpu_head(what: str, res: dict, readme_dir: Path) -> str:
             f"{meta.get('fuse', 'fused = segnext_kernels.fuse')}; data: {data}.")
 
 
+def _cpu_nmf_section(res: dict, readme_dir: Path) -> list[str]:
+    """The CPU NMF2D part (``python -m bench.nmf`` on CPU): per shape, dtype, mode and thread count the median ms of
+    the cpu backend and of the eager reference, and their ratio with its spread."""
+    meta, rows = res["meta"], res["rows"]
+    data = ", ".join(f"[{p.stem}]({_link(p.with_suffix('.csv'), readme_dir)}) (CSV)" for p in res["files"])
+    out = [f"**NMF2D on CPU** (wall-clock `time.perf_counter` medians; CPU figures): "
+           f"{meta.get('cpu_model', meta.get('device'))}; torch {meta.get('torch')}; commit `{meta.get('commit')}`, "
+           f"{meta.get('date')}; data: {data}. The cpu backend is forward only: its fwd+bwd rows run the "
+           "reference's backward.", ""]
+    table = []
+    keys = sorted({(r["shape_name"], str(r.get("shape")), r["R"], r["K"], r["dtype"], r["mode"], str(r.get("threads")))
+                   for r in rows if r["impl"] == "cpu"}, key=lambda k: (k[0], k[6], k[4], k[5]))
+    for name, shape, R, K, dt, mode, th in keys:
+        same = [r for r in rows if (r["shape_name"], str(r.get("shape")), r["R"], r["K"], r["dtype"], r["mode"],
+                                    str(r.get("threads"))) == (name, shape, R, K, dt, mode, th)]
+        cpu = next((r for r in same if r["impl"] == "cpu"), None)
+        eager = next((r for r in same if r["impl"] == "eager"), None)
+        if not (cpu and eager and _ok(cpu) and _ok(eager)):
+            continue
+        lo, hi = eager.get("p20_ms"), eager.get("p80_ms")
+        spread = (f" ({lo / cpu['p80_ms']:.2g}-{hi / cpu['p20_ms']:.2g})" if lo and hi and cpu.get("p20_ms")
+                  and cpu.get("p80_ms") else "")
+        ratio = _x(eager["median_ms"] / cpu["median_ms"]) + spread
+        table.append([f"{name} {shape} R={R} K={K}", dt, mode, th, _ms(cpu["median_ms"]), _ms(eager["median_ms"]),
+                      ratio])
+    if not table:
+        return out[:1] + ["", "no complete cpu / eager pair in the file."]
+    return out + _md_table(["shape (B, D, N)", "dtype", "mode", "threads", "cpu ms", "eager ms", "eager / cpu"],
+                           table)
+
+
 def _cpu_model_section(res: dict, readme_dir: Path) -> list[str]:
     """The CPU whole-model part: per (model, case, precision) the ms of every variant, images/s of eager and fused,
     fused against eager and against the faster peer, peak RSS; then the goals, plainly; the PNG."""
@@ -440,7 +472,7 @@ def build_section(results: dict, readme_dir: Path, want_dtype: str = "bf16", cpu
         cpu_lines = [""] + _cpu_section(cpu_results["msca"], readme_dir)
     else:
         cpu_lines = ["", "**MSCA on CPU**: no CPU result file yet (`python -m bench.msca --full` writes one)."]
-    for kind, part in (("model", _cpu_model_section), ("model_sweep", _cpu_sweep_section)):
+    for kind, part in (("nmf", _cpu_nmf_section), ("model", _cpu_model_section), ("model_sweep", _cpu_sweep_section)):
         if cpu_results and kind in cpu_results:
             cpu_lines += [""] + part(cpu_results[kind], readme_dir)
     if not results:
