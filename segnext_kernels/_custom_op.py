@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["FLOAT_DTYPES", "check_float_tensor", "fresh_outputs"]
+__all__ = ["FLOAT_DTYPES", "check_float_tensor", "check_vec", "fresh_outputs"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -35,3 +35,18 @@ def fresh_outputs(outs, inputs):
             seen.add(p)
         res.append(t)
     return res
+
+
+def check_vec(name: str, t, n: int, x: Tensor) -> None:
+    """A per-channel vector argument: None, or a (n,) tensor in x's dtype on x's device. Raises TypeError (not a
+    tensor, another dtype), ValueError (another shape) or RuntimeError (another device), naming ``name``."""
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
+    if tuple(t.shape) != (n,):
+        raise ValueError(f"{name}: expected shape ({n},), got {tuple(t.shape)}")
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
+    if t.device != x.device:
+        raise RuntimeError(f"{name}: expected a tensor on {x.device} (the device of x), got one on {t.device}")

@@ -14,6 +14,7 @@
 #include "cpu/resize_cpu.h"
 #include "cpu/pwconv_cpu.h"
 #include "cpu/nmf_cpu.h"
+#include "cpu/layernorm_cpu.h"
 
 namespace {
 
@@ -40,7 +41,7 @@ std::string isa() { return segnext_cpu::isa_name(segnext_cpu::isa()); }
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "segnext-kernels CPU kernels (fused MSCA, MLP, 1x1 convolution, NMF2D, resize)";
+  m.doc() = "segnext-kernels CPU kernels (fused MSCA, MLP, 1x1 convolution, NMF2D, resize, stage LayerNorm)";
   m.def("msca_forward", &segnext_cpu::msca_forward, "Fused MSCA forward on CPU tensors (csrc/cpu/msca_cpu.h)");
   m.def("msca_backward", &msca_backward_py, "Fused MSCA backward on CPU tensors (csrc/cpu/msca_cpu.h)");
   m.def("mlp_forward", &segnext_cpu::mlp_forward, "Fused MSCAN MLP forward on CPU tensors (csrc/cpu/mlp_cpu.h)",
@@ -51,6 +52,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("bias"), py::arg("act"), py::arg("alpha"), py::arg("r"), py::arg("gamma") = py::none());
   m.def("nmf_forward", &segnext_cpu::nmf_forward, "NMF2D forward on CPU tensors (csrc/cpu/nmf_cpu.h)",
         py::arg("x"), py::arg("bases0"), py::arg("steps"), py::arg("eps"), py::arg("inv_t"), py::arg("return_state"));
+  m.def("channel_layer_norm_forward", &segnext_cpu::channel_layer_norm_forward,
+        "LayerNorm over the channels of (B, C, N) CPU tensors (csrc/cpu/layernorm_cpu.h)", py::arg("x"),
+        py::arg("weight"), py::arg("bias"), py::arg("eps"));
   m.def("mlp_backward", &mlp_backward_py, "Fused MSCAN MLP backward on CPU tensors (csrc/cpu/mlp_cpu.h)");
   m.def("resize_bilinear_forward", &segnext_cpu::resize_bilinear_forward,
         "Bilinear resize forward (F.interpolate mode=\"bilinear\") on CPU tensors (csrc/cpu/resize_cpu.h)");

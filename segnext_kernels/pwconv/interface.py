@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._custom_op import check_vec
 from ..backends import kernel_module, resolve
 from .reference import pwconv_reference
 
@@ -25,19 +26,6 @@ __all__ = ["ACTIVATIONS", "pwconv", "check_pwconv_args"]
 
 ACTIVATIONS = ("none", "gelu", "relu")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _check_vec(name: str, t, n: int, x: Tensor) -> None:
-    if t is None:
-        return
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
-    if tuple(t.shape) != (n,):
-        raise ValueError(f"{name}: expected shape ({n},), got {tuple(t.shape)}")
-    if t.dtype != x.dtype:
-        raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
-    if t.device != x.device:
-        raise RuntimeError(f"{name}: expected a tensor on {x.device} (the device of x), got one on {t.device}")
 
 
 def check_pwconv_args(x, weight, bias, act, alpha, r, gamma=None) -> None:
@@ -67,9 +55,9 @@ def check_pwconv_args(x, weight, bias, act, alpha, r, gamma=None) -> None:
     if weight.device != x.device:
         raise RuntimeError(f"weight: expected a tensor on {x.device} (the device of x), got one on {weight.device}")
     Cout = weight.shape[0]
-    _check_vec("bias", bias, Cout, x)
-    _check_vec("alpha", alpha, Cout, x)
-    _check_vec("gamma", gamma, Cout, x)
+    check_vec("bias", bias, Cout, x)
+    check_vec("alpha", alpha, Cout, x)
+    check_vec("gamma", gamma, Cout, x)
     if r is not None:
         if not isinstance(r, torch.Tensor):
             raise TypeError(f"r: expected a torch.Tensor or None, got {type(r).__name__}")

@@ -1,0 +1,81 @@
+"""MSCAN's stage norms without their transposed copies: ``FusedStageNorm`` / ``fuse_stage_norms`` (``fuse`` in
+``modules.py`` applies them on CPU models).
+
+MSCAN (official ``mscan.py``; ``segnext.MSCAN``) ends every stage with::
+
+    x = norm_i(x.flatten(2).transpose(1, 2))                   # LayerNorm over C of the (B, N, C) view
+    x = x.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous()
+
+Eager PyTorch copies the transposed view into a contiguous (B, N, C) tensor for the LayerNorm and copies the result
+back to NCHW. ``FusedStageNorm`` is an ``nn.LayerNorm`` (the same parameters and ``state_dict``) that, given such a
+view of an NCHW tensor, runs ``segnext_kernels.channel_layer_norm`` on the NCHW memory and returns the (B, N, C)
+transposed view of its NCHW result, so the reshape / permute / contiguous above are views: no copy at all. Any
+other input (a contiguous (B, N, C) tensor, another dtype or device, autocast) runs ``nn.LayerNorm.forward``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .backends import check_backend_name
+from .layernorm import channel_layer_norm
+
+__all__ = ["FusedStageNorm", "fuse_stage_norms"]
+
+
+class FusedStageNorm(nn.LayerNorm):
+    """Drop-in for an ``nn.LayerNorm`` over the last dimension C applied to ``x.flatten(2).transpose(1, 2)`` of an
+    NCHW tensor x (MSCAN's ``norm1`` .. ``norm4``), sharing its weight and bias.
+
+    forward(t): (B, N, C) -> (B, N, C). For t the transpose of a contiguous (B, C, N) float32 CPU tensor (and an
+    affine LayerNorm, no autocast) the result is the transposed view of ``channel_layer_norm``'s contiguous (B, C, N)
+    output (a gradient needed: its reference); otherwise ``nn.LayerNorm.forward(t)``.
+    """
+
+    @classmethod
+    def from_module(cls, norm: nn.LayerNorm, backend: str = "auto") -> "FusedStageNorm":
+        """Raises: TypeError when ``norm`` is not an ``nn.LayerNorm`` over one dimension."""
+        if not _is_stage_norm(norm):
+            raise TypeError(f"norm: expected an nn.LayerNorm over one dimension, got {norm!r}")
+        check_backend_name(backend)
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.normalized_shape = norm.normalized_shape
+        fused.eps = norm.eps
+        fused.elementwise_affine = norm.elementwise_affine
+        fused.weight = norm.weight
+        fused.bias = norm.bias
+        fused.backend = backend
+        fused.train(norm.training)
+        return fused
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", backend={self.backend!r}"
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        if (t.dim() == 3 and t.device.type == "cpu" and t.dtype == torch.float32 and self.weight is not None
+                and self.bias is not None and t.stride(1) == 1 and t.stride(2) == t.shape[1]
+                and t.stride(0) == t.shape[1] * t.shape[2] and not torch.is_autocast_enabled("cpu")):
+            return channel_layer_norm(t.transpose(1, 2), self.weight, self.bias, self.eps,
+                                      backend=self.backend).transpose(1, 2)
+        return super().forward(t)
+
+
+def _is_stage_norm(m: nn.Module) -> bool:
+    return type(m) is nn.LayerNorm and len(m.normalized_shape) == 1
+
+
+def fuse_stage_norms(model: nn.Module, backend: str = "auto") -> int:
+    """Swap the LayerNorms of every MSCAN backbone inside ``model`` (``segnext.MSCAN`` or mmseg's ``MSCAN``: its
+    stage norms) for ``FusedStageNorm`` sharing their parameters, in place, where the fused CPU ops run ("auto" /
+    "cpu" on a CPU model). Returns the number swapped. Raises ValueError for an unknown backend, RuntimeError when
+    backend="cpu" cannot run here."""
+    from .fused_blocks import _runs_on_cpu
+    from .modules import swap_modules
+
+    check_backend_name(backend)
+    if not _runs_on_cpu(model, backend):
+        return 0
+    nets = [m for m in model.modules() if type(m).__name__ == "MSCAN"]
+    return sum(swap_modules(n, _is_stage_norm, lambda m: FusedStageNorm.from_module(m, backend=backend))
+               for n in nets)
