@@ -12,13 +12,14 @@ Public API:
     FusedLogitsResize / fuse_resize(model): SegNeXt's final resize of the logits;
     FusedBlock / fuse_blocks, FusedConv1x1 / fuse_head_convs: MSCAN blocks and the head's 1x1 convs on CPU;
     FusedStageNorm / fuse_stage_norms: MSCAN's stage LayerNorms on NCHW memory (CPU);
-    fuse(model): all of them (blocks, head convs, resize and stage norms where the CPU kernels run)
+    FusedPatchEmbed / fuse_patch_embeds: the stem and patch embeddings with eval BatchNorms folded (CPU);
+    fuse(model): all of them (blocks, head convs, resize, stage norms, embeddings where the CPU kernels run)
     msca_reference, nmf2d_reference: the eager oracles; BACKENDS, supports(op, backend, device, dtype)
 
 Layout: one folder per op (``msca/``, ``nmf/``, ``mlp/``, ``pwconv/``, ``resize/``, ``layernorm/``) with its
 ``reference.py``, ``interface.py`` and one file per backend; ``backends.py`` (which backend runs where),
-``extension.py`` (the compiled extensions, loaded lazily), ``modules.py``, ``fused_blocks.py`` and ``fused_norms.py``
-(fused modules and model rewriters), ``knobs.py`` (tuning and test knobs, read from the environment
+``extension.py`` (the compiled extensions, loaded lazily), ``modules.py`` and ``fused_blocks.py``, ``fused_norms.py``,
+``fused_embeds.py`` (fused modules and model rewriters), ``knobs.py`` (tuning and test knobs, read from the environment
 once, when this package is imported).
 
 Importing this package needs no GPU, no Triton and no compiled extension: Triton kernels are imported on first use,
@@ -28,6 +29,7 @@ missing and how to build it.
 from . import knobs  # noqa: F401  (the environment's knobs are read now, once)
 from .backends import BACKENDS, supports
 from .fused_blocks import FusedBlock, FusedConv1x1, fuse_blocks, fuse_head_convs
+from .fused_embeds import FusedPatchEmbed, fuse_patch_embeds
 from .fused_norms import FusedStageNorm, fuse_stage_norms
 from .layernorm import channel_layer_norm, channel_layer_norm_reference
 from .mlp import mlp, mlp_reference
@@ -39,8 +41,8 @@ from .pwconv import pwconv, pwconv_reference
 from .resize import resize_bilinear, resize_bilinear_reference
 
 __all__ = ["BACKENDS", "FusedBlock", "FusedConv1x1", "FusedLogitsResize", "FusedMSCA", "FusedMlp", "FusedNMF2D",
-           "FusedStageNorm", "channel_layer_norm", "channel_layer_norm_reference", "fuse", "fuse_blocks", "fuse_ham",
-           "fuse_head_convs", "fuse_mlp", "fuse_msca", "fuse_resize", "fuse_stage_norms", "mlp", "mlp_reference",
-           "msca", "msca_reference", "nmf2d", "nmf2d_reference", "pwconv", "pwconv_reference", "resize_bilinear",
-           "resize_bilinear_reference", "supports"]
+           "FusedPatchEmbed", "FusedStageNorm", "channel_layer_norm", "channel_layer_norm_reference", "fuse",
+           "fuse_blocks", "fuse_ham", "fuse_head_convs", "fuse_mlp", "fuse_msca", "fuse_patch_embeds", "fuse_resize",
+           "fuse_stage_norms", "mlp", "mlp_reference", "msca", "msca_reference", "nmf2d", "nmf2d_reference",
+           "pwconv", "pwconv_reference", "resize_bilinear", "resize_bilinear_reference", "supports"]
 __version__ = "0.1.0"
