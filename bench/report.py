@@ -17,8 +17,8 @@ the same CPU model and commit): the CPU model, commit, date and versions, per mo
 median ms at the largest thread count measured, the FMA floor, the cpu backend against its fastest peer (with the
 spread), and a plain list of what was not run; the newest CPU NMF2D files (``python -m bench.nmf`` on CPU): the cpu
 backend against the eager reference per shape, dtype, mode and thread count. Then, from the newest CPU whole-model
-files of ``python -m bench.model --cpu`` (files that carry ``meta.goals``, i.e. written by ``bench/model_cpu.py``) and of its ``--sweep``:
-per case ms of every variant, images/s, peak RSS, the goals of the CPU issue (met / missed / not measured, with
+files of ``python -m bench.model --cpu`` (files that carry ``meta.goals``, i.e. written by ``bench/model_cpu.py``)
+and of its ``--sweep``: per case ms of every variant, images/s, peak RSS, the goals of the CPU issue (met / missed / not measured, with
 the numbers) and the size sweep. When the README lacks the markers the section is printed and the README is left
 alone.
 """

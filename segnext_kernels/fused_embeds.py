@@ -100,7 +100,8 @@ class FusedPatchEmbed(nn.Module):
 
 def fuse_patch_embeds(model: nn.Module, backend: str = "auto") -> int:
     """Swap every ``segnext`` StemConv / OverlapPatchEmbed inside ``model`` for a ``FusedPatchEmbed``, in place,
-    where the fused CPU ops run ("auto" / "cpu" on a CPU model). Returns the number swapped."""
+    where the fused CPU ops run ("auto" / "cpu" on a CPU model). Returns the number swapped. Raises ValueError for
+    an unknown backend, RuntimeError when backend="cpu" cannot run here."""
     from .backends import check_backend_name
     from .fused_blocks import _runs_on_cpu
     from .modules import swap_modules

@@ -117,8 +117,9 @@ inline int64_t padded_ld(int64_t n) { return aliasing_ld(n) ? n + 16 : n; }
 // Row-major C (M x N) = op(A) op(B) (+ C when accumulate); op(A) is M x K (A stored K x M when ta), op(B) K x N;
 // leading dimensions in elements. float without transposes runs oneDNN's batch-reduce GEMM micro-kernel
 // (at::native::cpublas::brgemm: JIT AVX-512 / AVX2 code, no tensor wrappers; torch falls back to its CPU BLAS where
-// oneDNN's ukernel is unavailable) on blocks of brgemm_cols(K, N) columns. The rest runs at::mm_out / at::addmm_out on strided views of the buffers (torch's
-// CPU BLAS: MKL sgemm / dgemm, single-threaded inside an OpenMP region), which write C in place for these strides.
+// oneDNN's ukernel is unavailable) on blocks of brgemm_cols(K, N) columns. The rest runs at::mm_out /
+// at::addmm_out on strided views of the buffers (torch's CPU BLAS: MKL sgemm / dgemm, single-threaded inside an
+// OpenMP region), which write C in place for these strides.
 template <class S>
 inline void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const S* A, int64_t lda, const S* B,
                     int64_t ldb, bool accumulate, S* C, int64_t ldc) {

@@ -15,13 +15,12 @@ import torch
 
 from ..extension import CPU_EXTENSION
 
-__all__ = ["forward", "SUPPORTED_DTYPES"]
-
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+__all__ = ["forward"]
 
 
 def forward(x: torch.Tensor, bases0: torch.Tensor, steps: int, eps: float, inv_t: float, return_state: bool):
-    """x (B, D, N) float32 / bfloat16 / float16 CPU, any strides; bases0 (B, D, R) float32 contiguous.
+    """x (B, D, N) float32 / bfloat16 / float16 CPU, any strides (the dtypes registered in ``nmf/__init__.py``);
+    bases0 (B, D, R) float32, any strides.
 
     Returns (y (B, D, N) in x's dtype, contiguous; bases_K (B, D, R) float32; coef_F (B, N, R) float32), the last
     two empty (0,) tensors unless ``return_state``."""
