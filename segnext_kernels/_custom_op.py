@@ -37,16 +37,19 @@ def fresh_outputs(outs, inputs):
     return res
 
 
-def check_vec(name: str, t, n: int, x: Tensor) -> None:
-    """A per-channel vector argument: None, or a (n,) tensor in x's dtype on x's device. Raises TypeError (not a
-    tensor, another dtype), ValueError (another shape) or RuntimeError (another device), naming ``name``."""
+def check_vec(name: str, t, n: int, x: Tensor, fp32_ok: bool = False) -> None:
+    """A per-channel vector argument: None, or a (n,) tensor in x's dtype (or float32 with ``fp32_ok`` and a
+    float16 / bfloat16 x) on x's device. Raises TypeError (not a tensor, another dtype), ValueError (another shape)
+    or RuntimeError (another device), naming ``name``."""
     if t is None:
         return
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
     if tuple(t.shape) != (n,):
         raise ValueError(f"{name}: expected shape ({n},), got {tuple(t.shape)}")
-    if t.dtype != x.dtype:
-        raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
+    if t.dtype != x.dtype and not (fp32_ok and t.dtype == torch.float32 and x.dtype in (torch.float16,
+                                                                                          torch.bfloat16)):
+        extra = " or float32" if fp32_ok and x.dtype in (torch.float16, torch.bfloat16) else ""
+        raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x){extra}, got {t.dtype}")
     if t.device != x.device:
         raise RuntimeError(f"{name}: expected a tensor on {x.device} (the device of x), got one on {t.device}")

@@ -12,7 +12,7 @@ CPU_SOURCES = (
     "cpu/mlp_cpu_fwd.cpp", "cpu/mlp_cpu_bwd.cpp",
     "cpu/resize_cpu.cpp",
     "cpu/layernorm_cpu.cpp",
-    "cpu/pwconv_cpu.cpp",
+    "cpu/pwconv_cpu.cpp", "cpu/gemm_bf16.cpp",
     "cpu/nmf_cpu.cpp",
 )
 #: No -march: the CPU kernels choose their vector ISA at run time (csrc/cpu/cpu_isa.h). -fopenmp: ATen's

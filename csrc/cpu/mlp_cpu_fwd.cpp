@@ -24,6 +24,7 @@
 #include "cpu_alloc.h"
 #include "cpu_isa.h"
 #include "cpu_vec.h"
+#include "gemm_bf16.h"
 #include "mlp_cpu_kernels.h"
 
 namespace segnext_cpu {
@@ -69,14 +70,33 @@ Rows<E, TG> rows_for() {
 }
 template Rows<float, float> rows_for<float, float>();
 template Rows<double, double> rows_for<double, double>();
+template Rows<float, c10::BFloat16> rows_for<float, c10::BFloat16>();
 
 namespace {
 
-// T: x / weights / y dtype; E: compute (float, double for T = double); TG: GEMM operand type of g (T).
+// C (E) (+)= A B on a tile: the bfloat16 GEMM (gemm_bf16.h) when lowp, else gemm_rm (fp32 / fp64 operands only).
+template <class TA, class TB, class E>
+inline void tile_gemm(bool lowp, int64_t M, int64_t N, int64_t K, const TA* A, int64_t lda, const TB* B, int64_t ldb,
+                      bool accumulate, E* C, int64_t ldc) {
+  if constexpr (std::is_same_v<E, float>) {
+    if (lowp) {
+      gemm::gemm_bf16<TA, TB>(M, N, K, A, lda, B, ldb, accumulate, C, ldc);
+      return;
+    }
+  }
+  if constexpr (std::is_same_v<TA, E> && std::is_same_v<TB, E>) {
+    gemm_rm<E>(false, false, M, N, K, A, lda, B, ldb, accumulate, C, ldc);
+  } else {
+    TORCH_CHECK(false, "mlp_forward: internal error: a bfloat16 GEMM without the bfloat16 kernel");
+  }
+}
+
+// T: x / weights / y dtype; E: compute (float, double for T = double); TG: GEMM operand type of g (T). lowp: the
+// GEMMs on bfloat16 operands with fp32 accumulation (T = bfloat16 on a CPU with AVX512-BF16; E = float).
 template <class T, class E>
 void forward_impl(const T* x, T* y, int64_t B, int64_t C, int64_t Hd, int64_t H, int64_t W, const T* w1,
                   const E* b1, const E* wdw, const E* bdw, const T* w2, const E* b2, const T* res,
-                  const E* in_scale, const E* in_shift, const E* out_scale) {
+                  const E* in_scale, const E* in_shift, const E* out_scale, bool lowp) {
   using TG = T;
   const Rows<E, TG> rk = rows_for<E, TG>();
   const Plan pl = choose_plan(B, Hd, H, W, false);
@@ -111,6 +131,7 @@ void forward_impl(const T* x, T* y, int64_t B, int64_t C, int64_t Hd, int64_t H,
       E* tmp = static_cast<E*>(scratch(2, sizeof(E) * (W + 64)));
       // the input affine (an eval BatchNorm before fc1) on the band + halo, into scratch: fc1 reads it from there
       const T* xin = xb + ri0 * W;
+      const E* xsc = nullptr;  // the affine's output (E), when in_scale
       int64_t ldx = HW;
       if (in_scale) {
         const int64_t ldxs = padded_ld(Nin);
@@ -121,7 +142,7 @@ void forward_impl(const T* x, T* y, int64_t B, int64_t C, int64_t Hd, int64_t H,
           E* dst = xs + c * ldxs;
           for (int64_t i = 0; i < Nin; ++i) dst[i] = static_cast<E>(src[i]) * sc + sh;
         }
-        xin = reinterpret_cast<const T*>(xs);  // T == E on this path (checked by the caller)
+        xsc = xs;
         ldx = ldxs;
       }
       E* acc;
@@ -140,7 +161,8 @@ void forward_impl(const T* x, T* y, int64_t B, int64_t C, int64_t Hd, int64_t H,
       for (int64_t ch = c0; ch < c1; ++ch) {
         const int64_t j0 = ch * pl.hc, m = std::min(pl.hc, Hd - j0);
         // h = W1[j0:j0+m] @ x[:, ri0:ri1]
-        gemm_rm<E>(false, false, m, Nin, C, w1 + j0 * C, C, xin, ldx, false, h, ldh);
+        if (xsc) tile_gemm(lowp, m, Nin, C, w1 + j0 * C, C, xsc, ldx, false, h, ldh);
+        else tile_gemm(lowp, m, Nin, C, w1 + j0 * C, C, xin, ldx, false, h, ldh);
         for (int64_t jj = 0; jj < m; ++jj) {
           const int64_t j = j0 + jj;
           const E* hj = h + jj * ldh;
@@ -153,7 +175,7 @@ void forward_impl(const T* x, T* y, int64_t B, int64_t C, int64_t Hd, int64_t H,
           }
         }
         // acc (+)= W2[:, j0:j0+m] @ g
-        gemm_rm<E>(false, false, C, Nout, m, w2 + j0, Hd, g, ldg, ch != c0, acc, ldacc);
+        tile_gemm(lowp, C, Nout, m, w2 + j0, Hd, g, ldg, ch != c0, acc, ldacc);
       }
       if (c1 == c0) {  // an empty group (Hd < G * hc never happens: G <= nchunks); keep the partial defined
         for (int64_t c = 0; c < C; ++c) std::fill(acc + c * ldacc, acc + c * ldacc + Nout, E(0));
@@ -241,11 +263,11 @@ at::Tensor mlp_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tens
                 residual->sizes(), " ", residual->scalar_type(), " on ", residual->device());
   }
   if (affine.has_value()) {
-    TORCH_CHECK(affine->device().is_cpu() && affine->scalar_type() == at::kFloat && x.scalar_type() == at::kFloat &&
+    TORCH_CHECK(affine->device().is_cpu() && affine->scalar_type() == at::kFloat && x.scalar_type() != at::kDouble &&
                     affine->sizes() == at::IntArrayRef({3, x.size(1)}),
                 "mlp_forward: affine must be a float32 CPU tensor of shape (3, ", x.size(1), ") (input scale, input "
-                "shift, output scale) with float32 x, got ", affine->sizes(), " ", affine->scalar_type(), " (x ",
-                x.scalar_type(), ")");
+                "shift, output scale) with float32 or bfloat16 x, got ", affine->sizes(), " ", affine->scalar_type(),
+                " (x ", x.scalar_type(), ")");
   }
   at::Tensor out = empty_output_like(x);
   if (out.numel() == 0) return out;
@@ -263,9 +285,20 @@ at::Tensor mlp_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tens
                                       w1c.data_ptr<double>(), b1c.data_ptr<double>(), wdc.data_ptr<double>(),
                                       bdc.data_ptr<double>(), w2c.data_ptr<double>(), b2c.data_ptr<double>(),
                                       residual.has_value() ? rc.data_ptr<double>() : nullptr, nullptr, nullptr,
-                                      nullptr);
+                                      nullptr, false);
+  } else if (dt == at::kBFloat16 && gemm::bf16_available()) {
+    // bfloat16 on AVX512-BF16: the GEMMs on bfloat16 operands (x, w1, w2 as given; h and g rounded), fp32 accumulation;
+    // the depthwise 3x3, GELU and epilogue in fp32; y rounded once
+    using bf = c10::BFloat16;
+    auto cf = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
+    at::Tensor w1c = w1.contiguous(), w2c = w2.contiguous(), b1c = cf(b1), wdc = cf(wdw), bdc = cf(bdw), b2c = cf(b2);
+    const at::Tensor rc = residual.has_value() ? residual->contiguous() : at::Tensor();
+    mlp::forward_impl<bf, float>(xc.data_ptr<bf>(), oc.data_ptr<bf>(), B, C, Hd, H, W, w1c.data_ptr<bf>(),
+                                 b1c.data_ptr<float>(), wdc.data_ptr<float>(), bdc.data_ptr<float>(), w2c.data_ptr<bf>(),
+                                 b2c.data_ptr<float>(), residual.has_value() ? rc.data_ptr<bf>() : nullptr, af,
+                                 af ? af + Cn : nullptr, af ? af + 2 * Cn : nullptr, true);
   } else {
-    // bfloat16: the fp32 path on x converted once (GEMMs in fp32, so fp32 accumulation throughout), y rounded once
+    // float32; bfloat16 without AVX512-BF16: the fp32 path on x converted once (GEMMs in fp32, so fp32 accumulation throughout), y rounded once
     auto cf = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
     at::Tensor w1c = cf(w1), b1c = cf(b1), wdc = cf(wdw), bdc = cf(bdw), w2c = cf(w2), b2c = cf(b2);
     at::Tensor xf = dt == at::kFloat ? xc : xc.to(at::kFloat);
@@ -275,7 +308,7 @@ at::Tensor mlp_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tens
                                     w1c.data_ptr<float>(), b1c.data_ptr<float>(), wdc.data_ptr<float>(),
                                     bdc.data_ptr<float>(), w2c.data_ptr<float>(), b2c.data_ptr<float>(),
                                     residual.has_value() ? rf.data_ptr<float>() : nullptr, af,
-                                    af ? af + Cn : nullptr, af ? af + 2 * Cn : nullptr);
+                                    af ? af + Cn : nullptr, af ? af + 2 * Cn : nullptr, false);
     if (!of.is_same(oc)) oc.copy_(of);
   }
   if (!oc.is_same(out)) out.copy_(oc);

@@ -11,8 +11,10 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "cpu_alloc.h"
+#include "gemm_bf16.h"
 #include "mlp_cpu_kernels.h"
 
 namespace segnext_cpu {
@@ -33,15 +35,86 @@ void check_vec(const std::optional<at::Tensor>& t, const char* name, int64_t n) 
 
 }  // namespace
 
+namespace {
+
+// The tiles of pwconv_forward for x / w / r / y of type T (float, or bfloat16 with an fp32 tile in scratch). lowp: the
+// GEMM on bfloat16-rounded operands (gemm_bf16.h; T = bfloat16 on a CPU with AVX512-BF16), else fp32 (oneDNN brgemm).
+template <class T>
+void run_tiles(const T* xp, const float* wf, const T* wt, const T* rp, const float* bp, const float* ap,
+               const float* gp, T* yp, int64_t B, int64_t Cin, int64_t Cout, int64_t HW, int64_t act, bool lowp) {
+  constexpr bool direct = std::is_same_v<T, float>;  // the GEMM writes y's tile in place
+  // tiles: up to 128 output channels x up to 512 pixels (a 256 KiB fp32 tile: the epilogue reads it from L2); the
+  // channel blocks are of equal size (Cout = 150: 75 + 75, not 128 + 22), so the threads' shares of tiles, split in
+  // order, hold the same work
+  const int64_t nm = mlp::ceil_div(Cout, 128), MB = mlp::ceil_div(Cout, nm), NBLK = std::min<int64_t>(HW, 512);
+  const int64_t nn = mlp::ceil_div(HW, NBLK);
+  const mlp::Rows<float, float> rk = mlp::rows_for<float, float>();
+  const mlp::Rows<float, T> rkt = mlp::rows_for<float, T>();
+  at::parallel_for(0, B * nm * nn, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t pb = t % nn, mb = (t / nn) % nm, b = t / (nn * nm);
+      const int64_t o0 = mb * MB, m = std::min(MB, Cout - o0);
+      const int64_t p0 = pb * NBLK, n = std::min(NBLK, HW - p0);
+      T* yt = yp + (b * Cout + o0) * HW + p0;
+      float* ct;
+      int64_t ldt;
+      if constexpr (direct) {
+        ct = yt;
+        ldt = HW;
+      } else {
+        ldt = mlp::padded_ld(NBLK);
+        ct = static_cast<float*>(mlp::scratch(5, sizeof(float) * MB * ldt));
+      }
+      const T* xt = xp + b * Cin * HW + p0;
+      if (lowp) {
+        gemm::gemm_bf16<T, T>(m, n, Cin, wt + o0 * Cin, Cin, xt, HW, false, ct, ldt);
+      } else if constexpr (direct) {
+        mlp::gemm_rm<float>(false, false, m, n, Cin, wf + o0 * Cin, Cin, xt, HW, false, ct, ldt);
+      } else {
+        TORCH_CHECK(false, "pwconv_forward: internal error: a bfloat16 tile without the bfloat16 GEMM");
+      }
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t o = o0 + i;
+        float* row = ct + i * ldt;
+        const float bo = bp ? bp[o] : 0.0f;
+        if (gp) {
+          const float go = gp[o];
+          for (int64_t j = 0; j < n; ++j) row[j] *= go;
+        }
+        if (rp) {
+          const T* rr = rp + (b * Cout + o) * HW + p0;
+          const float ao = ap ? ap[o] : 1.0f;
+          for (int64_t j = 0; j < n; ++j) row[j] += bo + ao * static_cast<float>(rr[j]);
+        } else if (bp) {
+          for (int64_t j = 0; j < n; ++j) row[j] += bo;
+        }
+        if (act == 2)  // ReLU; NaN stays NaN, as torch.relu
+          for (int64_t j = 0; j < n; ++j) row[j] = row[j] > 0.0f ? row[j] : (row[j] == row[j] ? 0.0f : row[j]);
+        if constexpr (direct) {
+          if (act == 1) rk.gelu(row, n, row);
+        } else {
+          T* yr = yt + i * HW;
+          if (act == 1) rkt.gelu(row, n, yr);
+          else rkt.convert(row, n, yr, nullptr);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
 at::Tensor pwconv_forward(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                           int64_t act, const std::optional<at::Tensor>& alpha, const std::optional<at::Tensor>& r,
                           const std::optional<at::Tensor>& gamma) {
   TORCH_CHECK(x.device().is_cpu(), "pwconv_forward: x must be a CPU tensor, got device ", x.device());
   TORCH_CHECK(x.dim() == 4, "pwconv_forward: x must be 4-D (B, Cin, H, W), got shape ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "pwconv_forward: x must be float32, got ", x.scalar_type());
-  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.dim() == 2 && w.size(1) == x.size(1),
-              "pwconv_forward: w must be a float32 CPU tensor of shape (Cout, ", x.size(1), "), got ", w.sizes(),
-              " ", w.scalar_type(), " on ", w.device());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "pwconv_forward: x must be float32 or bfloat16, got ", dt);
+  const char* dn = dt == at::kFloat ? "float32" : "bfloat16";
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == dt && w.dim() == 2 && w.size(1) == x.size(1),
+              "pwconv_forward: w must be a ", dn, " CPU tensor (the dtype of x) of shape (Cout, ", x.size(1),
+              "), got ", w.sizes(), " ", w.scalar_type(), " on ", w.device());
   TORCH_CHECK(act >= 0 && act <= 2, "pwconv_forward: act must be 0 (none), 1 (gelu) or 2 (relu), got ", act);
   const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3), Cout = w.size(0), HW = H * W;
   TORCH_CHECK(Cin >= 1 && Cout >= 1 && H >= 1 && W >= 1, "pwconv_forward: expected Cin, Cout, H, W >= 1, got x ",
@@ -50,60 +123,34 @@ at::Tensor pwconv_forward(const at::Tensor& x, const at::Tensor& w, const std::o
   check_vec(alpha, "alpha", Cout);
   check_vec(gamma, "gamma", Cout);
   if (r.has_value()) {
-    TORCH_CHECK(r->device().is_cpu() && r->scalar_type() == at::kFloat, "pwconv_forward: r must be a float32 CPU "
-                "tensor, got ", r->scalar_type(), " on ", r->device());
+    TORCH_CHECK(r->device().is_cpu() && r->scalar_type() == dt, "pwconv_forward: r must be a ", dn, " CPU tensor (the "
+                "dtype of x), got ", r->scalar_type(), " on ", r->device());
     TORCH_CHECK(r->sizes() == at::IntArrayRef({B, Cout, H, W}), "pwconv_forward: r must have shape (", B, ", ", Cout,
                 ", ", H, ", ", W, "), got ", r->sizes());
   }
   at::Tensor y = empty_output({B, Cout, H, W}, x.options());
   if (y.numel() == 0) return y;
-  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
   const at::Tensor rc = r.has_value() ? r->contiguous() : at::Tensor();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor ac = alpha.has_value() ? alpha->contiguous() : at::Tensor();
   const at::Tensor gc = gamma.has_value() ? gamma->contiguous() : at::Tensor();
   const float* gp = gamma.has_value() ? gc.data_ptr<float>() : nullptr;
-  const float* xp = xc.data_ptr<float>();
-  const float* wp = wc.data_ptr<float>();
-  const float* rp = r.has_value() ? rc.data_ptr<float>() : nullptr;
   const float* bp = bias.has_value() ? bc.data_ptr<float>() : nullptr;
   const float* ap = alpha.has_value() ? ac.data_ptr<float>() : nullptr;
-  float* yp = y.data_ptr<float>();
-
-  // tiles: up to 128 output channels x up to 512 pixels (a 256 KiB fp32 tile: the epilogue reads it from L2); the
-  // channel blocks are of equal size (Cout = 150: 75 + 75, not 128 + 22), so the threads' shares of tiles, split in
-  // order, hold the same work
-  const int64_t nm = mlp::ceil_div(Cout, 128), MB = mlp::ceil_div(Cout, nm), NBLK = std::min<int64_t>(HW, 512);
-  const int64_t nn = mlp::ceil_div(HW, NBLK);
-  const mlp::Rows<float, float> rk = mlp::rows_for<float, float>();
-  at::parallel_for(0, B * nm * nn, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t pb = t % nn, mb = (t / nn) % nm, b = t / (nn * nm);
-      const int64_t o0 = mb * MB, m = std::min(MB, Cout - o0);
-      const int64_t p0 = pb * NBLK, n = std::min(NBLK, HW - p0);
-      float* yt = yp + (b * Cout + o0) * HW + p0;
-      mlp::gemm_rm<float>(false, false, m, n, Cin, wp + o0 * Cin, Cin, xp + b * Cin * HW + p0, HW, false, yt, HW);
-      for (int64_t i = 0; i < m; ++i) {
-        const int64_t o = o0 + i;
-        float* row = yt + i * HW;
-        const float bo = bp ? bp[o] : 0.0f;
-        if (gp) {
-          const float go = gp[o];
-          for (int64_t j = 0; j < n; ++j) row[j] *= go;
-        }
-        if (rp) {
-          const float* rr = rp + (b * Cout + o) * HW + p0;
-          const float ao = ap ? ap[o] : 1.0f;
-          for (int64_t j = 0; j < n; ++j) row[j] += bo + ao * rr[j];
-        } else if (bp) {
-          for (int64_t j = 0; j < n; ++j) row[j] += bo;
-        }
-        if (act == 1) rk.gelu(row, n, row);
-        else if (act == 2)  // ReLU; NaN stays NaN, as torch.relu
-          for (int64_t j = 0; j < n; ++j) row[j] = row[j] > 0.0f ? row[j] : (row[j] == row[j] ? 0.0f : row[j]);
-      }
-    }
-  });
+  if (dt == at::kBFloat16 && gemm::bf16_available()) {
+    const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+    using bf = c10::BFloat16;
+    run_tiles<bf>(xc.data_ptr<bf>(), nullptr, wc.data_ptr<bf>(), r.has_value() ? rc.data_ptr<bf>() : nullptr, bp, ap,
+                  gp, y.data_ptr<bf>(), B, Cin, Cout, HW, act, true);
+    return y;
+  }
+  // float32; bfloat16 without AVX512-BF16: the fp32 GEMM on converted copies, y rounded once
+  const at::Tensor xc = x.to(at::kFloat).contiguous(), wc = w.to(at::kFloat).contiguous();
+  const at::Tensor rf = r.has_value() ? rc.to(at::kFloat) : at::Tensor();
+  at::Tensor yf = dt == at::kFloat ? y : at::empty(y.sizes(), y.options().dtype(at::kFloat));
+  run_tiles<float>(xc.data_ptr<float>(), wc.data_ptr<float>(), nullptr, r.has_value() ? rf.data_ptr<float>() : nullptr,
+                   bp, ap, gp, yf.data_ptr<float>(), B, Cin, Cout, HW, act, false);
+  if (!yf.is_same(y)) y.copy_(yf);
   return y;
 }
 

@@ -7,8 +7,8 @@ Custom ops (namespace ``segnext_kernels``; the compiled extension exports plain 
     weights as ``mlp.reference.pack_weights``, in x's dtype: w1 (Hd, C), b1 (Hd,), wdw (Hd, 9), bdw (Hd,), w2 (C, Hd),
     b2 (C,); backend: a resolved fused backend ("cpu"), whose module (``mlp/<backend>.py``) provides ``forward`` /
     ``backward``; residual: None or a tensor like x added to the output (the block's residual, fused into the
-    epilogue); affine: None or a (3, C) float32 tensor (input scale, input shift, output scale; float32 x, inference
-    only: a backward through it raises). Returns y (B, C, H, W) in x's dtype with the memory format of
+    epilogue); affine: None or a (3, C) float32 tensor (input scale, input shift, output scale; float32 or bfloat16
+    x, inference only: a backward through it raises). Returns y (B, C, H, W) in x's dtype with the memory format of
     ``torch.empty_like(x)``. Differentiable w.r.t. x, the six packed weights and residual (without affine).
 ``torch.ops.segnext_kernels.mlp_bwd(grad_out, x, w1, b1, wdw, bdw, w2, b2, needs_input_grad, backend)``
     needs_input_grad: 7 bools for (x, w1, b1, wdw, bdw, w2, b2). Returns 7 tensors: dx like ``empty_like(x)``, the rest
@@ -162,9 +162,9 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, dw_weight: Tensor, dw_b
         fc2_weight: (C_out, Hd, 1, 1); fc2_bias: (C_out,). All in x's dtype and on x's device.
         residual: None or a tensor like x (same shape, dtype, device), added in the kernel's epilogue (the MSCAN
             block's residual ``x + layer_scale * mlp(x)``).
-        affine: None or a (3, C) tensor in x's dtype: per channel an input scale and shift (an eval BatchNorm before
-            fc1) and an output scale (the block's layer scale), applied in the kernel without copies of the
-            weights. Inference only: with a gradient needed the reference runs it, and a backward through the fused
+        affine: None or a (3, C) tensor in x's dtype (or float32 for a float16 / bfloat16 x): per channel an input
+            scale and shift (an eval BatchNorm before fc1) and an output scale (the block's layer scale), applied in
+            the kernel (in fp32) without copies of the weights. Inference only: with a gradient needed the reference runs it, and a backward through the fused
             op raises RuntimeError.
         backend: "auto", "cpu" or "reference" ("cuda" / "triton" have no MLP kernels; ``segnext_kernels.backends``
             says why one cannot run). "cpu" runs the custom op ``torch.ops.segnext_kernels.mlp_fwd`` (opaque to
@@ -176,7 +176,8 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, dw_weight: Tensor, dw_b
 
     Returns:
         (B, C_out, H, W) in x's dtype, differentiable with respect to x and every weight. The fused kernels keep every
-        intermediate in fp32 (fp64 for fp64), bfloat16 included.
+        intermediate in fp32 (fp64 for fp64); for bfloat16 on a CPU with AVX512-BF16 the two GEMMs take bfloat16
+        operands (fc1's input as given, the GELU output rounded) with fp32 accumulation, the rest in fp32.
 
     Raises:
         TypeError: non-tensor argument, unsupported dtype, a weight dtype different from x's, or a requested backend
@@ -190,20 +191,24 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, dw_weight: Tensor, dw_b
         cast = lambda t: t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
         with torch.autocast(x.device.type, enabled=False):
             return mlp(cast(x), cast(fc1_weight), cast(fc1_bias), cast(dw_weight), cast(dw_bias), cast(fc2_weight),
-                       cast(fc2_bias), residual=cast(residual), affine=cast(affine), backend=backend)
+                       cast(fc2_bias), residual=cast(residual),
+                       affine=None if affine is None else affine.float() if dt != torch.float32 else affine,
+                       backend=backend)
     check_mlp_args(x, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias)
     if residual is not None:
         _check_like("residual", residual, (x.shape[0], fc2_weight.shape[0], x.shape[2], x.shape[3]), x)
     if affine is not None:
-        _check_like("affine", affine, (3, x.shape[1]), x)
+        _check_like("affine", affine if x.dtype not in (torch.float16, torch.bfloat16) or affine.dtype != torch.float32
+                    else affine.to(x.dtype), (3, x.shape[1]), x)
     name = "reference" if torch.compiler.is_exporting() else resolve("mlp", backend, x.device, x.dtype)
-    fused_affine = affine is None or (x.dtype == torch.float32 and not (
+    fused_affine = affine is None or (x.dtype in (torch.float32, torch.bfloat16) and not (
         torch.is_grad_enabled() and any(t.requires_grad for t in (x, fc1_weight, fc2_weight, affine))))
     if name == "reference" or fc2_weight.shape[0] != x.shape[1] or not fused_affine:
-        xin = x if affine is None else x * affine[0][None, :, None, None] + affine[1][None, :, None, None]
+        af = None if affine is None else affine.to(x.dtype)
+        xin = x if af is None else x * af[0][None, :, None, None] + af[1][None, :, None, None]
         y = mlp_reference(xin, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias)
-        if affine is not None:
-            y = y * affine[2][None, :, None, None]
+        if af is not None:
+            y = y * af[2][None, :, None, None]
         return y if residual is None else y + residual
     packed = pack_weights(fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias)
-    return torch.ops.segnext_kernels.mlp_fwd(x, *packed, name, residual, affine)
+    return torch.ops.segnext_kernels.mlp_fwd(x, *packed, name, residual, None if affine is None else affine.float())

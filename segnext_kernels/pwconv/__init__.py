@@ -10,6 +10,6 @@ from ..backends import register_kernel
 from .interface import ACTIVATIONS, pwconv
 from .reference import pwconv_reference
 
-register_kernel("pwconv", "cpu", "segnext_kernels.pwconv.cpu", (torch.float32,))
+register_kernel("pwconv", "cpu", "segnext_kernels.pwconv.cpu", (torch.float32, torch.bfloat16))
 
 __all__ = ["ACTIVATIONS", "pwconv", "pwconv_reference"]

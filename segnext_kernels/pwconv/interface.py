@@ -55,9 +55,9 @@ def check_pwconv_args(x, weight, bias, act, alpha, r, gamma=None) -> None:
     if weight.device != x.device:
         raise RuntimeError(f"weight: expected a tensor on {x.device} (the device of x), got one on {weight.device}")
     Cout = weight.shape[0]
-    check_vec("bias", bias, Cout, x)
-    check_vec("alpha", alpha, Cout, x)
-    check_vec("gamma", gamma, Cout, x)
+    check_vec("bias", bias, Cout, x, fp32_ok=True)
+    check_vec("alpha", alpha, Cout, x, fp32_ok=True)
+    check_vec("gamma", gamma, Cout, x, fp32_ok=True)
     if r is not None:
         if not isinstance(r, torch.Tensor):
             raise TypeError(f"r: expected a torch.Tensor or None, got {type(r).__name__}")
@@ -99,10 +99,12 @@ def pwconv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, act: str
     Args:
         x: (B, Cin, H, W) float16, bfloat16, float32 or float64, any strides; B >= 0, Cin, H, W >= 1.
         weight: (Cout, Cin) or (Cout, Cin, 1, 1); bias, alpha, gamma: (Cout,) or None (gamma None: 1); r:
-            (B, Cout, H, W) or None (alpha without r has no effect). All in x's dtype and on x's device.
+            (B, Cout, H, W) or None (alpha without r has no effect). All in x's dtype (bias, alpha, gamma may
+            also be float32 for a float16 / bfloat16 x) and on x's device.
         act: "none", "gelu" (exact, erf) or "relu".
         backend: "auto", "cpu" or "reference". "cpu" runs the custom op ``torch.ops.segnext_kernels.pwconv_fwd``
-            (float32 CPU tensors); it is forward only, so when autograd needs a gradient (grad mode on and an
+            (float32 or bfloat16 CPU tensors; bfloat16: the GEMM on bfloat16 operands with fp32 accumulation
+            where the CPU has AVX512-BF16, the epilogue in fp32, y rounded once); it is forward only, so when autograd needs a gradient (grad mode on and an
             argument requiring grad), and under ``torch.export``, the eager reference runs instead.
 
     Returns:
@@ -117,4 +119,5 @@ def pwconv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, act: str
     if name == "reference" or _needs_grad(x, weight, bias, alpha, r, gamma):
         return pwconv_reference(x, weight, bias, act, alpha, r, gamma)
     w2 = weight.reshape(weight.shape[0], weight.shape[1]).contiguous()
+    bias, alpha, gamma = (None if v is None else v.float() for v in (bias, alpha, gamma))  # the kernels' epilogue
     return torch.ops.segnext_kernels.pwconv_fwd(x, w2, bias, act, alpha, r, name, gamma)

@@ -30,6 +30,7 @@ def pwconv_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         (B, Cout, H, W) in x's dtype, differentiable by autograd. No input checks (``pwconv`` validates).
     """
     w = weight if weight.dim() == 4 else weight[:, :, None, None]
+    bias, alpha, gamma = (None if v is None else v.to(x.dtype) for v in (bias, alpha, gamma))  # float32 ones too
     if gamma is None:
         y = F.conv2d(x, w, bias)
     else:

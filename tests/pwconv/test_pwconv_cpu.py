@@ -1,18 +1,20 @@
 """The "cpu" fused pointwise convolution (csrc/cpu/pwconv_cpu.cpp, segnext_kernels/pwconv/) against its eager
-reference in float64: every activation and epilogue combination, odd sizes, SegNeXt widths, layouts, B = 0,
-NaN-poisoned outputs, NaN propagation, threads, torch integration, the reference fallbacks and bad input.
+reference in float64, float32 and bfloat16: every activation and epilogue combination, odd sizes, SegNeXt widths,
+layouts, B = 0, NaN-poisoned outputs, NaN propagation, threads, torch integration, the reference fallbacks and bad
+input.
 
-Tolerance (the flash-attention rule of tests/helpers/msca_helpers.py): error <= 2 x eager's float32 error + ATOL x
-scale, against float64.
+Tolerance (the flash-attention rule of tests/helpers/msca_helpers.py): error <= 2 x eager's error in the same dtype +
+ATOL x scale, against float64.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
+from segnext_kernels.extension import CPU_EXTENSION  # noqa: F401  (run_with_isa reports its ISA)
 from segnext_kernels.pwconv import pwconv, pwconv_reference
 
-from cpu_ext_helpers import check_opcheck_and_compile, ext, poison  # noqa: F401  (the extension; NaN-poisoned outputs)
+from cpu_ext_helpers import check_opcheck_and_compile, ext, poison, run_with_isa  # noqa: F401  (the extension; NaN-poisoned outputs)
 from msca_helpers import ATOL, ERR_FACTOR, max_err
 
 
@@ -32,15 +34,17 @@ def make(B, Cin, Cout, H, W, seed=0, layout="nchw"):
     return x, r(Cout, Cin, scale=Cin ** -0.5), r(Cout, scale=0.5), r(Cout, scale=0.7), res
 
 
-def check(x, w, act, bias=None, alpha=None, r=None, gamma=None):
-    f32 = lambda t: None if t is None else t.float()  # noqa: E731
-    got = pwconv(f32(x), f32(w), f32(bias), act=act, alpha=f32(alpha), r=f32(r), gamma=f32(gamma), backend="cpu")
+def check(x, w, act, bias=None, alpha=None, r=None, gamma=None, dtype=torch.float32, fp32_vectors=False):
+    """dtype float32, or bfloat16 (x, w, r; the vectors too unless fp32_vectors): the GEMM on bfloat16 operands."""
+    cv = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    vec = (lambda t: None if t is None else t.float()) if fp32_vectors else cv  # noqa: E731
+    got = pwconv(cv(x), cv(w), vec(bias), act=act, alpha=vec(alpha), r=cv(r), gamma=vec(gamma), backend="cpu")
     ref = pwconv_reference(x, w, bias, act, alpha, r, gamma)
-    eager = pwconv_reference(f32(x), f32(w), f32(bias), act, f32(alpha), f32(r), f32(gamma))
-    assert got.dtype == torch.float32 and got.shape == ref.shape
+    eager = pwconv_reference(cv(x), cv(w), cv(bias), act, cv(alpha), cv(r), cv(gamma))
+    assert got.dtype == dtype and got.shape == ref.shape
     assert not torch.isnan(got).any(), "NaN: an unwritten element?"
     scale = max(ref.abs().max().item(), 1.0) if ref.numel() else 1.0
-    assert max_err(got, ref) <= ERR_FACTOR * max_err(eager, ref) + ATOL[torch.float32] * scale
+    assert max_err(got, ref) <= ERR_FACTOR * max_err(eager, ref) + ATOL[dtype] * scale
     return got
 
 
@@ -48,12 +52,13 @@ def check(x, w, act, bias=None, alpha=None, r=None, gamma=None):
 @pytest.mark.parametrize("epilogue", ["plain", "bias", "residual", "bias_alpha_residual", "gamma_bias_alpha_residual"])
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1), (2, 5, 7, 9, 13), (1, 3, 130, 5, 110), (2, 17, 3, 23, 29)],
                          ids=str)
-def test_epilogues_and_odd_sizes(shape, epilogue, act):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_epilogues_and_odd_sizes(shape, epilogue, act, dtype):
     x, w, b, a, res = make(*shape)
     kw = {"plain": {}, "bias": dict(bias=b), "residual": dict(r=res),
           "bias_alpha_residual": dict(bias=b, alpha=a, r=res),
           "gamma_bias_alpha_residual": dict(bias=b, alpha=a, r=res, gamma=a.flip(0) + 0.5)}[epilogue]
-    check(x, w, act, **kw)
+    check(x, w, act, dtype=dtype, **kw)
 
 
 # (.., 16, 16) and (.., 32, 16): H * W = 256 / 512, image planes the GEMM packs (aliasing_ld); Cout = 150 / 130: two
@@ -61,10 +66,19 @@ def test_epilogues_and_odd_sizes(shape, epilogue, act):
 @pytest.mark.parametrize("shape", [(1, 32, 32, 40, 37), (1, 64, 64, 17, 12), (1, 160, 160, 9, 8),
                                    (1, 256, 256, 6, 5), (1, 480, 256, 11, 13), (1, 256, 150, 8, 9),
                                    (1, 40, 150, 16, 16), (2, 330, 130, 32, 16)], ids=str)
-def test_segnext_widths(shape):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_segnext_widths(shape, dtype):
     x, w, b, a, res = make(*shape)
-    check(x, w, "gelu", bias=b)
-    check(x, w, "none", bias=b, alpha=a, r=res)
+    check(x, w, "gelu", bias=b, dtype=dtype)
+    check(x, w, "none", bias=b, alpha=a, r=res, dtype=dtype)
+
+
+def test_bf16_with_float32_vectors():
+    """bfloat16 x with float32 bias / alpha / gamma (the fused block's folded vectors): accepted, fp32 epilogue."""
+    x, w, b, a, res = make(1, 40, 24, 13, 11)
+    check(x, w, "gelu", bias=b, alpha=a, r=res, gamma=a.flip(0) + 0.5, dtype=torch.bfloat16, fp32_vectors=True)
+    with pytest.raises(TypeError, match="bias: expected dtype torch.float32 \\(the dtype of x\\), got torch.bfloat16"):
+        pwconv(x.float(), w.float(), b.bfloat16(), backend="cpu")
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "noncontig"])
@@ -90,8 +104,9 @@ def test_nan_and_inf_propagate_as_eager():
         assert torch.equal(torch.isinf(got), torch.isinf(ref)), act
 
 
-def test_one_and_two_threads_bitwise_equal():
-    x, w, b, a, res = (t.float() for t in make(2, 48, 40, 37, 41))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_one_and_two_threads_bitwise_equal(dtype):
+    x, w, b, a, res = (t.to(dtype) for t in make(2, 48, 40, 37, 41))
     try:
         torch.set_num_threads(1)
         one = pwconv(x, w, b, act="gelu", alpha=a, r=res, backend="cpu")
@@ -113,12 +128,21 @@ def test_gradient_needed_runs_the_reference():
 
 def test_other_dtypes_fall_back_to_the_reference():
     x, w, b, a, res = make(1, 4, 5, 6, 7)
-    for dt in (torch.float64, torch.bfloat16):
+    for dt in (torch.float64, torch.float16):
         got = pwconv(x.to(dt), w.to(dt), b.to(dt), act="gelu", backend="auto")
         assert got.dtype == dt
         torch.testing.assert_close(got, pwconv_reference(x.to(dt), w.to(dt), b.to(dt), "gelu"))
     with pytest.raises(TypeError, match="cpu"):
         pwconv(x, w, b, backend="cpu")  # float64 is not a dtype of the cpu kernel
+
+
+@pytest.mark.parametrize("isa", ["avx2"])
+def test_bf16_without_avx512_bf16(isa):
+    """Below AVX-512 (no vdpbf16ps) bfloat16 runs the fp32 GEMM on converted copies: same checks, fresh process."""
+    body = ("x, w, b, a, res = t.make(2, 19, 21, 9, 37)\n"
+            "t.check(x, w, 'gelu', bias=b, alpha=a, r=res, dtype=torch.bfloat16)\n"
+            "t.check(x, w, 'relu', bias=b, dtype=torch.bfloat16, fp32_vectors=True)")
+    run_with_isa("tests/pwconv/test_pwconv_cpu.py", body, isa)
 
 
 def test_opcheck_and_compile_fullgraph():
@@ -145,5 +169,5 @@ def test_bad_input(ext):
         pwconv(None, w, b, backend="cpu")
     with pytest.raises(RuntimeError, match="pwconv_forward: act must be"):
         ext.pwconv_forward(x, w, b, 7, None, None)
-    with pytest.raises(RuntimeError, match=r"pwconv_forward: w must be a float32 CPU tensor of shape \(Cout, 4\)"):
+    with pytest.raises(RuntimeError, match=r"pwconv_forward: w must be a float32 CPU tensor \(the dtype of x\) of shape \(Cout, 4\)"):
         ext.pwconv_forward(x, w[:, :2].contiguous(), b, 0, None, None)
