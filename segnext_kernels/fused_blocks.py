@@ -13,9 +13,16 @@ its output scale and the residual in its epilogue. Only proj_1's C x C weight ge
 vectors and that copy are computed from the parameters and running statistics (a few small ops; ``state_dict`` is
 what it was) and cached while none of them changes (tensor version counters).
 
+Under ``torch.autocast("cpu", torch.bfloat16)`` (inference) the same four kernels run with their GEMMs on bfloat16
+operands and fp32 accumulation (AVX512-BF16 where the CPU has it; the kernels round x and the float32 weights while
+they pack them, so no weight copies are made), the epilogues in fp32. Dtypes follow eager autocast: proj_1 + GELU
+and the MSCA give bfloat16, the residual stream (x1, the block's output) stays float32, as ``x + ls * (bfloat16)``
+promotes in eager.
+
 Everything else runs the block's own submodules, op for op as eager: training mode, a gradient needed, a norm that
-is not an eval-mode BatchNorm, GELU with ``approximate="tanh"``, a tensor that is not float32 on CPU, and under
-``torch.export`` / ``torch.compile`` tracing of the cache.
+is not an eval-mode BatchNorm, GELU with ``approximate="tanh"``, a tensor that is not float32 on CPU (or bfloat16
+under bfloat16 autocast), another autocast dtype, and under ``torch.export`` / ``torch.compile`` tracing of the
+cache.
 """
 from __future__ import annotations
 
@@ -49,6 +56,11 @@ def _bn_affine(norm: nn.Module):
     return scale, shift
 
 
+def _bf16_autocast() -> bool:
+    """CPU autocast is on with dtype bfloat16."""
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
 def _exact_gelu(act: nn.Module) -> bool:
     return isinstance(act, nn.GELU) and act.approximate == "none"
 
@@ -74,7 +86,7 @@ class FusedBlock(nn.Module):
     Args (``from_module``): block: the ``segnext.Block`` whose submodules and parameters it takes over (shared
     objects); backend: "auto" or "cpu" for the fused ops (``pwconv``, ``mlp``), read at every forward.
 
-    forward(x): (B, C, H, W) -> (B, C, H, W), same dtype.
+    forward(x): (B, C, H, W) -> (B, C, H, W), same dtype (under bfloat16 autocast: float32, as eager's block).
     """
 
     @classmethod
@@ -141,11 +153,12 @@ class FusedBlock(nn.Module):
     def _fast_ok(self, x: torch.Tensor) -> bool:
         if self.training or torch.compiler.is_compiling() or torch.compiler.is_exporting():
             return False
-        if not (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4):
+        # float32; under bfloat16 autocast also bfloat16 (the patch embedding's output)
+        want = (torch.float32, torch.bfloat16) if _bf16_autocast() else () if torch.is_autocast_enabled("cpu") \
+            else (torch.float32,)
+        if not (x.device.type == "cpu" and x.dtype in want and x.dim() == 4):
             return False
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
-            return False
-        if torch.is_autocast_enabled("cpu"):
             return False
         if self.backend not in ("auto", "cpu") or not _exact_gelu(self.attn.activation):
             return False
@@ -162,17 +175,29 @@ class FusedBlock(nn.Module):
         p1w, p1b, p2b, p2alpha, ls1, affine = self._folded()
         a, m = self.attn, self.mlp
         dw = _dw_conv(m)
-        u = pwconv(x, p1w, p1b, act="gelu", backend="cpu")
-        att = a.spatial_gating_unit(u)
-        x1 = pwconv(att, a.proj_2.weight, p2b, alpha=p2alpha, r=x, gamma=ls1, backend="cpu")
-        return mlp(x1, m.fc1.weight, m.fc1.bias, dw.weight, dw.bias, m.fc2.weight, m.fc2.bias, residual=x1,
-                   affine=affine, backend="cpu")
+        mw = (m.fc1.weight, m.fc1.bias, dw.weight, dw.bias, m.fc2.weight, m.fc2.bias)
+        if not torch.is_autocast_enabled("cpu"):
+            u = pwconv(x, p1w, p1b, act="gelu", backend="cpu")
+            att = a.spatial_gating_unit(u)
+            x1 = pwconv(att, a.proj_2.weight, p2b, alpha=p2alpha, r=x, gamma=ls1, backend="cpu")
+            return mlp(x1, *mw, residual=x1, affine=affine, backend="cpu")
+        # bfloat16 autocast: bfloat16 GEMM operands, float32 weights and residual stream, eager autocast's dtypes
+        bf, x = torch.bfloat16, x.float()
+        with torch.autocast("cpu", enabled=False):
+            u = pwconv(x, p1w, p1b, act="gelu", out_dtype=bf, gemm_dtype=bf, backend="cpu")
+        att = a.spatial_gating_unit(u)  # the MSCA op under autocast: bfloat16
+        with torch.autocast("cpu", enabled=False):
+            x1 = pwconv(att, a.proj_2.weight, p2b, alpha=p2alpha, r=x, gamma=ls1, out_dtype=torch.float32,
+                        backend="cpu")
+            return mlp(x1, *mw, residual=x1, affine=affine, gemm_dtype=bf, backend="cpu")
 
 
 class FusedConv1x1(nn.Conv2d):
     """Drop-in for a 1x1 ``nn.Conv2d`` (stride 1, no padding, groups 1) running ``segnext_kernels.pwconv`` (the
-    same parameters; the state_dict is unchanged). Where ``pwconv`` runs its reference (a gradient is needed, a
-    dtype other than float32, a non-CPU tensor) the result is F.conv2d's.
+    same parameters; the state_dict is unchanged). Under ``torch.autocast("cpu", torch.bfloat16)`` in inference it
+    runs the kernel with bfloat16 GEMM operands (rounded in the kernel; fp32 epilogue) and a bfloat16 output, as
+    eager's autocast conv. Where ``pwconv`` runs its reference (a gradient is needed, a dtype other than float32, a non-CPU
+    tensor, another autocast dtype) the result is F.conv2d's.
 
     forward(x): (B, Cin, H, W) -> (B, Cout, H, W).
     """
@@ -195,6 +220,13 @@ class FusedConv1x1(nn.Conv2d):
         return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and _bf16_autocast() and not (
+                torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.weight, self.bias))):
+            # bfloat16 autocast, inference: bfloat16 GEMM operands (rounded in the kernel), fp32 epilogue, bfloat16
+            # output, as eager's autocast conv
+            bf = torch.bfloat16
+            with torch.autocast("cpu", enabled=False):
+                return pwconv(x, self.weight, self.bias, out_dtype=bf, gemm_dtype=bf, backend=self.backend)
         if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
             return F.conv2d(x, self.weight, self.bias)
         return pwconv(x, self.weight, self.bias, backend=self.backend)

@@ -46,10 +46,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("msca_backward", &msca_backward_py, "Fused MSCA backward on CPU tensors (csrc/cpu/msca_cpu.h)");
   m.def("mlp_forward", &segnext_cpu::mlp_forward, "Fused MSCAN MLP forward on CPU tensors (csrc/cpu/mlp_cpu.h)",
         py::arg("x"), py::arg("w1"), py::arg("b1"), py::arg("wdw"), py::arg("bdw"), py::arg("w2"), py::arg("b2"),
-        py::arg("residual") = py::none(), py::arg("affine") = py::none());
+        py::arg("residual") = py::none(), py::arg("affine") = py::none(), py::arg("lowp") = false);
   m.def("pwconv_forward", &segnext_cpu::pwconv_forward,
         "Fused 1x1 convolution + epilogue forward on CPU tensors (csrc/cpu/pwconv_cpu.h)", py::arg("x"), py::arg("w"),
-        py::arg("bias"), py::arg("act"), py::arg("alpha"), py::arg("r"), py::arg("gamma") = py::none());
+        py::arg("bias"), py::arg("act"), py::arg("alpha"), py::arg("r"), py::arg("gamma") = py::none(),
+        py::arg("out_dtype") = py::none(), py::arg("lowp") = false);
   m.def("nmf_forward", &segnext_cpu::nmf_forward, "NMF2D forward on CPU tensors (csrc/cpu/nmf_cpu.h)",
         py::arg("x"), py::arg("bases0"), py::arg("steps"), py::arg("eps"), py::arg("inv_t"), py::arg("return_state"));
   m.def("channel_layer_norm_forward", &segnext_cpu::channel_layer_norm_forward,

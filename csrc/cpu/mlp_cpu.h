@@ -28,13 +28,15 @@ namespace segnext_cpu {
 
 // x: (B, C, H, W) float32 / bfloat16 / float64 CPU tensor, any strides, B >= 0, C, H, W >= 1; weights as above;
 // residual: none or a tensor like x, added in the epilogue (y = fc2(...) + residual: the block's residual with the
-// layer scale folded into fc2); affine: none or a (3, C) float32 tensor (float32 x only) of the input scale s, the
-// input shift t and the output scale g: y = g * fc2(GELU(dw(fc1(s * x + t)))) (+ residual), an eval BatchNorm before
-// fc1 and the layer scale after fc2 without copies of the weights. Returns y (B, C, H, W) in x's dtype with the
-// memory format of at::empty_like(x).
+// layer scale folded into fc2); affine: none or a (3, C) float32 tensor (float32 / bfloat16 x) of the input scale s,
+// the input shift t and the output scale g: y = g * fc2(GELU(dw(fc1(s * x + t)))) (+ residual), an eval BatchNorm
+// before fc1 and the layer scale after fc2 without copies of the weights. lowp (float32 x): both GEMMs on
+// bfloat16-rounded operands with fp32 accumulation where the CPU has AVX512-BF16 (gemm_bf16.h), as a bfloat16 x always
+// gets; the rest stays fp32. Returns y (B, C, H, W) in x's dtype with the memory format of at::empty_like(x).
 at::Tensor mlp_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& wdw,
                        const at::Tensor& bdw, const at::Tensor& w2, const at::Tensor& b2,
-                       const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& affine);
+                       const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& affine,
+                       bool lowp = false);
 
 // grad_out: (B, C, H, W), any strides (converted to x's dtype). needs: which of (dx, dw1, db1, dwdw, dbdw, dw2, db2)
 // to compute. Returns those 7 tensors: dx like at::empty_like(x); the others contiguous in the weights' dtype with

@@ -253,7 +253,8 @@ void check_mlp_args(const char* fn, const at::Tensor& x, const at::Tensor& w1, c
 
 at::Tensor mlp_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& wdw,
                        const at::Tensor& bdw, const at::Tensor& w2, const at::Tensor& b2,
-                       const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& affine) {
+                       const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& affine,
+                       bool lowp) {
   mlp::check_mlp_args("mlp_forward", x, w1, b1, wdw, bdw, w2, b2);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Hd = w1.size(0);
   if (residual.has_value()) {
@@ -298,7 +299,8 @@ at::Tensor mlp_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tens
                                  b2c.data_ptr<float>(), residual.has_value() ? rc.data_ptr<bf>() : nullptr, af,
                                  af ? af + Cn : nullptr, af ? af + 2 * Cn : nullptr, true);
   } else {
-    // float32; bfloat16 without AVX512-BF16: the fp32 path on x converted once (GEMMs in fp32, so fp32 accumulation throughout), y rounded once
+    // float32 (lowp: its GEMMs on bfloat16-rounded operands where the CPU has AVX512-BF16); bfloat16 without
+    // AVX512-BF16: the fp32 path on x converted once (GEMMs in fp32, so fp32 accumulation throughout), y rounded once
     auto cf = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
     at::Tensor w1c = cf(w1), b1c = cf(b1), wdc = cf(wdw), bdc = cf(bdw), w2c = cf(w2), b2c = cf(b2);
     at::Tensor xf = dt == at::kFloat ? xc : xc.to(at::kFloat);
@@ -308,7 +310,8 @@ at::Tensor mlp_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tens
                                     w1c.data_ptr<float>(), b1c.data_ptr<float>(), wdc.data_ptr<float>(),
                                     bdc.data_ptr<float>(), w2c.data_ptr<float>(), b2c.data_ptr<float>(),
                                     residual.has_value() ? rf.data_ptr<float>() : nullptr, af,
-                                    af ? af + Cn : nullptr, af ? af + 2 * Cn : nullptr, false);
+                                    af ? af + Cn : nullptr, af ? af + 2 * Cn : nullptr,
+                                    lowp && gemm::bf16_available());
     if (!of.is_same(oc)) oc.copy_(of);
   }
   if (!oc.is_same(out)) out.copy_(oc);

@@ -9,8 +9,8 @@
 // head's 1x1 ConvModules (+ ReLU).
 // Per image, tiles of (a block of output channels x a block of pixels) run the GEMM through oneDNN's batch-reduce
 // GEMM micro-kernel (at::native::cpublas::brgemm) straight into y, and the epilogue on the tile while it is in cache.
-// float32 only (the Python layer runs its reference for other dtypes). The work partition depends on the shape only:
-// results are bitwise identical for any number of threads.
+// float32 and bfloat16 (the Python layer runs its reference for other dtypes). The work partition depends on the
+// shape only: results are bitwise identical for any number of threads.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -19,11 +19,14 @@
 
 namespace segnext_cpu {
 
-// x: (B, Cin, H, W) float32 CPU, any strides (non-NCHW copied once); w: (Cout, Cin) float32; bias: (Cout,) or none;
-// alpha: (Cout,) or none; r: (B, Cout, H, W) or none (any strides); gamma: (Cout,) or none. Returns y
-// (B, Cout, H, W) float32, contiguous NCHW.
+// x: (B, Cin, H, W) float32 or bfloat16 CPU, any strides (non-NCHW copied once); w: (Cout, Cin) in x's dtype or
+// float32; bias: (Cout,) float32 or none; alpha: (Cout,) float32 or none; r: (B, Cout, H, W) in the output dtype or
+// none (any strides); gamma: (Cout,) float32 or none; out_dtype: float32 or bfloat16 (none: x's dtype); lowp: the GEMM
+// on bfloat16-rounded operands with fp32 accumulation (gemm_bf16.h), as a bfloat16 x always gets, where the CPU has
+// AVX512-BF16 (else the fp32 GEMM). Returns y (B, Cout, H, W) in the output dtype, contiguous NCHW.
 at::Tensor pwconv_forward(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                           int64_t act, const std::optional<at::Tensor>& alpha, const std::optional<at::Tensor>& r,
-                          const std::optional<at::Tensor>& gamma);
+                          const std::optional<at::Tensor>& gamma, std::optional<at::ScalarType> out_dtype,
+                          bool lowp);
 
 }  // namespace segnext_cpu

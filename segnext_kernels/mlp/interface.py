@@ -2,13 +2,14 @@
 
 Custom ops (namespace ``segnext_kernels``; the compiled extension exports plain functions that run inside these):
 
-``torch.ops.segnext_kernels.mlp_fwd(x, w1, b1, wdw, bdw, w2, b2, backend, residual=None, affine=None) -> Tensor``
+``torch.ops.segnext_kernels.mlp_fwd(x, w1, b1, wdw, bdw, w2, b2, backend, residual=None, affine=None, lowp=False)``
     x (B, C, H, W) float32/bfloat16/float64 (what the backend takes: ``backends.supports``), any strides; packed
     weights as ``mlp.reference.pack_weights``, in x's dtype: w1 (Hd, C), b1 (Hd,), wdw (Hd, 9), bdw (Hd,), w2 (C, Hd),
     b2 (C,); backend: a resolved fused backend ("cpu"), whose module (``mlp/<backend>.py``) provides ``forward`` /
     ``backward``; residual: None or a tensor like x added to the output (the block's residual, fused into the
     epilogue); affine: None or a (3, C) float32 tensor (input scale, input shift, output scale; float32 or bfloat16
-    x, inference only: a backward through it raises). Returns y (B, C, H, W) in x's dtype with the memory format of
+    x, inference only: a backward through it raises); lowp: float32 x with bfloat16 GEMMs (fp32 accumulation;
+    inference only, as affine). Returns y (B, C, H, W) in x's dtype with the memory format of
     ``torch.empty_like(x)``. Differentiable w.r.t. x, the six packed weights and residual (without affine).
 ``torch.ops.segnext_kernels.mlp_bwd(grad_out, x, w1, b1, wdw, bdw, w2, b2, needs_input_grad, backend)``
     needs_input_grad: 7 bools for (x, w1, b1, wdw, bdw, w2, b2). Returns 7 tensors: dx like ``empty_like(x)``, the rest
@@ -88,12 +89,13 @@ def check_mlp_args(x, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_
 # ------------------------------------------------------------------------------------------------------- forward
 @torch.library.custom_op("segnext_kernels::mlp_fwd", mutates_args=())
 def mlp_fwd(x: Tensor, w1: Tensor, b1: Tensor, wdw: Tensor, bdw: Tensor, w2: Tensor, b2: Tensor,
-            backend: str, residual: Optional[Tensor] = None, affine: Optional[Tensor] = None) -> Tensor:
-    return kernel_module("mlp", backend).forward(x, w1, b1, wdw, bdw, w2, b2, residual, affine)
+            backend: str, residual: Optional[Tensor] = None, affine: Optional[Tensor] = None,
+            lowp: bool = False) -> Tensor:
+    return kernel_module("mlp", backend).forward(x, w1, b1, wdw, bdw, w2, b2, residual, affine, lowp)
 
 
 @mlp_fwd.register_fake
-def _mlp_fwd_fake(x, w1, b1, wdw, bdw, w2, b2, backend, residual=None, affine=None):
+def _mlp_fwd_fake(x, w1, b1, wdw, bdw, w2, b2, backend, residual=None, affine=None, lowp=False):
     return torch.empty_like(x)
 
 
@@ -125,7 +127,7 @@ def _mlp_bwd_fake(grad_out, x, w1, b1, wdw, bdw, w2, b2, needs_input_grad, backe
 def _setup_context(ctx, inputs, output):
     x, w1, b1, wdw, bdw, w2, b2, backend = inputs[:8]
     ctx.backend = backend
-    ctx.affine = len(inputs) > 9 and inputs[9] is not None
+    ctx.affine = (len(inputs) > 9 and inputs[9] is not None) or (len(inputs) > 10 and bool(inputs[10]))
     ctx.save_for_backward(x, w1, b1, wdw, bdw, w2, b2)
 
 
@@ -133,14 +135,15 @@ def _backward(ctx, grad_out):
     # ctx.needs_input_grad has one entry per argument given: 8, or 9 with residual (y = mlp(x) + residual)
     n_in = len(ctx.needs_input_grad)
     if ctx.affine:
-        raise RuntimeError("mlp: the affine argument (an eval BatchNorm and layer scale fused into the kernel) is "
-                           "for inference only; call mlp without it where a gradient is needed")
+        raise RuntimeError("mlp: the affine and lowp arguments (an eval BatchNorm and layer scale fused into the "
+                           "kernel; bfloat16 GEMMs on float32 tensors) are for inference only; call mlp without them "
+                           "where a gradient is needed")
     needs = tuple(bool(n) for n in ctx.needs_input_grad[:7])
     d_residual = grad_out if n_in > 8 and ctx.needs_input_grad[8] else None
     if not any(needs):
-        return ((None,) * 8 + (d_residual, None))[:n_in]
+        return ((None,) * 8 + (d_residual, None, None))[:n_in]
     grads = torch.ops.segnext_kernels.mlp_bwd(grad_out, *ctx.saved_tensors, list(needs), ctx.backend)
-    return (tuple(g if n else None for g, n in zip(grads, needs)) + (None, d_residual, None))[:n_in]
+    return (tuple(g if n else None for g, n in zip(grads, needs)) + (None, d_residual, None, None))[:n_in]
 
 
 mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -149,7 +152,7 @@ mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ------------------------------------------------------------------------------------------------ public function
 def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, dw_weight: Tensor, dw_bias: Tensor, fc2_weight: Tensor,
         fc2_bias: Tensor, *, residual: Optional[Tensor] = None, affine: Optional[Tensor] = None,
-        backend: str = "auto") -> Tensor:
+        gemm_dtype: Optional[torch.dtype] = None, backend: str = "auto") -> Tensor:
     """Fused MSCAN MLP (official ``Mlp`` of ``mscan.py``, dropout p = 0)::
 
         y = fc2(GELU(dwconv3x3(fc1(x)))) (+ residual)
@@ -164,8 +167,13 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, dw_weight: Tensor, dw_b
             block's residual ``x + layer_scale * mlp(x)``).
         affine: None or a (3, C) tensor in x's dtype (or float32 for a float16 / bfloat16 x): per channel an input
             scale and shift (an eval BatchNorm before fc1) and an output scale (the block's layer scale), applied in
-            the kernel (in fp32) without copies of the weights. Inference only: with a gradient needed the reference runs it, and a backward through the fused
-            op raises RuntimeError.
+            the kernel (in fp32) without copies of the weights. Inference only: with a gradient needed the reference
+            runs it, and a backward through the fused op raises RuntimeError.
+        gemm_dtype: None (x's dtype) or torch.bfloat16 with a float32 x: fc1 and fc2 on bfloat16 operands with fp32
+            accumulation (the kernel rounds x / the GELU output and the weights while it packs them, on a CPU with
+            AVX512-BF16; elsewhere fp32 GEMMs), everything else and the output in float32 (what
+            ``torch.backends.mkldnn.matmul.fp32_precision = "bf16"`` means for a matmul). Inference: with a gradient
+            needed the reference runs the two 1x1 convolutions in bfloat16.
         backend: "auto", "cpu" or "reference" ("cuda" / "triton" have no MLP kernels; ``segnext_kernels.backends``
             says why one cannot run). "cpu" runs the custom op ``torch.ops.segnext_kernels.mlp_fwd`` (opaque to
             torch.compile, autograd via ``register_autograd``); "reference" runs eager ops (``mlp.reference``).
@@ -195,20 +203,30 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, dw_weight: Tensor, dw_b
                        affine=None if affine is None else affine.float() if dt != torch.float32 else affine,
                        backend=backend)
     check_mlp_args(x, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias)
+    if gemm_dtype not in (None, x.dtype) and not (gemm_dtype == torch.bfloat16 and x.dtype == torch.float32):
+        raise TypeError(f"gemm_dtype: expected None, x's dtype ({x.dtype}) or torch.bfloat16 with a float32 x, got "
+                        f"{gemm_dtype}")
+    lowp = gemm_dtype == torch.bfloat16 and x.dtype == torch.float32
     if residual is not None:
         _check_like("residual", residual, (x.shape[0], fc2_weight.shape[0], x.shape[2], x.shape[3]), x)
     if affine is not None:
         _check_like("affine", affine if x.dtype not in (torch.float16, torch.bfloat16) or affine.dtype != torch.float32
                     else affine.to(x.dtype), (3, x.shape[1]), x)
     name = "reference" if torch.compiler.is_exporting() else resolve("mlp", backend, x.device, x.dtype)
-    fused_affine = affine is None or (x.dtype in (torch.float32, torch.bfloat16) and not (
-        torch.is_grad_enabled() and any(t.requires_grad for t in (x, fc1_weight, fc2_weight, affine))))
-    if name == "reference" or fc2_weight.shape[0] != x.shape[1] or not fused_affine:
+    inference_only = affine is not None or lowp
+    fused_ok = not inference_only or (x.dtype in (torch.float32, torch.bfloat16) and not (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                        for t in (x, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias,
+                                                  affine))))
+    if name == "reference" or fc2_weight.shape[0] != x.shape[1] or not fused_ok:
         af = None if affine is None else affine.to(x.dtype)
         xin = x if af is None else x * af[0][None, :, None, None] + af[1][None, :, None, None]
-        y = mlp_reference(xin, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias)
+        ws = (fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias)
+        y = (mlp_reference(xin.bfloat16(), *(w.bfloat16() for w in ws)).to(x.dtype) if lowp
+             else mlp_reference(xin, *ws))
         if af is not None:
             y = y * af[2][None, :, None, None]
         return y if residual is None else y + residual
     packed = pack_weights(fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias)
-    return torch.ops.segnext_kernels.mlp_fwd(x, *packed, name, residual, None if affine is None else affine.float())
+    return torch.ops.segnext_kernels.mlp_fwd(x, *packed, name, residual, None if affine is None else affine.float(),
+                                             lowp)

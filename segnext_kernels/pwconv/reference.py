@@ -18,23 +18,27 @@ __all__ = ["pwconv_reference"]
 
 def pwconv_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, act: str = "none",
                      alpha: Optional[torch.Tensor] = None, r: Optional[torch.Tensor] = None,
-                     gamma: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     gamma: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None,
+                     gemm_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The fused pointwise convolution in eager ops.
 
     Args:
         x: (B, Cin, H, W); weight: (Cout, Cin) or (Cout, Cin, 1, 1); bias, alpha, gamma: (Cout,) or None; r:
             (B, Cout, H, W) or None (alpha without r is ignored; r without alpha is added as is); act: "none", "gelu",
-            "relu".
+            "relu"; out_dtype: y's dtype (None: x's); gemm_dtype: the convolution's dtype (None: x's).
 
     Returns:
-        (B, Cout, H, W) in x's dtype, differentiable by autograd. No input checks (``pwconv`` validates).
+        (B, Cout, H, W) in out_dtype, differentiable by autograd. No input checks (``pwconv`` validates).
     """
-    w = weight if weight.dim() == 4 else weight[:, :, None, None]
-    bias, alpha, gamma = (None if v is None else v.to(x.dtype) for v in (bias, alpha, gamma))  # float32 ones too
-    if gamma is None:
-        y = F.conv2d(x, w, bias)
+    od, gd = out_dtype or x.dtype, gemm_dtype or x.dtype
+    w = (weight if weight.dim() == 4 else weight[:, :, None, None]).to(gd)
+    bias, alpha, gamma = (None if v is None else v.to(od) for v in (bias, alpha, gamma))  # float32 ones too
+    if gamma is None and gd == od:
+        y = F.conv2d(x.to(gd), w, bias)
     else:
-        y = F.conv2d(x, w) * gamma[None, :, None, None]
+        y = F.conv2d(x.to(gd), w).to(od)
+        if gamma is not None:
+            y = y * gamma[None, :, None, None]
         if bias is not None:
             y = y + bias[None, :, None, None]
     if r is not None:

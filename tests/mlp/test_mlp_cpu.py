@@ -363,3 +363,33 @@ def test_affine_inference_epilogues(shape):
         out.sum().backward()
     with pytest.raises(ValueError, match=rf"affine: expected shape \(3, {C}\)"):
         mlp(*args, affine=aff[:2], backend="cpu")
+
+
+@pytest.mark.parametrize("shape", [(1, 32, 256, 19, 23), (2, 5, 20, 7, 9)], ids=str)
+def test_gemm_dtype_bf16_on_float32(shape):
+    """float32 x with gemm_dtype=bfloat16: the kernel's GEMMs on bfloat16-rounded operands, float32 output, within
+    the bfloat16 rule of eager's bfloat16 MLP; the affine path too; with a gradient needed the reference (bfloat16
+    convolutions) runs and gradients reach the float32 weights."""
+    args = make(*shape, dtype=torch.float64)
+    B, C = shape[:2]
+    ref = mlp_reference(*args)
+    eager = mlp_reference(*(t.bfloat16() for t in args))
+    f32 = [t.float() for t in args]
+    with torch.no_grad():
+        got = mlp(*f32, gemm_dtype=torch.bfloat16, backend="cpu")
+        exact = mlp(*f32, backend="cpu")
+    assert got.dtype == torch.float32 and not torch.equal(got, exact)
+    within("out", got, ref, eager, torch.bfloat16)
+    aff = torch.stack([torch.rand(C) + 0.5, torch.randn(C) * 0.1, torch.rand(C) * 0.1]).float().double()
+    xa = args[0] * aff[0][None, :, None, None] + aff[1][None, :, None, None]
+    ref_a = mlp_reference(xa, *args[1:]) * aff[2][None, :, None, None] + args[0]
+    with torch.no_grad():
+        got_a = mlp(*f32, residual=f32[0], affine=aff.float(), gemm_dtype=torch.bfloat16, backend="cpu")
+    eager_a = (mlp_reference(xa.bfloat16(), *(t.bfloat16() for t in args[1:])) * aff[2][None, :, None, None]
+               + args[0])
+    within("out (affine)", got_a, ref_a, eager_a, torch.bfloat16)
+    leaves = [t.clone().requires_grad_() for t in f32]
+    mlp(*leaves, gemm_dtype=torch.bfloat16, backend="cpu").sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in leaves)
+    with pytest.raises(TypeError, match="gemm_dtype: expected None"):
+        mlp(*f32, gemm_dtype=torch.float16, backend="cpu")

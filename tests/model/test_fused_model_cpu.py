@@ -1,6 +1,7 @@
 """The fused CPU model (segnext_kernels/fused_blocks.py, ``fuse``): FusedBlock and FusedConv1x1 against the eager
 modules, and SegNeXt-T / -B after ``fuse`` against eager: logits (eval, odd sizes, channels_last input), every
-parameter gradient (train), state_dict unchanged, what ``fuse`` reports, and where it swaps nothing.
+parameter gradient (train), state_dict unchanged, what ``fuse`` reports, and where it swaps nothing; bfloat16 autocast
+(blocks, head 1x1s, SegNeXt-T) within twice eager autocast's error.
 
 BatchNorm running statistics and affine parameters and the layer scales are randomised (the defaults, mean 0, var
 1, scale 0.01, would hide a wrong fold), within ranges where the untrained deep models stay finite. Tolerance:
@@ -9,6 +10,7 @@ float32 rounding of a deep network, relative to the logits' scale (the folds cha
 from __future__ import annotations
 
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 import segnext
 from segnext_kernels import fuse
 from segnext_kernels.extension import CPU_EXTENSION
+from segnext_kernels import fused_blocks
 from segnext_kernels.fused_blocks import FusedBlock, FusedConv1x1, fuse_blocks, fuse_head_convs
 
 
@@ -113,6 +116,78 @@ def test_fused_segnext_matches_eager(variant):
             torch.manual_seed(1)
             out = fused(images)
         close(out, ref, rel=1e-4)
+
+
+def within_autocast(got, eager, ref):
+    """bfloat16 autocast rule: the fused error against the float64 / float32 reference is at most twice eager
+    autocast's + 1e-2 x scale; same dtype as eager's."""
+    assert got.dtype == eager.dtype and not torch.isnan(got).any()
+    e_eager = (eager.double() - ref.double()).abs().max().item()
+    e_got = (got.double() - ref.double()).abs().max().item()
+    bound = 2 * e_eager + 1e-2 * max(ref.abs().max().item(), 1.0)
+    assert e_got <= bound, f"fused autocast error {e_got:.3e} > {bound:.3e} (eager autocast {e_eager:.3e})"
+
+
+@pytest.mark.parametrize("dim,ratio,shape", [(32, 8, (1, 19, 23)), (40, 4, (2, 9, 8))], ids=str)
+def test_fused_block_bf16_autocast(dim, ratio, shape):
+    """Under bfloat16 autocast a bfloat16 or float32 x runs the fused kernels with bfloat16 GEMMs (the weights rounded
+    in the kernels, so an in-place change shows at once); the result has eager autocast's dtype (float32) and is
+    within the autocast rule."""
+    block = randomise(segnext.mscan.Block(dim, mlp_ratio=ratio)).eval()
+    fused = FusedBlock.from_module(copy.deepcopy(block))
+    x = torch.randn(shape[0], dim, *shape[1:]).bfloat16()
+    ref = copy.deepcopy(block).double()(x.double())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with mock.patch.object(fused_blocks, "mlp", wraps=fused_blocks.mlp) as spy:
+            got, eager = fused(x), block(x)
+            got32 = fused(x.float())
+        assert spy.call_count == 2, "the fused bfloat16 path did not run"
+        within_autocast(got, eager, ref)
+        within_autocast(got32, block(x.float()), ref)
+        fused.mlp.fc1.weight.mul_(0.5)  # a weight changed in place: the bf16 copies must follow
+        block.mlp.fc1.weight.mul_(0.5)
+        got2, eager2 = fused(x), block(x)
+    assert not torch.equal(got2, got)
+    with torch.no_grad():
+        within_autocast(got2, eager2, copy.deepcopy(block).double()(x.double()))
+
+
+def test_fused_conv1x1_bf16_autocast():
+    conv = torch.nn.Conv2d(24, 13, 1)
+    fused = FusedConv1x1.from_module(conv)
+    x = torch.randn(2, 24, 7, 9)
+    with torch.no_grad():
+        ref = conv.double()(x.double())
+        conv.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with mock.patch.object(fused_blocks, "pwconv", wraps=fused_blocks.pwconv) as spy:
+                got, eager = fused(x), conv(x)
+            assert spy.call_count == 1, "the fused bfloat16 path did not run"
+    within_autocast(got, eager, ref)
+    # a gradient needed: eager autocast's conv, gradients reach the float32 parameters
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused(x.requires_grad_()).float().sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.dtype == torch.float32
+
+
+def test_fused_segnext_t_bf16_autocast():
+    """SegNeXt-T fused under bfloat16 autocast (blocks and head 1x1s in bfloat16 kernels) against eager float32."""
+    torch.manual_seed(0)
+    eager = randomise(segnext.segnext_t(num_classes=19)).eval()
+    fused = copy.deepcopy(eager)
+    fuse(fused)
+    images = torch.randn(1, 3, 97, 131)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        ref = eager(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.manual_seed(1)
+            eag = eager(images)
+            torch.manual_seed(1)
+            with mock.patch.object(fused_blocks, "mlp", wraps=fused_blocks.mlp) as spy:
+                out = fused(images)
+    assert spy.call_count == sum(segnext.mscan.MSCAN_CONFIGS["t"]["depths"]), "not every block ran fused"
+    within_autocast(out, eag, ref)
 
 
 def test_fused_segnext_t_training_gradients():

@@ -73,6 +73,30 @@ def test_segnext_widths(shape, dtype):
     check(x, w, "none", bias=b, alpha=a, r=res, dtype=dtype)
 
 
+def test_out_dtype_and_gemm_dtype():
+    """float32 x with gemm_dtype=bfloat16 (bfloat16 GEMM operands, rounded in the kernel) and out_dtype bfloat16 /
+    float32; a bfloat16 x with a float32 weight, r and output (the fused block's proj_2 under autocast)."""
+    x, w, b, a, res = make(1, 40, 24, 13, 11)
+    f32 = lambda t: t.float()  # noqa: E731
+    bf = torch.bfloat16
+    ref = pwconv_reference(x, w, b, "gelu", a, res)
+    for od in (torch.float32, bf):
+        got = pwconv(f32(x), f32(w), f32(b), act="gelu", alpha=f32(a), r=res.to(od), out_dtype=od, gemm_dtype=bf,
+                     backend="cpu")
+        eager = pwconv_reference(f32(x), f32(w), f32(b), "gelu", f32(a), res.to(od), out_dtype=od, gemm_dtype=bf)
+        assert got.dtype == od
+        bound = ERR_FACTOR * max_err(eager, ref) + ATOL[bf] * max(ref.abs().max().item(), 1.0)
+        assert max_err(got, ref) <= bound, od
+    got = pwconv(x.to(bf), f32(w), f32(b), alpha=f32(a), r=f32(res), out_dtype=torch.float32, backend="cpu")
+    ref = pwconv_reference(x.to(bf).double(), w.to(bf).double(), b, "none", a, res)
+    assert got.dtype == torch.float32
+    assert max_err(got, ref) <= ATOL[torch.float32] * max(ref.abs().max().item(), 1.0) * 10
+    with pytest.raises(TypeError, match="r: expected dtype torch.bfloat16 \\(the output dtype\\)"):
+        pwconv(f32(x), f32(w), r=f32(res), out_dtype=bf, backend="cpu")
+    with pytest.raises(TypeError, match="gemm_dtype: expected None"):
+        pwconv(f32(x), f32(w), gemm_dtype=torch.float16, backend="cpu")
+
+
 def test_bf16_with_float32_vectors():
     """bfloat16 x with float32 bias / alpha / gamma (the fused block's folded vectors): accepted, fp32 epilogue."""
     x, w, b, a, res = make(1, 40, 24, 13, 11)
@@ -169,5 +193,5 @@ def test_bad_input(ext):
         pwconv(None, w, b, backend="cpu")
     with pytest.raises(RuntimeError, match="pwconv_forward: act must be"):
         ext.pwconv_forward(x, w, b, 7, None, None)
-    with pytest.raises(RuntimeError, match=r"pwconv_forward: w must be a float32 CPU tensor \(the dtype of x\) of shape \(Cout, 4\)"):
+    with pytest.raises(RuntimeError, match=r"pwconv_forward: w must be a float32 CPU tensor of shape \(Cout, 4\)"):
         ext.pwconv_forward(x, w[:, :2].contiguous(), b, 0, None, None)
