@@ -6,7 +6,9 @@
 ``w * s[o]`` and bias ``(b - mean) * s + beta`` (``s = gamma / sqrt(var + eps)``): no BatchNorm pass and no
 intermediate tensor. The module keeps the original submodules (``proj``, ``norm``), so ``state_dict`` is unchanged;
 the folded copies (the conv weights' size) are recomputed when a parameter or running statistic changes (version
-counters). Training, a gradient needed, autocast, tracing, a dtype other than float32 or a norm that is not an eval
+counters). Under bfloat16 autocast the folded convolutions run in bfloat16, as eager's convolutions do (the fold is
+then rounded once instead of the conv output and the BatchNorm separately). Training, a gradient needed, another
+autocast dtype, tracing, a dtype other than float32 (bfloat16 under autocast) or a norm that is not an eval
 BatchNorm run the original modules.
 """
 from __future__ import annotations
@@ -67,7 +69,12 @@ class FusedPatchEmbed(nn.Module):
     def _fast_ok(self, x: torch.Tensor) -> bool:
         if self.training or torch.compiler.is_compiling() or torch.compiler.is_exporting():
             return False
-        if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        if torch.is_autocast_enabled("cpu"):  # bfloat16 autocast: the folded convs run in bfloat16 as eager's convs
+            if not (torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)):
+                return False
+        elif x.dtype != torch.float32:
+            return False
+        if x.device.type != "cpu":
             return False
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return False

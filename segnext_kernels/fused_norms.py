@@ -10,7 +10,8 @@ Eager PyTorch copies the transposed view into a contiguous (B, N, C) tensor for 
 back to NCHW. ``FusedStageNorm`` is an ``nn.LayerNorm`` (the same parameters and ``state_dict``) that, given such a
 view of an NCHW tensor, runs ``segnext_kernels.channel_layer_norm`` on the NCHW memory and returns the (B, N, C)
 transposed view of its NCHW result, so the reshape / permute / contiguous above are views: no copy at all. Any
-other input (a contiguous (B, N, C) tensor, another dtype or device, autocast) runs ``nn.LayerNorm.forward``.
+other input (a contiguous (B, N, C) tensor, another dtype or device) runs ``nn.LayerNorm.forward``; under autocast a
+float32 input still runs the kernel (eager's LayerNorm of a float32 tensor is float32 there too).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ class FusedStageNorm(nn.LayerNorm):
     NCHW tensor x (MSCAN's ``norm1`` .. ``norm4``), sharing its weight and bias.
 
     forward(t): (B, N, C) -> (B, N, C). For t the transpose of a contiguous (B, C, N) float32 CPU tensor (and an
-    affine LayerNorm, no autocast) the result is the transposed view of ``channel_layer_norm``'s contiguous (B, C, N)
+    affine LayerNorm) the result is the transposed view of ``channel_layer_norm``'s contiguous (B, C, N)
     output (a gradient needed: its reference); otherwise ``nn.LayerNorm.forward(t)``.
     """
 
@@ -55,7 +56,7 @@ class FusedStageNorm(nn.LayerNorm):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         if (t.dim() == 3 and t.device.type == "cpu" and t.dtype == torch.float32 and self.weight is not None
                 and self.bias is not None and t.stride(1) == 1 and t.stride(2) == t.shape[1]
-                and t.stride(0) == t.shape[1] * t.shape[2] and not torch.is_autocast_enabled("cpu")):
+                and t.stride(0) == t.shape[1] * t.shape[2]):  # autocast too: eager's LayerNorm of fp32 is fp32
             return channel_layer_norm(t.transpose(1, 2), self.weight, self.bias, self.eps,
                                       backend=self.backend).transpose(1, 2)
         return super().forward(t)

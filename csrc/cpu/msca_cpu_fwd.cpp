@@ -50,6 +50,7 @@
 #include "cpu_alloc.h"
 #include "cpu_isa.h"
 #include "cpu_vec.h"
+#include "mlp_cpu_kernels.h"
 
 namespace segnext_cpu {
 namespace fwd_common {
@@ -81,7 +82,7 @@ struct Buffer {
 };
 
 inline Buffer& thread_buffer(int which) {
-  thread_local Buffer bufs[3];
+  thread_local Buffer bufs[4];
   return bufs[which];
 }
 
@@ -619,10 +620,59 @@ static inline void mix_tile_n(int n, const typename V::E* S, int64_t cs, int64_t
   }
 }
 
+#if SEGNEXT_MSCA_FWD_BODY == 2
+// From this many channels the fp32 mix runs oneDNN's brgemm (mlp::gemm_rm) on blocks of 256 pixels into an fp32
+// tile, then bias + gating from the tile: with C x C weights of >= 64 KiB the register-blocked mix_tile streams w3
+// and the band's S from L2 on every tile.
+constexpr int64_t kMixGemmC = 128;
+
+template <class V, class T>
+static void mix_range_gemm(const float* S, int64_t cs, int64_t vb, int64_t ve, const float* w3,
+                           const MixOut<T, float>& mo) {
+  constexpr int L = V::L;
+  constexpr int64_t kNV = 16;                  // pixel vectors per GEMM (256 pixels)
+  constexpr int64_t ldt = kNV * L + 16;        // tile rows padded off 1 KiB strides
+  const int64_t C = mo.C, HW = mo.H * mo.W;
+  float* tile = static_cast<float*>(thread_buffer(3).get(sizeof(float) * C * ldt));
+  for (int64_t v0 = vb; v0 < ve; v0 += kNV) {
+    const int64_t nv = std::min(kNV, ve - v0);
+    mlp::gemm_rm<float>(false, false, C, nv * L, C, w3, C, S + v0 * L, cs, false, tile, ldt);
+    for (int64_t co = 0; co < C; ++co) {
+      const __m512 bias = _mm512_set1_ps(mo.b3[co]);
+      const float* tr = tile + co * ldt;
+      for (int64_t n = 0; n < nv; ++n) {
+        const int64_t v = v0 + n;
+        const int64_t r = v / mo.nvw, x = (v - r * mo.nvw) * L;
+        const int64_t nval = std::min<int64_t>(L, mo.W - x);
+        const int64_t base = co * HW + (mo.ys0 + r) * mo.W + x;
+        const __m512 att = _mm512_add_ps(_mm512_loadu_ps(tr + n * L), bias);
+        if (nval == L) {
+          V::template store_cvt<T>(mo.out + base, _mm512_mul_ps(att, V::template load_cvt<T>(mo.u + base)));
+        } else {
+          alignas(64) float tu[L];
+          alignas(64) float to[L];
+          for (int q = 0; q < L; ++q) tu[q] = q < nval ? static_cast<float>(mo.u[base + q]) : 0.0f;
+          _mm512_store_ps(to, _mm512_mul_ps(att, _mm512_load_ps(tu)));
+          for (int64_t q = 0; q < nval; ++q) mo.out[base + q] = static_cast<T>(to[q]);
+        }
+      }
+    }
+  }
+}
+#endif
+
 // The mix over pixel vectors [vb, ve) of S, all output channels.
 template <class V, class T>
 static void mix_range(const typename V::E* S, int64_t cs, int64_t vb, int64_t ve, const typename V::E* w3,
                       const MixOut<T, typename V::E>& mo) {
+#if SEGNEXT_MSCA_FWD_BODY == 2
+  if constexpr (std::is_same_v<typename V::E, float>) {
+    if (mo.C >= kMixGemmC) {
+      mix_range_gemm<V, T>(S, cs, vb, ve, w3, mo);
+      return;
+    }
+  }
+#endif
   constexpr int MR = MixShape<V>::M, NR = MixShape<V>::N;
   static_assert(MR <= 6, "");
   const int64_t C = mo.C;

@@ -4,6 +4,8 @@ sizes), the state_dict, the folded-weight cache following in-place changes, and 
 float64, autocast, bad modules)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -74,8 +76,15 @@ def test_fallbacks_run_the_original_modules():
     xd = x.double()
     with torch.no_grad():
         torch.testing.assert_close(fd(xd), fd._eager(xd), rtol=0, atol=0)
-        with torch.autocast("cpu", torch.bfloat16):
+        with torch.autocast("cpu", torch.float16):  # another autocast dtype: the original modules
             torch.testing.assert_close(fused(x), orig(x), rtol=0, atol=0)
+        # bfloat16 autocast: the folded convs in bfloat16, within twice eager autocast's error of the float64 module
+        ref = copy.deepcopy(orig).double()(x.double())
+        with torch.autocast("cpu", torch.bfloat16):
+            got, eager = fused(x), orig(x)
+        assert got.dtype == eager.dtype == torch.bfloat16
+        e_got, e_eager = ((t.double() - ref).abs().max().item() for t in (got, eager))
+        assert e_got <= 2 * e_eager + 1e-2 * ref.abs().max().item(), (e_got, e_eager)
     with pytest.raises(TypeError, match="module: expected a segnext StemConv or OverlapPatchEmbed"):
         FusedPatchEmbed.from_module(nn.Conv2d(3, 3, 3))
 
