@@ -68,10 +68,14 @@ def max_err(a, b):
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
-def assert_within_rule(name, got, ref64, eager, dtype):
-    """got: kernel result; ref64: float64 reference; eager: reference run in ``dtype``."""
+def assert_within_rule(name, got, ref64, eager, dtype, n_sum=1):
+    """got: kernel result; ref64: float64 reference; eager: reference run in ``dtype``. n_sum: the number of terms
+    each element sums (a weight gradient: the B*H*W pixels): the ATOL term grows as sqrt(n_sum / 256), the random-walk
+    growth of a rounded sum's error, since such a sum can cancel to a value far below its terms (a 930-pixel conv3
+    gradient of |value| ~2 from O(1) terms missed the fixed bound by 10%)."""
     assert not torch.isnan(got).any(), f"{name}: NaN in result (an unwritten element?)"
     scale = max(ref64.abs().max().item(), 1.0) if ref64.numel() else 1.0
+    scale *= max(1.0, (n_sum / 256) ** 0.5)
     e_kernel = max_err(got, ref64)
     e_eager = max_err(eager, ref64)
     bound = ERR_FACTOR * e_eager + ATOL[dtype] * scale
@@ -111,7 +115,8 @@ def check_backend(args, dtype, grad_out=None, tf32=False, backend="cuda"):
             scale = max(ref.abs().max().item(), 1.0) if ref.numel() else 1.0
             assert max_err(got, ref) <= TOL_TF32 * scale, f"{name}: error {max_err(got, ref):.3e} (tf32)"
         else:
-            assert_within_rule(name, got, ref, eager, dtype)
+            n_sum = 1 if name in ("out", "grad u") else u.shape[0] * u.shape[2] * u.shape[3]
+            assert_within_rule(name, got, ref, eager, dtype, n_sum)
 
     one("out", out, ref_out, eager_out)
     if grad_out is not None:
