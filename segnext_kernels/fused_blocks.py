@@ -196,8 +196,8 @@ class FusedConv1x1(nn.Conv2d):
     """Drop-in for a 1x1 ``nn.Conv2d`` (stride 1, no padding, groups 1) running ``segnext_kernels.pwconv`` (the
     same parameters; the state_dict is unchanged). Under ``torch.autocast("cpu", torch.bfloat16)`` in inference it
     runs the kernel with bfloat16 GEMM operands (rounded in the kernel; fp32 epilogue) and a bfloat16 output, as
-    eager's autocast conv. Where ``pwconv`` runs its reference (a gradient is needed, a dtype other than float32, a non-CPU
-    tensor, another autocast dtype) the result is F.conv2d's.
+    eager's autocast conv. Where ``pwconv`` runs its reference (a gradient is needed, a dtype other than float32, a
+    non-CPU tensor, another autocast dtype) the result is F.conv2d's.
 
     forward(x): (B, Cin, H, W) -> (B, Cout, H, W).
     """
@@ -220,8 +220,9 @@ class FusedConv1x1(nn.Conv2d):
         return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and _bf16_autocast() and not (
-                torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.weight, self.bias))):
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                     for t in (x, self.weight, self.bias))
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and _bf16_autocast() and not needs_grad:
             # bfloat16 autocast, inference: bfloat16 GEMM operands (rounded in the kernel), fp32 epilogue, bfloat16
             # output, as eager's autocast conv
             bf = torch.bfloat16

@@ -637,14 +637,19 @@ static void mix_range_gemm(const float* S, int64_t cs, int64_t vb, int64_t ve, c
   for (int64_t v0 = vb; v0 < ve; v0 += kNV) {
     const int64_t nv = std::min(kNV, ve - v0);
     mlp::gemm_rm<float>(false, false, C, nv * L, C, w3, C, S + v0 * L, cs, false, tile, ldt);
+    int64_t off[kNV], valid[kNV];  // per pixel vector: offset in a channel plane, lanes inside the image
+    for (int64_t n = 0; n < nv; ++n) {
+      const int64_t v = v0 + n;
+      const int64_t r = v / mo.nvw, x = (v - r * mo.nvw) * L;
+      valid[n] = std::min<int64_t>(L, mo.W - x);
+      off[n] = (mo.ys0 + r) * mo.W + x;
+    }
     for (int64_t co = 0; co < C; ++co) {
       const __m512 bias = _mm512_set1_ps(mo.b3[co]);
       const float* tr = tile + co * ldt;
       for (int64_t n = 0; n < nv; ++n) {
-        const int64_t v = v0 + n;
-        const int64_t r = v / mo.nvw, x = (v - r * mo.nvw) * L;
-        const int64_t nval = std::min<int64_t>(L, mo.W - x);
-        const int64_t base = co * HW + (mo.ys0 + r) * mo.W + x;
+        const int64_t nval = valid[n];
+        const int64_t base = co * HW + off[n];
         const __m512 att = _mm512_add_ps(_mm512_loadu_ps(tr + n * L), bias);
         if (nval == L) {
           V::template store_cvt<T>(mo.out + base, _mm512_mul_ps(att, V::template load_cvt<T>(mo.u + base)));

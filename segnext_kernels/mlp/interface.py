@@ -43,12 +43,15 @@ def _tensor(name: str, t) -> Tensor:
     return t
 
 
-def _check_like(name: str, t, shape: tuple, x: Tensor) -> None:
+def _check_like(name: str, t, shape: tuple, x: Tensor, fp32_ok: bool = False) -> None:
+    """t: shape, x's dtype (or float32 with ``fp32_ok`` and a float16 / bfloat16 x), x's device."""
     _tensor(name, t)
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
-    if t.dtype != x.dtype:
-        raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
+    low = fp32_ok and x.dtype in (torch.float16, torch.bfloat16)
+    if t.dtype != x.dtype and not (low and t.dtype == torch.float32):
+        raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x){' or float32' if low else ''}, "
+                        f"got {t.dtype}")
     if t.device != x.device:
         raise RuntimeError(f"{name}: expected a tensor on {x.device} (the device of x), got one on {t.device}")
 
@@ -188,8 +191,8 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, dw_weight: Tensor, dw_b
         operands (fc1's input as given, the GELU output rounded) with fp32 accumulation, the rest in fp32.
 
     Raises:
-        TypeError: non-tensor argument, unsupported dtype, a weight dtype different from x's, or a requested backend
-            that does not take x's dtype.
+        TypeError: non-tensor argument, unsupported dtype, a weight dtype different from x's, a gemm_dtype other
+            than None / x's dtype / bfloat16 with a float32 x, or a requested backend that does not take x's dtype.
         ValueError: wrong rank or weight shape (the message names the expected shape), unknown backend.
         RuntimeError: a tensor on another device than x, or a requested backend that cannot run here.
     """
@@ -210,8 +213,7 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, dw_weight: Tensor, dw_b
     if residual is not None:
         _check_like("residual", residual, (x.shape[0], fc2_weight.shape[0], x.shape[2], x.shape[3]), x)
     if affine is not None:
-        _check_like("affine", affine if x.dtype not in (torch.float16, torch.bfloat16) or affine.dtype != torch.float32
-                    else affine.to(x.dtype), (3, x.shape[1]), x)
+        _check_like("affine", affine, (3, x.shape[1]), x, fp32_ok=True)
     name = "reference" if torch.compiler.is_exporting() else resolve("mlp", backend, x.device, x.dtype)
     inference_only = affine is not None or lowp
     fused_ok = not inference_only or (x.dtype in (torch.float32, torch.bfloat16) and not (

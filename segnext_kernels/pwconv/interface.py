@@ -3,10 +3,12 @@
 
 Custom op (namespace ``segnext_kernels``; the compiled extension exports a plain function that runs inside it):
 
-``torch.ops.segnext_kernels.pwconv_fwd(x, weight, bias, act, alpha, r, backend, gamma=None) -> Tensor``
-    x (B, Cin, H, W) float32 CPU, any strides; weight (Cout, Cin); bias, alpha, gamma (Cout,) or None; r
-    (B, Cout, H, W) or None; act "none" / "gelu" / "relu"; backend: a resolved fused backend ("cpu"). Returns y (B, Cout, H, W),
-    contiguous NCHW. Forward only: ``pwconv`` runs the reference whenever a gradient is needed.
+``torch.ops.segnext_kernels.pwconv_fwd(x, weight, bias, act, alpha, r, backend, gamma=None, out_dtype=None,
+lowp=False) -> Tensor``
+    x (B, Cin, H, W) float32 / bfloat16 CPU, any strides; weight (Cout, Cin) in x's dtype or float32; bias, alpha,
+    gamma (Cout,) float32 or None; r (B, Cout, H, W) in the output dtype or None; act "none" / "gelu" / "relu";
+    backend: a resolved fused backend ("cpu"); out_dtype: float32 / bfloat16 (None: x's); lowp: the GEMM on
+    bfloat16 operands (always for a bfloat16 x). Returns y (B, Cout, H, W) in the output dtype, contiguous NCHW. Forward only: ``pwconv`` runs the reference whenever a gradient is needed.
 
 The fake implementation lets ``torch.compile`` (fullgraph), FakeTensor tracing and ``torch.library.opcheck`` treat
 it as an opaque call.
@@ -33,7 +35,9 @@ def check_pwconv_args(x, weight, bias, act, alpha, r, gamma=None, out_dtype=None
     """Validate ``segnext_kernels.pwconv`` arguments.
 
     Raises:
-        TypeError: a non-tensor, an unsupported dtype, or a dtype different from x's.
+        TypeError: a non-tensor, an unsupported dtype, a dtype different from x's (float32 weight / vectors with a
+            float16 / bfloat16 x are fine; r must have the output dtype), out_dtype not a floating dtype, gemm_dtype
+            not None / x's dtype / bfloat16.
         ValueError: wrong rank or shape (the message gives the expected shape), C, H or W < 1, unknown act.
         RuntimeError: a tensor on another device than x.
     """
@@ -120,8 +124,9 @@ def pwconv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, act: str
             convolution in gemm_dtype.
         backend: "auto", "cpu" or "reference". "cpu" runs the custom op ``torch.ops.segnext_kernels.pwconv_fwd``
             (float32 or bfloat16 CPU tensors; bfloat16: the GEMM on bfloat16 operands with fp32 accumulation
-            where the CPU has AVX512-BF16, the epilogue in fp32, y rounded once); it is forward only, so when autograd needs a gradient (grad mode on and an
-            argument requiring grad), and under ``torch.export``, the eager reference runs instead.
+            where the CPU has AVX512-BF16, the epilogue in fp32, y rounded once); it is forward only, so when
+            autograd needs a gradient (grad mode on and an argument requiring grad), and under ``torch.export``,
+            the eager reference runs instead.
 
     Returns:
         (B, Cout, H, W) in out_dtype (None: x's dtype; the kernel writes contiguous NCHW).
