@@ -2,7 +2,7 @@
 //
 // Tasks = (image, band of rows, group of hidden channels); per task, for each block of hc hidden channels:
 //   h  (hc x (rows + 2 halo) * W, fp32) = W1[block] @ x[band + halo]          at::mm_out on the tile (bias folded into dw)
-//   g  (hc x rows * W, fp32)            = GELU(dw3x3(h + b1) + bdw)           hand-written rows (L1)
+//   g  (hc x rows * W, fp32)            = GELU(dw3x3(h + b1) + bdw)           hand-written, a plane per call
 //   acc (C x rows * W, fp32)           (+)= W2[:, block] @ g                   at::addmm_out after the first block
 // then y = acc + b2 (converted to x's dtype). h and g live in per-thread scratch (L2); nothing is B*Hd*H*W sized.
 // With G > 1 hidden groups (small images: few bands), each group's acc is a plane of a (G, B, C, H*W) fp32 buffer and
@@ -128,7 +128,6 @@ void forward_impl(const T* x, T* y, int64_t B, int64_t C, int64_t Hd, int64_t H,
       const int64_t ldh = padded_ld(Nin), ldg = padded_ld(Nout);
       E* h = static_cast<E*>(scratch(0, sizeof(E) * pl.hc * ldh));
       TG* g = static_cast<TG*>(scratch(1, sizeof(TG) * pl.hc * ldg));
-      E* tmp = static_cast<E*>(scratch(2, sizeof(E) * (W + 64)));
       // the input affine (an eval BatchNorm before fc1) on the band + halo, into scratch: fc1 reads it from there
       const T* xin = xb + ri0 * W;
       const E* xsc = nullptr;  // the affine's output (E), when in_scale
@@ -165,14 +164,7 @@ void forward_impl(const T* x, T* y, int64_t B, int64_t C, int64_t Hd, int64_t H,
         else tile_gemm(lowp, m, Nin, C, w1 + j0 * C, C, xin, ldx, false, h, ldh);
         for (int64_t jj = 0; jj < m; ++jj) {
           const int64_t j = j0 + jj;
-          const E* hj = h + jj * ldh;
-          for (int64_t yy = r0; yy < r1; ++yy) {
-            const E* up = yy > 0 ? hj + (yy - 1 - ri0) * W : nullptr;
-            const E* mid = hj + (yy - ri0) * W;
-            const E* dn = yy + 1 < H ? hj + (yy + 1 - ri0) * W : nullptr;
-            rk.dw(up, mid, dn, wdw + j * 9, b1[j], bdw[j], W, tmp);
-            rk.gelu(tmp, W, g + jj * ldg + (yy - r0) * W);
-          }
+          rk.dw_gelu(h + jj * ldh, ri0, r0, r1, H, W, wdw + j * 9, b1[j], bdw[j], g + jj * ldg);
         }
         // acc (+)= W2[:, j0:j0+m] @ g
         tile_gemm(lowp, C, Nout, m, w2 + j0, Hd, g, ldg, ch != c0, acc, ldacc);

@@ -164,6 +164,11 @@ struct Rows {
   void (*dw)(const E* up, const E* mid, const E* dn, const E* wk, E b1, E dwb, int64_t W, E* out);
   // out[x] = GELU(p[x]) (converted to TG)
   void (*gelu)(const E* p, int64_t W, TG* out);
+  // The forward's depthwise 3x3 + GELU of one hidden channel, rows [r0, r1) of an H-row image in one call (no row
+  // buffer): g[(y - r0) * W + x] = GELU(dw(y, x)), dw as row_dw's out; h holds the channel's rows ri0, ri0 + 1, ...
+  // (W apart), g is TG.
+  void (*dw_gelu)(const E* h, int64_t ri0, int64_t r0, int64_t r1, int64_t H, int64_t W, const E* wk, E b1, E dwb,
+                  TG* g);
   // dp[x] = dg[x] * GELU'(p[x]) (dp may alias dg); g[x] = GELU(p[x]) when g != nullptr
   void (*gelu_bwd)(const E* p, const E* dg, int64_t W, E* dp, TG* g);
   // acc[t] += sum_x dp[x] * (row_ky[x + kx - 1] + b1) for the 9 taps t over valid taps (fc1's output is h + b1;
@@ -191,6 +196,9 @@ struct V {
   static inline reg ldm(const E* p, int lo, int hi) { return (lo <= 0 && 0 < hi) ? *p : E(0); }
   static inline void stm(E* p, reg v, int n) { if (n > 0) *p = v; }
   static inline reg set1(E x) { return x; }
+  static inline reg put(reg, int, E x) { return x; }  // lane i of a (the only lane) set to x
+  static inline reg add(reg a, reg b) { return a + b; }
+  static inline reg mul(reg a, reg b) { return a * b; }
   static inline reg fma(reg a, reg b, reg c) { return a * b + c; }
   static inline E hsum(reg v) { return v; }
   static inline void gelu2(reg v, reg* g, reg* d) {
@@ -227,6 +235,9 @@ struct V {
     else _mm512_mask_storeu_ps(p, mask(0, n), v);
   }
   static inline reg set1(float x) { return _mm512_set1_ps(x); }
+  static inline reg put(reg a, int i, float x) {  // lane i of a set to x
+    return _mm512_mask_mov_ps(a, static_cast<__mmask16>(1u << i), _mm512_set1_ps(x));
+  }
   static inline reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
   static inline float hsum(reg v) { return _mm512_reduce_add_ps(v); }
   static inline reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
@@ -277,6 +288,9 @@ struct V {
     else _mm256_maskstore_ps(p, mask(0, n), v);
   }
   static inline reg set1(float x) { return _mm256_set1_ps(x); }
+  static inline reg put(reg a, int i, float x) {  // lane i of a set to x
+    return _mm256_blendv_ps(a, _mm256_set1_ps(x), _mm256_castsi256_ps(mask(i, i + 1)));
+  }
   static inline reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
   static inline float hsum(reg v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -353,28 +367,38 @@ struct V {
     if (g) *g = mul(mul(set1(0.5f), v), cdf2);
     if (d) *d = fma(mul(v, set1(0.3989422804014327f)), e, mul(set1(0.5f), cdf2));
   }
+  // N vectors in lockstep: the ~20 dependent operations of one vector are latency bound, N independent chains
+  // interleaved in program order keep both FMA pipes busy.
+  template <int N>
+  __attribute__((always_inline)) static inline void gelu_fwd_n(reg* v) {
+    reg z[N], z2[N], p[N], q[N];
+    for (int k = 0; k < N; ++k) z[k] = minv(set1(4.0f), maxv(set1(-4.0f), mul(v[k], set1(0.70710678118654752f))));
+    for (int k = 0; k < N; ++k) z2[k] = mul(z[k], z[k]);
+    for (int k = 0; k < N; ++k) p[k] = fma(z2[k], set1(-2.72614225801306e-10f), set1(2.77068142495902e-08f));
+    for (int k = 0; k < N; ++k) q[k] = fma(z2[k], set1(-1.45660718464996e-05f), set1(-2.13374055278905e-04f));
+    for (int k = 0; k < N; ++k) p[k] = fma(z2[k], p[k], set1(-2.10102402082508e-06f));
+    for (int k = 0; k < N; ++k) q[k] = fma(z2[k], q[k], set1(-1.68282697438203e-03f));
+    for (int k = 0; k < N; ++k) p[k] = fma(z2[k], p[k], set1(-5.69250639462346e-05f));
+    for (int k = 0; k < N; ++k) q[k] = fma(z2[k], q[k], set1(-7.37332916720468e-03f));
+    for (int k = 0; k < N; ++k) p[k] = fma(z2[k], p[k], set1(-7.34990630326855e-04f));
+    for (int k = 0; k < N; ++k) q[k] = fma(z2[k], q[k], set1(-1.42647390514189e-02f));
+    for (int k = 0; k < N; ++k) p[k] = fma(z2[k], p[k], set1(-2.95459980854025e-03f));
+    for (int k = 0; k < N; ++k) q[k] = rcp(q[k]);
+    for (int k = 0; k < N; ++k) p[k] = fma(z2[k], p[k], set1(-1.60960333262415e-02f));
+    for (int k = 0; k < N; ++k) p[k] = mul(mul(z[k], p[k]), q[k]);  // erf(z)
+    for (int k = 0; k < N; ++k) {
+      const reg hv = mul(set1(0.5f), v[k]);
+      v[k] = fma(hv, p[k], hv);
+    }
+  }
   // GELU(v) alone (forwards): erf(z) as an odd / even rational function of z clamped to [-4, 4] (beyond it erf is
   // +-1 in fp32); the minimax coefficients of XLA's and Eigen's single-precision erf. |erf error| <= 5e-7, GELU's
   // absolute error about 1e-6 at |v| ~ 8, as eager fp32's own (measured against float64); about half the operations
   // of gelu2, whose derivative the backward needs. NaN stays NaN: x86 max/min return their second operand when one
   // is NaN, so the clamp takes z second.
   static inline reg gelu_fwd(reg v) {
-    const reg z = minv(set1(4.0f), maxv(set1(-4.0f), mul(v, set1(0.70710678118654752f))));
-    const reg z2 = mul(z, z);
-    reg p = fma(z2, set1(-2.72614225801306e-10f), set1(2.77068142495902e-08f));
-    p = fma(z2, p, set1(-2.10102402082508e-06f));
-    p = fma(z2, p, set1(-5.69250639462346e-05f));
-    p = fma(z2, p, set1(-7.34990630326855e-04f));
-    p = fma(z2, p, set1(-2.95459980854025e-03f));
-    p = fma(z2, p, set1(-1.60960333262415e-02f));
-    p = mul(z, p);
-    reg q = fma(z2, set1(-1.45660718464996e-05f), set1(-2.13374055278905e-04f));
-    q = fma(z2, q, set1(-1.68282697438203e-03f));
-    q = fma(z2, q, set1(-7.37332916720468e-03f));
-    q = fma(z2, q, set1(-1.42647390514189e-02f));
-    const reg erf = mul(p, rcp(q));
-    const reg hv = mul(set1(0.5f), v);
-    return fma(hv, erf, hv);
+    gelu_fwd_n<1>(&v);
+    return v;
   }
 };
 #define SEGNEXT_MLP_E_T template <class E = float>
@@ -427,9 +451,85 @@ template <class TG, class E>
 void row_gelu(const E* p, int64_t W, TG* out) {
   using Vv = SEGNEXT_MLP_V;
   using reg = typename Vv::reg;
-  for (int64_t x0 = 0; x0 < W; x0 += Vv::L) {
+  int64_t x0 = 0;
+#if SEGNEXT_MLP_ROWS != 0
+  constexpr int N = 4;
+  for (; x0 + N * Vv::L <= W; x0 += N * Vv::L) {
+    reg v[N];
+    for (int k = 0; k < N; ++k) v[k] = Vv::ldm(p + x0 + k * Vv::L, 0, Vv::L);
+    Vv::template gelu_fwd_n<N>(v);
+    for (int k = 0; k < N; ++k) Vv::template stm_cvt<TG>(out + x0 + k * Vv::L, v[k], Vv::L);
+  }
+#endif
+  for (; x0 < W; x0 += Vv::L) {
     const int n = static_cast<int>(std::min<int64_t>(Vv::L, W - x0));
     Vv::template stm_cvt<TG>(out + x0, Vv::gelu_fwd(Vv::ldm(p + x0, 0, n)), n);
+  }
+}
+
+// dw + GELU over a plane (Rows::dw_gelu), a row at a time: the 9 taps into a row buffer in L1, then GELU from it
+// (one loop holding the taps and GELU's constants together would spill registers). fc1's bias b1 enters as
+// b1 * (the sum of the taps inside the image): a per-row constant except in the two border columns' lanes.
+template <class TG, class E>
+void plane_dw_gelu(const E* h, int64_t ri0, int64_t r0, int64_t r1, int64_t H, int64_t W, const E* wk, E b1, E dwb,
+                   TG* g) {
+  using Vv = SEGNEXT_MLP_V;
+  using reg = typename Vv::reg;
+  constexpr int L = Vv::L;
+  E* tmp = static_cast<E*>(scratch(2, sizeof(E) * (W + 64)));
+  reg w[9];
+  for (int t = 0; t < 9; ++t) w[t] = Vv::set1(wk[t]);
+  for (int64_t yy = r0; yy < r1; ++yy) {
+    const E* rows[3] = {yy > 0 ? h + (yy - 1 - ri0) * W : nullptr, h + (yy - ri0) * W,
+                        yy + 1 < H ? h + (yy + 1 - ri0) * W : nullptr};
+    E cl = 0, cc = 0, cr = 0;  // the column sums of the taps kx = 0, 1, 2 over the rows inside the image
+    for (int ky = 0; ky < 3; ++ky) {
+      if (!rows[ky]) continue;
+      cl += wk[ky * 3];
+      cc += wk[ky * 3 + 1];
+      cr += wk[ky * 3 + 2];
+    }
+    const E mid = dwb + b1 * (cl + cc + cr);
+    const E left = W > 1 ? dwb + b1 * (cc + cr) : dwb + b1 * cc;  // x = 0: no kx = 0 tap (W = 1: kx = 1 only)
+    const E right = dwb + b1 * (cl + cc);                          // x = W - 1 (W > 1): no kx = 2 tap
+    const reg base = Vv::set1(mid);
+    // one partial sum per kernel row: three short dependency chains instead of one of nine FMAs (FMA latency)
+    auto edge_chunk = [&](int64_t x0) {  // masked loads, rows outside the image skipped, border bias lanes
+      const int n = static_cast<int>(std::min<int64_t>(L, W - x0));
+      const int nr = static_cast<int>(std::min<int64_t>(L, W - 1 - x0));
+      reg acc = base;
+      if (x0 == 0) acc = Vv::put(acc, 0, left);
+      if (W > 1 && x0 + L >= W) acc = Vv::put(acc, static_cast<int>(W - 1 - x0), right);
+      reg part[3] = {acc, Vv::set1(E(0)), Vv::set1(E(0))};
+      for (int ky = 0; ky < 3; ++ky) {
+        const E* r = rows[ky];
+        if (!r) continue;
+        reg a = part[ky];
+        a = Vv::fma(w[ky * 3 + 0], Vv::ldm(r + x0 - 1, x0 == 0 ? 1 : 0, n), a);
+        a = Vv::fma(w[ky * 3 + 1], Vv::ldm(r + x0, 0, n), a);
+        part[ky] = Vv::fma(w[ky * 3 + 2], Vv::ldm(r + x0 + 1, 0, nr), a);
+      }
+      Vv::stm(tmp + x0, Vv::add(Vv::add(part[0], part[2]), part[1]), n);
+    };
+    edge_chunk(0);
+    int64_t x0 = L;
+    if (rows[0] && rows[2]) {  // interior chunks of an interior row: every load whole, no branches
+      const E *ru = rows[0], *rm = rows[1], *rd = rows[2];
+      for (; x0 + L + 1 <= W; x0 += L) {
+        reg a = Vv::fma(w[0], Vv::ldm(ru + x0 - 1, 0, L), base);
+        reg b = Vv::mul(w[3], Vv::ldm(rm + x0 - 1, 0, L));
+        reg c = Vv::mul(w[6], Vv::ldm(rd + x0 - 1, 0, L));
+        a = Vv::fma(w[1], Vv::ldm(ru + x0, 0, L), a);
+        b = Vv::fma(w[4], Vv::ldm(rm + x0, 0, L), b);
+        c = Vv::fma(w[7], Vv::ldm(rd + x0, 0, L), c);
+        a = Vv::fma(w[2], Vv::ldm(ru + x0 + 1, 0, L), a);
+        b = Vv::fma(w[5], Vv::ldm(rm + x0 + 1, 0, L), b);
+        c = Vv::fma(w[8], Vv::ldm(rd + x0 + 1, 0, L), c);
+        Vv::stm(tmp + x0, Vv::add(Vv::add(a, c), b), L);
+      }
+    }
+    for (; x0 < W; x0 += L) edge_chunk(x0);
+    row_gelu<TG, E>(tmp, W, g + (yy - r0) * W);
   }
 }
 
@@ -498,6 +598,7 @@ segnext_cpu::mlp::Rows<E, TG> make_rows() {
   segnext_cpu::mlp::Rows<E, TG> r;
   r.dw = &row_dw<E>;
   r.gelu = &row_gelu<TG, E>;
+  r.dw_gelu = &plane_dw_gelu<TG, E>;
   r.gelu_bwd = &row_gelu_bwd<TG, E>;
   r.dw_wgrad = &row_dw_wgrad<E>;
   r.convert = &row_convert<TG, E>;
