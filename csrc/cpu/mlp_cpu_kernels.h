@@ -367,38 +367,28 @@ struct V {
     if (g) *g = mul(mul(set1(0.5f), v), cdf2);
     if (d) *d = fma(mul(v, set1(0.3989422804014327f)), e, mul(set1(0.5f), cdf2));
   }
-  // N vectors in lockstep: the ~20 dependent operations of one vector are latency bound, N independent chains
-  // interleaved in program order keep both FMA pipes busy.
-  template <int N>
-  __attribute__((always_inline)) static inline void gelu_fwd_n(reg* v) {
-    reg z[N], z2[N], p[N], q[N];
-    for (int k = 0; k < N; ++k) z[k] = minv(set1(4.0f), maxv(set1(-4.0f), mul(v[k], set1(0.70710678118654752f))));
-    for (int k = 0; k < N; ++k) z2[k] = mul(z[k], z[k]);
-    for (int k = 0; k < N; ++k) p[k] = fma(z2[k], set1(-2.72614225801306e-10f), set1(2.77068142495902e-08f));
-    for (int k = 0; k < N; ++k) q[k] = fma(z2[k], set1(-1.45660718464996e-05f), set1(-2.13374055278905e-04f));
-    for (int k = 0; k < N; ++k) p[k] = fma(z2[k], p[k], set1(-2.10102402082508e-06f));
-    for (int k = 0; k < N; ++k) q[k] = fma(z2[k], q[k], set1(-1.68282697438203e-03f));
-    for (int k = 0; k < N; ++k) p[k] = fma(z2[k], p[k], set1(-5.69250639462346e-05f));
-    for (int k = 0; k < N; ++k) q[k] = fma(z2[k], q[k], set1(-7.37332916720468e-03f));
-    for (int k = 0; k < N; ++k) p[k] = fma(z2[k], p[k], set1(-7.34990630326855e-04f));
-    for (int k = 0; k < N; ++k) q[k] = fma(z2[k], q[k], set1(-1.42647390514189e-02f));
-    for (int k = 0; k < N; ++k) p[k] = fma(z2[k], p[k], set1(-2.95459980854025e-03f));
-    for (int k = 0; k < N; ++k) q[k] = rcp(q[k]);
-    for (int k = 0; k < N; ++k) p[k] = fma(z2[k], p[k], set1(-1.60960333262415e-02f));
-    for (int k = 0; k < N; ++k) p[k] = mul(mul(z[k], p[k]), q[k]);  // erf(z)
-    for (int k = 0; k < N; ++k) {
-      const reg hv = mul(set1(0.5f), v[k]);
-      v[k] = fma(hv, p[k], hv);
-    }
-  }
   // GELU(v) alone (forwards): erf(z) as an odd / even rational function of z clamped to [-4, 4] (beyond it erf is
   // +-1 in fp32); the minimax coefficients of XLA's and Eigen's single-precision erf. |erf error| <= 5e-7, GELU's
   // absolute error about 1e-6 at |v| ~ 8, as eager fp32's own (measured against float64); about half the operations
   // of gelu2, whose derivative the backward needs. NaN stays NaN: x86 max/min return their second operand when one
   // is NaN, so the clamp takes z second.
   static inline reg gelu_fwd(reg v) {
-    gelu_fwd_n<1>(&v);
-    return v;
+    const reg z = minv(set1(4.0f), maxv(set1(-4.0f), mul(v, set1(0.70710678118654752f))));
+    const reg z2 = mul(z, z);
+    reg p = fma(z2, set1(-2.72614225801306e-10f), set1(2.77068142495902e-08f));
+    p = fma(z2, p, set1(-2.10102402082508e-06f));
+    p = fma(z2, p, set1(-5.69250639462346e-05f));
+    p = fma(z2, p, set1(-7.34990630326855e-04f));
+    p = fma(z2, p, set1(-2.95459980854025e-03f));
+    p = fma(z2, p, set1(-1.60960333262415e-02f));
+    p = mul(z, p);
+    reg q = fma(z2, set1(-1.45660718464996e-05f), set1(-2.13374055278905e-04f));
+    q = fma(z2, q, set1(-1.68282697438203e-03f));
+    q = fma(z2, q, set1(-7.37332916720468e-03f));
+    q = fma(z2, q, set1(-1.42647390514189e-02f));
+    const reg erf = mul(p, rcp(q));
+    const reg hv = mul(set1(0.5f), v);
+    return fma(hv, erf, hv);
   }
 };
 #define SEGNEXT_MLP_E_T template <class E = float>
@@ -451,17 +441,7 @@ template <class TG, class E>
 void row_gelu(const E* p, int64_t W, TG* out) {
   using Vv = SEGNEXT_MLP_V;
   using reg = typename Vv::reg;
-  int64_t x0 = 0;
-#if SEGNEXT_MLP_ROWS != 0
-  constexpr int N = 4;
-  for (; x0 + N * Vv::L <= W; x0 += N * Vv::L) {
-    reg v[N];
-    for (int k = 0; k < N; ++k) v[k] = Vv::ldm(p + x0 + k * Vv::L, 0, Vv::L);
-    Vv::template gelu_fwd_n<N>(v);
-    for (int k = 0; k < N; ++k) Vv::template stm_cvt<TG>(out + x0 + k * Vv::L, v[k], Vv::L);
-  }
-#endif
-  for (; x0 < W; x0 += Vv::L) {
+  for (int64_t x0 = 0; x0 < W; x0 += Vv::L) {
     const int n = static_cast<int>(std::min<int64_t>(Vv::L, W - x0));
     Vv::template stm_cvt<TG>(out + x0, Vv::gelu_fwd(Vv::ldm(p + x0, 0, n)), n);
   }
