@@ -19,6 +19,12 @@ they pack them, so no weight copies are made), the epilogues in fp32. Dtypes fol
 and the MSCA give bfloat16, the residual stream (x1, the block's output) stays float32, as ``x + ls * (bfloat16)``
 promotes in eager.
 
+In plain eager inference (float32 NCHW-contiguous ``torch.Tensor`` input, no autocast, nothing observing the ops:
+no profiler, torch function / dispatch mode or functorch transform, see ``_direct_ok``) the block calls the "cpu"
+backend's kernel functions itself instead of through the custom ops: the same kernels, with the weights checked by
+the ops' own argument checks once when they were packed (MSCA's packed strips are cached with the rest), without the
+per-op dispatch and checks (~15 us each, four per block).
+
 Everything else runs the block's own submodules, op for op as eager: training mode, a gradient needed, a norm that
 is not an eval-mode BatchNorm, GELU with ``approximate="tanh"``, a tensor that is not float32 on CPU (or bfloat16
 under bfloat16 autocast), another autocast dtype, and under ``torch.export`` / ``torch.compile`` tracing of the
@@ -30,10 +36,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backends import check_backend_name, supports
+from .backends import check_backend_name, kernel_module, resolve, supports
 from .mlp import mlp
-from .modules import _dw_conv, _is_mlp, _is_msca, swap_modules
+from .mlp.interface import check_mlp_args
+from .mlp.reference import pack_weights as pack_mlp_weights
+from .modules import MSCA_CONV_NAMES, _dw_conv, _is_mlp, _is_msca, swap_modules
+from .msca.interface import check_msca_args
+from .msca.reference import pack_weights as pack_msca_weights
 from .pwconv import pwconv
+from .pwconv.interface import check_pwconv_args
 
 __all__ = ["FusedBlock", "FusedConv1x1", "fuse_blocks", "fuse_head_convs"]
 
@@ -63,6 +74,24 @@ def _bf16_autocast() -> bool:
 
 def _exact_gelu(act: nn.Module) -> bool:
     return isinstance(act, nn.GELU) and act.approximate == "none"
+
+
+# The checks of _direct_ok: private torch hooks; where one is missing (another torch), the custom ops always run.
+_C = torch._C
+_OBSERVERS = tuple(getattr(obj, name, None) for obj, name in (
+    (getattr(_C, "_autograd", None), "_profiler_enabled"), (_C, "_is_torch_function_mode_enabled"),
+    (_C, "_are_functorch_transforms_active")))
+_DISPATCH_STACK = getattr(_C, "_len_torch_dispatch_stack", None)
+_DIRECT_HOOKS = all(f is not None for f in _OBSERVERS) and _DISPATCH_STACK is not None
+
+
+def _direct_ok(x: torch.Tensor) -> bool:
+    """Whether a fused module may call the "cpu" kernel functions directly for ``x``: a plain ``torch.Tensor`` (no
+    subclass), float32, NCHW-contiguous, not empty, and nothing that observes or transforms ops (the autograd
+    profiler, a torch function mode, a dispatch mode, a functorch transform). Callers check grad, autocast,
+    tracing."""
+    return (_DIRECT_HOOKS and type(x) is torch.Tensor and x.dtype == torch.float32 and x.numel() > 0
+            and x.is_contiguous() and not any(f() for f in _OBSERVERS) and _DISPATCH_STACK() == 0)
 
 
 def _is_block(module: nn.Module) -> bool:
@@ -105,6 +134,8 @@ class FusedBlock(nn.Module):
         fused.backend = backend
         fused._cache_key = None
         fused._cache = None
+        fused._direct_key = None
+        fused._direct = None
         fused.train(block.training)
         return fused
 
@@ -150,6 +181,39 @@ class FusedBlock(nn.Module):
         self._cache_key, self._cache = key, cache
         return cache
 
+    def _direct_weights(self):
+        """The kernels' arguments of the direct path (module docstring), or None where it does not apply (the
+        attention is not a FusedMSCA resolving to "cpu", a weight is not float32): (pwconv, msca, mlp kernel
+        modules, MSCA's packed weights, the MLP's packed weights), cached while no tensor or backend changes."""
+        a, m = self.attn, self.mlp
+        g = a.spatial_gating_unit
+        dw = _dw_conv(m)
+        if type(g).__name__ != "FusedMSCA" or dw is None:
+            return None
+        convs = [getattr(g, n) for n in MSCA_CONV_NAMES]
+        mts = (m.fc1.weight, m.fc1.bias, dw.weight, dw.bias, m.fc2.weight, m.fc2.bias)
+        ts = [t for c in convs for t in (c.weight, c.bias)] + list(mts) + [a.proj_2.weight]
+        key = (g.backend, self.backend) + tuple((id(t), t._version) if t is not None else None for t in ts)
+        if key == self._direct_key:
+            return self._direct
+        direct = None
+        C = self.layer_scale_1.numel()
+        if (all(t is not None and t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
+                and tuple(a.proj_2.weight.shape[:2]) == (C, C) and m.fc2.weight.shape[0] == C
+                and resolve("msca", g.backend, torch.device("cpu"), torch.float32) == "cpu"):
+            with torch.no_grad():
+                probe = torch.empty(1, C, 1, 1)  # the ops' own checks of the weights, once
+                strips = [c.weight for c in convs[1:7]], [c.bias for c in convs[1:7]]
+                check_msca_args(probe, convs[0].weight, convs[0].bias, *strips, convs[7].weight, convs[7].bias)
+                check_mlp_args(probe, *mts)
+                check_pwconv_args(probe, a.proj_2.weight, None, "none", None, None)
+                mpack = pack_msca_weights(convs[0].weight, convs[0].bias, *strips, convs[7].weight, convs[7].bias,
+                                          torch.float32)
+                direct = (kernel_module("pwconv", "cpu"), kernel_module("msca", "cpu"), kernel_module("mlp", "cpu"),
+                          mpack, pack_mlp_weights(*mts), a.proj_2.weight.reshape(C, C))
+        self._direct_key, self._direct = key, direct
+        return direct
+
     def _fast_ok(self, x: torch.Tensor) -> bool:
         if self.training or torch.compiler.is_compiling() or torch.compiler.is_exporting():
             return False
@@ -177,6 +241,12 @@ class FusedBlock(nn.Module):
         dw = _dw_conv(m)
         mw = (m.fc1.weight, m.fc1.bias, dw.weight, dw.bias, m.fc2.weight, m.fc2.bias)
         if not torch.is_autocast_enabled("cpu"):
+            direct = self._direct_weights() if _direct_ok(x) and x.shape[1] == ls1.numel() else None
+            if direct is not None:  # the same kernels as below, without the custom ops' dispatch
+                pw, ms, ml, mpack, mlpack, w2 = direct
+                u = pw.forward(x, p1w, p1b, "gelu", None, None)
+                x1 = pw.forward(ms.forward(u, *mpack), w2, p2b, "none", p2alpha, x, ls1)
+                return ml.forward(x1, *mlpack, residual=x1, affine=affine)
             u = pwconv(x, p1w, p1b, act="gelu", backend="cpu")
             att = a.spatial_gating_unit(u)
             x1 = pwconv(att, a.proj_2.weight, p2b, alpha=p2alpha, r=x, gamma=ls1, backend="cpu")

@@ -84,6 +84,45 @@ def test_fused_block_layouts_and_grad_paths():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
+def _block_with_fused_msca(dim, ratio, seed=0):
+    from segnext_kernels.modules import FusedMSCA
+
+    torch.manual_seed(seed)
+    block = randomise(segnext.mscan.Block(dim, mlp_ratio=ratio), seed).eval()
+    fused = FusedBlock.from_module(copy.deepcopy(block))
+    fused.attn.spatial_gating_unit = FusedMSCA.from_module(fused.attn.spatial_gating_unit)
+    return block, fused
+
+
+@pytest.mark.parametrize("dim,ratio,shape", [(32, 8, (1, 19, 23)), (24, 4, (2, 7, 5)), (3, 4, (1, 1, 1))], ids=str)
+def test_fused_block_direct_path(dim, ratio, shape):
+    """Plain eager inference calls the cpu kernel functions directly (no custom-op dispatch): bitwise what the op
+    path gives, in-place weight changes (MSCA's packed copy included) are seen, and anything observing ops (the
+    profiler, a dispatch mode) gets the custom ops."""
+    from segnext_kernels.mlp import cpu as mlp_cpu
+
+    block, fused = _block_with_fused_msca(dim, ratio)
+    x = torch.randn(shape[0], dim, *shape[1:])
+    with torch.no_grad():
+        with mock.patch.object(mlp_cpu, "forward", wraps=mlp_cpu.forward) as spy, \
+                mock.patch.object(fused_blocks, "mlp", wraps=fused_blocks.mlp) as op_spy:
+            direct = fused(x)
+        assert spy.call_count == 1 and op_spy.call_count == 0, "the direct path did not run"
+        with mock.patch.object(fused_blocks, "_direct_ok", return_value=False):
+            via_ops = fused(x)
+        assert torch.equal(direct, via_ops)
+        close(direct, block(x))
+        for conv in (fused.attn.spatial_gating_unit.conv2_1, fused.mlp.fc2, fused.attn.proj_2):
+            conv.weight.mul_(0.5)  # in place: the direct path's packed weights must follow
+        for conv in (block.attn.spatial_gating_unit.conv2_1, block.mlp.fc2, block.attn.proj_2):
+            conv.weight.mul_(0.5)
+        close(fused(x), block(x))
+        with torch.profiler.profile() as prof:
+            fused(x)
+    names = {e.key for e in prof.key_averages()}
+    assert {"segnext_kernels::mlp_fwd", "segnext_kernels::msca_fwd", "segnext_kernels::pwconv_fwd"} <= names
+
+
 def test_fused_conv1x1():
     conv = torch.nn.Conv2d(12, 7, 1)
     fused = FusedConv1x1.from_module(conv)
