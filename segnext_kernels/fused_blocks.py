@@ -300,7 +300,28 @@ class FusedConv1x1(nn.Conv2d):
                 return pwconv(x, self.weight, self.bias, out_dtype=bf, gemm_dtype=bf, backend=self.backend)
         if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
             return F.conv2d(x, self.weight, self.bias)
+        if not needs_grad and _direct_ok(x) and x.shape[1] == self.in_channels and not torch.compiler.is_compiling():
+            direct = self._direct_weights()
+            if direct is not None:  # as FusedBlock's direct path: the kernel without the op's dispatch
+                kernel, w, b = direct
+                return kernel.forward(x, w, b, "none", None, None)
         return pwconv(x, self.weight, self.bias, backend=self.backend)
+
+    def _direct_weights(self):
+        """(the cpu pwconv kernel module, weight (Cout, Cin), bias) for the direct path, checked once by the op's
+        argument checks and cached while the tensors and the backend stay the same; None when the op would not run
+        the cpu kernel (another backend, a weight that is not float32)."""
+        key = (self.backend,) + tuple((id(t), t._version) if t is not None else None for t in (self.weight, self.bias))
+        if key != getattr(self, "_direct_key", None):
+            direct = None
+            w, b = self.weight, self.bias
+            if (w.dtype == torch.float32 and w.device.type == "cpu" and (b is None or b.dtype == torch.float32)
+                    and resolve("pwconv", self.backend, torch.device("cpu"), torch.float32) == "cpu"):
+                check_pwconv_args(torch.empty(1, self.in_channels, 1, 1), w, b, "none", None, None)
+                w2 = w.detach().reshape(w.shape[0], w.shape[1])
+                direct = (kernel_module("pwconv", "cpu"), w2.contiguous(), None if b is None else b.detach())
+            self._direct_key, self._direct = key, direct
+        return self._direct
 
 
 def _is_conv1x1(m: nn.Module) -> bool:

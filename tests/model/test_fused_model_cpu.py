@@ -128,8 +128,18 @@ def test_fused_conv1x1():
     fused = FusedConv1x1.from_module(conv)
     assert fused.weight is conv.weight and list(fused.state_dict()) == list(conv.state_dict())
     x = torch.randn(2, 12, 5, 9)
+    from segnext_kernels.pwconv import cpu as pwconv_cpu
+
     with torch.no_grad():
+        with mock.patch.object(pwconv_cpu, "forward", wraps=pwconv_cpu.forward) as spy, \
+                mock.patch.object(fused_blocks, "pwconv", wraps=fused_blocks.pwconv) as op_spy:
+            close(fused(x), conv(x))
+        assert spy.call_count == 1 and op_spy.call_count == 0, "the direct path did not run"
+        conv.weight.mul_(0.5)  # shared and changed in place: the direct path must see it
         close(fused(x), conv(x))
+        direct = fused(x)
+        with mock.patch.object(fused_blocks, "_direct_ok", return_value=False):
+            assert torch.equal(fused(x), direct)  # the op path: the same kernel, bitwise
     with pytest.raises(TypeError):
         FusedConv1x1.from_module(torch.nn.Conv2d(3, 3, 3))
 
