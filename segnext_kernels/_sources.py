@@ -11,7 +11,7 @@ CPU_SOURCES = (
     "cpu/msca_cpu_fwd.cpp", "cpu/msca_cpu_bwd.cpp",
     "cpu/mlp_cpu_fwd.cpp", "cpu/mlp_cpu_bwd.cpp",
     "cpu/resize_cpu.cpp",
-    "cpu/layernorm_cpu.cpp",
+    "cpu/layernorm_cpu.cpp", "cpu/group_norm_cpu.cpp",
     "cpu/pwconv_cpu.cpp", "cpu/gemm_bf16.cpp",
     "cpu/nmf_cpu.cpp",
 )

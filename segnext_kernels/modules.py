@@ -338,19 +338,20 @@ def fuse(model: nn.Module, backend: str = "auto") -> dict:
     (backend "auto" or "cpu" on a CPU model): ``fuse_blocks`` (each MSCAN block as four fused kernels in eval mode:
     ``segnext_kernels.fused_blocks``), ``fuse_head_convs`` (the decode head's 1x1 convolutions) and
     ``fuse_resize`` (the final resize of the logits to the input size), ``fuse_stage_norms`` (MSCAN's stage
-    LayerNorms on NCHW memory: ``segnext_kernels.fused_norms``) and ``fuse_patch_embeds`` (the stem and patch
-    embeddings with their eval BatchNorms folded in: ``segnext_kernels.fused_embeds``).
+    LayerNorms on NCHW memory: ``segnext_kernels.fused_norms``), ``fuse_patch_embeds`` (the stem and patch
+    embeddings with their eval BatchNorms folded in: ``segnext_kernels.fused_embeds``) and ``fuse_head_norms`` (the
+    decode head's GroupNorms: ``segnext_kernels.fused_norms``).
 
     Returns:
-        ``{"msca": n, "ham": n, "block": n, "conv1x1": n, "resize": n, "norm": n, "embed": n}``: how many modules
-        of each kind were swapped.
+        ``{"msca": n, "ham": n, "block": n, "conv1x1": n, "resize": n, "norm": n, "embed": n, "group_norm": n}``:
+        how many modules of each kind were swapped.
 
     Raises:
         ValueError, RuntimeError, TypeError: as ``fuse_msca`` / ``fuse_ham`` (checked before anything is swapped).
     """
     from .fused_blocks import _runs_on_cpu, fuse_blocks, fuse_head_convs
     from .fused_embeds import fuse_patch_embeds
-    from .fused_norms import fuse_stage_norms
+    from .fused_norms import fuse_head_norms, fuse_stage_norms
 
     check_backend_name(backend)
     if any(_is_msca(m) for m in model.modules()):
@@ -363,6 +364,7 @@ def fuse(model: nn.Module, backend: str = "auto") -> dict:
     report["resize"] = fuse_resize(model, backend=backend) if _runs_on_cpu(model, backend) else 0
     report["norm"] = fuse_stage_norms(model, backend=backend)
     report["embed"] = fuse_patch_embeds(model, backend=backend)
+    report["group_norm"] = fuse_head_norms(model, backend=backend)
     return report
 
 

@@ -15,6 +15,7 @@
 #include "cpu/pwconv_cpu.h"
 #include "cpu/nmf_cpu.h"
 #include "cpu/layernorm_cpu.h"
+#include "cpu/group_norm_cpu.h"
 
 namespace {
 
@@ -41,7 +42,7 @@ std::string isa() { return segnext_cpu::isa_name(segnext_cpu::isa()); }
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "segnext-kernels CPU kernels (fused MSCA, MLP, 1x1 convolution, NMF2D, resize, stage LayerNorm)";
+  m.doc() = "segnext-kernels CPU kernels (fused MSCA, MLP, 1x1 convolution, NMF2D, resize, stage LayerNorm, GroupNorm)";
   m.def("msca_forward", &segnext_cpu::msca_forward, "Fused MSCA forward on CPU tensors (csrc/cpu/msca_cpu.h)");
   m.def("msca_backward", &msca_backward_py, "Fused MSCA backward on CPU tensors (csrc/cpu/msca_cpu.h)");
   m.def("mlp_forward", &segnext_cpu::mlp_forward, "Fused MSCAN MLP forward on CPU tensors (csrc/cpu/mlp_cpu.h)",
@@ -56,6 +57,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("channel_layer_norm_forward", &segnext_cpu::channel_layer_norm_forward,
         "LayerNorm over the channels of (B, C, N) CPU tensors (csrc/cpu/layernorm_cpu.h)", py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("eps"));
+  m.def("group_norm_forward", &segnext_cpu::group_norm_forward,
+        "GroupNorm forward (F.group_norm) on (B, C, *) CPU tensors (csrc/cpu/group_norm_cpu.h)", py::arg("x"),
+        py::arg("num_groups"), py::arg("weight"), py::arg("bias"), py::arg("eps"));
   m.def("mlp_backward", &mlp_backward_py, "Fused MSCAN MLP backward on CPU tensors (csrc/cpu/mlp_cpu.h)");
   m.def("resize_bilinear_forward", &segnext_cpu::resize_bilinear_forward,
         "Bilinear resize forward (F.interpolate mode=\"bilinear\") on CPU tensors (csrc/cpu/resize_cpu.h)");

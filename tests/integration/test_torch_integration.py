@@ -160,7 +160,7 @@ def test_compile_small_fused_segnext_t_fullgraph():
     model = segnext.segnext_t(num_classes=5, embed_dims=(8, 16, 16, 16), depths=(1, 1, 1, 1), drop_path_rate=0.0,
                               channels=32, ham_channels=32, ham_kwargs=dict(MD_R=4, train_steps=1, eval_steps=1))
     assert fuse(model, backend="triton") == {"msca": 4, "ham": 1, "block": 0,
-                                             "conv1x1": 0, "resize": 0, "norm": 0, "embed": 0}
+                                             "conv1x1": 0, "resize": 0, "norm": 0, "embed": 0, "group_norm": 0}
     model.eval()
     mc = copy.deepcopy(model)
     images = torch.randn(1, 3, 32, 24)

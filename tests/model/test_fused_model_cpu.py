@@ -152,7 +152,7 @@ def test_fused_segnext_matches_eager(variant):
     sd = {k: v.clone() for k, v in eager.state_dict().items()}
     depth = sum(segnext.mscan.MSCAN_CONFIGS[variant]["depths"])
     assert fuse(fused) == {"msca": depth, "ham": 1, "block": depth, "conv1x1": 5, "resize": 2, "norm": 4,
-                           "embed": 4}
+                           "embed": 4, "group_norm": 3}
     assert all(isinstance(b, FusedBlock) for b in fused.backbone.block1)
     assert fused.state_dict().keys() == sd.keys() and all(torch.equal(sd[k], v) for k, v in fused.state_dict().items())
     for shape, cl in (((1, 3, 97, 131), False), ((2, 3, 64, 72), True)):
@@ -260,7 +260,7 @@ def test_fuse_swaps_blocks_only_where_the_cpu_kernels_run():
     assert fuse_head_convs(copy.deepcopy(model), backend="triton") == 0
     r = fuse(copy.deepcopy(model), backend="reference")
     assert r["block"] == 0 and r["conv1x1"] == 0 and r["resize"] == 0 and \
-        r["norm"] == 0 and r["embed"] == 0 and r["msca"] == 13
+        r["norm"] == 0 and r["embed"] == 0 and r["group_norm"] == 0 and r["msca"] == 13
     assert fuse_blocks(copy.deepcopy(model).to("meta")) == 0
     with pytest.raises(ValueError, match="backend"):
         fuse_blocks(model, backend="nope")
