@@ -19,7 +19,8 @@ they pack them, so no weight copies are made), the epilogues in fp32. Dtypes fol
 and the MSCA give bfloat16, the residual stream (x1, the block's output) stays float32, as ``x + ls * (bfloat16)``
 promotes in eager.
 
-In plain eager inference (float32 NCHW-contiguous ``torch.Tensor`` input, no autocast, nothing observing the ops:
+In plain eager inference (float32 NCHW-contiguous ``torch.Tensor`` input, without autocast or under bfloat16
+autocast, nothing observing the ops:
 no profiler, torch function / dispatch mode or functorch transform, see ``_direct_ok``) the block calls the "cpu"
 backend's kernel functions itself instead of through the custom ops: the same kernels, with the weights checked by
 the ops' own argument checks once when they were packed (MSCA's packed strips are cached with the rest), without the
@@ -214,6 +215,20 @@ class FusedBlock(nn.Module):
         self._direct_key, self._direct = key, direct
         return direct
 
+    def _direct_msca_bf16(self):
+        """MSCA's packed weights as the op gets them under bfloat16 autocast (each weight rounded to bfloat16, as
+        autocast casts it, then packed in float32), cached by version counter like ``_direct_weights``."""
+        g = self.attn.spatial_gating_unit
+        convs = [getattr(g, n) for n in MSCA_CONV_NAMES]
+        key = tuple((id(t), t._version) for c in convs for t in (c.weight, c.bias))
+        if key != getattr(self, "_direct_bf16_key", None):
+            with torch.no_grad():
+                r = [(c.weight.to(torch.bfloat16), c.bias.to(torch.bfloat16)) for c in convs]
+                self._direct_bf16 = pack_msca_weights(r[0][0], r[0][1], [w for w, _ in r[1:7]], [b for _, b in r[1:7]],
+                                                      r[7][0], r[7][1], torch.float32)
+            self._direct_bf16_key = key
+        return self._direct_bf16
+
     def _fast_ok(self, x: torch.Tensor) -> bool:
         if self.training or torch.compiler.is_compiling() or torch.compiler.is_exporting():
             return False
@@ -253,6 +268,13 @@ class FusedBlock(nn.Module):
             return mlp(x1, *mw, residual=x1, affine=affine, backend="cpu")
         # bfloat16 autocast: bfloat16 GEMM operands, float32 weights and residual stream, eager autocast's dtypes
         bf, x = torch.bfloat16, x.float()
+        direct = self._direct_weights() if _direct_ok(x) and x.shape[1] == ls1.numel() else None
+        if direct is not None:  # the kernels and arguments the ops below get, without their dispatch
+            pw, ms, ml, _, mlpack, w2 = direct
+            u = pw.forward(x, p1w, p1b, "gelu", None, None, None, bf, True)
+            att = ms.forward(u, *self._direct_msca_bf16())
+            x1 = pw.forward(att, w2, p2b, "none", p2alpha, x, ls1, torch.float32, True)
+            return ml.forward(x1, *mlpack, residual=x1, affine=affine, lowp=True)
         with torch.autocast("cpu", enabled=False):
             u = pwconv(x, p1w, p1b, act="gelu", out_dtype=bf, gemm_dtype=bf, backend="cpu")
         att = a.spatial_gating_unit(u)  # the MSCA op under autocast: bfloat16

@@ -117,6 +117,16 @@ def test_fused_block_direct_path(dim, ratio, shape):
         for conv in (block.attn.spatial_gating_unit.conv2_1, block.mlp.fc2, block.attn.proj_2):
             conv.weight.mul_(0.5)
         close(fused(x), block(x))
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the bfloat16 autocast path has its direct path too
+            with mock.patch.object(mlp_cpu, "forward", wraps=mlp_cpu.forward) as spy:
+                direct = fused(x)
+            assert spy.call_count == 1
+            with mock.patch.object(fused_blocks, "_direct_ok", return_value=False):
+                assert torch.equal(direct, fused(x))
+            fused.attn.spatial_gating_unit.conv0.weight.mul_(0.5)  # the bf16 packed MSCA weights must follow
+            with mock.patch.object(fused_blocks, "_direct_ok", return_value=False):
+                via_ops = fused(x)
+            assert torch.equal(fused(x), via_ops) and not torch.equal(via_ops, direct)
         with torch.profiler.profile() as prof:
             fused(x)
     names = {e.key for e in prof.key_averages()}
@@ -233,7 +243,9 @@ def test_fused_segnext_t_bf16_autocast():
             torch.manual_seed(1)
             eag = eager(images)
             torch.manual_seed(1)
-            with mock.patch.object(fused_blocks, "mlp", wraps=fused_blocks.mlp) as spy:
+            from segnext_kernels.mlp import cpu as mlp_cpu
+
+            with mock.patch.object(mlp_cpu, "forward", wraps=mlp_cpu.forward) as spy:  # the direct path's kernel
                 out = fused(images)
     assert spy.call_count == sum(segnext.mscan.MSCAN_CONFIGS["t"]["depths"]), "not every block ran fused"
     within_autocast(out, eag, ref)
