@@ -86,6 +86,21 @@ _DISPATCH_STACK = getattr(_C, "_len_torch_dispatch_stack", None)
 _DIRECT_HOOKS = all(f is not None for f in _OBSERVERS) and _DISPATCH_STACK is not None
 
 
+_CPU_BLOCK_OPS_OK: set = set()
+
+
+def _cpu_block_ops(dtype: torch.dtype) -> bool:
+    """Whether the cpu pwconv and mlp kernels take CPU tensors of ``dtype`` (``backends.supports``); a yes is kept
+    (the extension does not become unavailable once it is), a no is asked again next time."""
+    if dtype in _CPU_BLOCK_OPS_OK:
+        return True
+    cpu = torch.device("cpu")
+    ok = supports("pwconv", "cpu", cpu, dtype)[0] and supports("mlp", "cpu", cpu, dtype)[0]
+    if ok:
+        _CPU_BLOCK_OPS_OK.add(dtype)
+    return ok
+
+
 def _direct_ok(x: torch.Tensor) -> bool:
     """Whether a fused module may call the "cpu" kernel functions directly for ``x``: a plain ``torch.Tensor`` (no
     subclass), float32, NCHW-contiguous, not empty, and nothing that observes or transforms ops (the autograd
@@ -150,11 +165,16 @@ class FusedBlock(nn.Module):
 
     # ---------------------------------------------------------------------------------------------- fused path
     def _sources(self):
-        """The tensors the folded vectors depend on (their version counters key the cache)."""
-        a = self.attn
-        ts = [self.layer_scale_1, self.layer_scale_2, a.proj_1.weight, a.proj_1.bias, a.proj_2.bias]
-        for norm in (self.norm1, self.norm2):
-            ts += [norm.running_mean, norm.running_var, norm.weight, norm.bias]
+        """The tensors the folded vectors depend on (their version counters key the cache). Read from the modules'
+        own dicts (``_parameters`` / ``_buffers`` / ``_modules``, what nn.Module.__getattr__ reads, without its cost:
+        this runs on every forward)."""
+        p, mods = self._parameters, self._modules
+        a = mods["attn"]._modules
+        p1, p2 = a["proj_1"]._parameters, a["proj_2"]._parameters
+        ts = [p["layer_scale_1"], p["layer_scale_2"], p1["weight"], p1.get("bias"), p2.get("bias")]
+        for name in ("norm1", "norm2"):
+            nb, np_ = mods[name]._buffers, mods[name]._parameters
+            ts += [nb.get("running_mean"), nb.get("running_var"), np_.get("weight"), np_.get("bias")]
         return ts
 
     def _folded(self):
@@ -191,9 +211,11 @@ class FusedBlock(nn.Module):
         dw = _dw_conv(m)
         if type(g).__name__ != "FusedMSCA" or dw is None:
             return None
-        convs = [getattr(g, n) for n in MSCA_CONV_NAMES]
-        mts = (m.fc1.weight, m.fc1.bias, dw.weight, dw.bias, m.fc2.weight, m.fc2.bias)
-        ts = [t for c in convs for t in (c.weight, c.bias)] + list(mts) + [a.proj_2.weight]
+        gm, mm = g._modules, m._modules
+        convs = [gm[n] for n in MSCA_CONV_NAMES]
+        wb = lambda c: (c._parameters["weight"], c._parameters.get("bias"))  # noqa: E731  (as _sources: no getattr)
+        mts = wb(mm["fc1"]) + wb(dw) + wb(mm["fc2"])
+        ts = [t for c in convs for t in wb(c)] + list(mts) + [a._modules["proj_2"]._parameters["weight"]]
         key = (g.backend, self.backend) + tuple((id(t), t._version) if t is not None else None for t in ts)
         if key == self._direct_key:
             return self._direct
@@ -246,7 +268,7 @@ class FusedBlock(nn.Module):
             return False
         if self.layer_scale_1.dtype != torch.float32:
             return False
-        return (supports("pwconv", "cpu", x.device, x.dtype)[0] and supports("mlp", "cpu", x.device, x.dtype)[0])
+        return _cpu_block_ops(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fast_ok(x):
