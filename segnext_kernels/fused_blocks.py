@@ -24,7 +24,7 @@ autocast, nothing observing the ops:
 no profiler, torch function / dispatch mode or functorch transform, see ``_direct_ok``) the block calls the "cpu"
 backend's kernel functions itself instead of through the custom ops: the same kernels, with the weights checked by
 the ops' own argument checks once when they were packed (MSCA's packed strips are cached with the rest), without the
-per-op dispatch and checks (~15 us each, four per block).
+per-op dispatch and checks (four ops per block).
 
 Everything else runs the block's own submodules, op for op as eager: training mode, a gradient needed, a norm that
 is not an eval-mode BatchNorm, GELU with ``approximate="tanh"``, a tensor that is not float32 on CPU (or bfloat16
@@ -108,6 +108,26 @@ def _direct_ok(x: torch.Tensor) -> bool:
     tracing."""
     return (_DIRECT_HOOKS and type(x) is torch.Tensor and x.dtype == torch.float32 and x.numel() > 0
             and x.is_contiguous() and not any(f() for f in _OBSERVERS) and _DISPATCH_STACK() == 0)
+
+
+class _Lazy:
+    """A value computed on the first call and kept."""
+
+    def __init__(self, make):
+        self._make, self._value = make, None
+
+    def __call__(self):
+        if self._make is not None:
+            self._value, self._make = self._make(), None
+        return self._value
+
+
+def _pack_msca_bf16(ws):
+    """MSCA's packed weights as the op gets them under bfloat16 autocast: each of the 16 weights / biases (``ws``,
+    the official conv order, weight then bias) rounded to bfloat16 as autocast casts it, then packed in float32."""
+    with torch.no_grad():
+        r = [t.to(torch.bfloat16) for t in ws]
+        return pack_msca_weights(r[0], r[1], r[2:14:2], r[3:14:2], r[14], r[15], torch.float32)
 
 
 def _is_block(module: nn.Module) -> bool:
@@ -204,8 +224,10 @@ class FusedBlock(nn.Module):
 
     def _direct_weights(self):
         """The kernels' arguments of the direct path (module docstring), or None where it does not apply (the
-        attention is not a FusedMSCA resolving to "cpu", a weight is not float32): (pwconv, msca, mlp kernel
-        modules, MSCA's packed weights, the MLP's packed weights), cached while no tensor or backend changes."""
+        attention is not a FusedMSCA resolving to "cpu", a weight is not float32): (pwconv and msca kernel modules,
+        MSCA's packed weights, a callable giving them as the op packs them under bfloat16 autocast (made on first
+        use), the mlp kernel module, the MLP's packed weights, proj_2's (C, C) weight), cached while no tensor or
+        backend changes (version counters)."""
         a, m = self.attn, self.mlp
         g = a.spatial_gating_unit
         dw = _dw_conv(m)
@@ -226,30 +248,17 @@ class FusedBlock(nn.Module):
                 and resolve("msca", g.backend, torch.device("cpu"), torch.float32) == "cpu"):
             with torch.no_grad():
                 probe = torch.empty(1, C, 1, 1)  # the ops' own checks of the weights, once
-                strips = [c.weight for c in convs[1:7]], [c.bias for c in convs[1:7]]
-                check_msca_args(probe, convs[0].weight, convs[0].bias, *strips, convs[7].weight, convs[7].bias)
+                mw = ts[:16]  # the MSCA weights and biases, official conv order (weight, bias per conv)
+                msca_args = (mw[0], mw[1], mw[2:14:2], mw[3:14:2], mw[14], mw[15])
+                check_msca_args(probe, *msca_args)
                 check_mlp_args(probe, *mts)
                 check_pwconv_args(probe, a.proj_2.weight, None, "none", None, None)
-                mpack = pack_msca_weights(convs[0].weight, convs[0].bias, *strips, convs[7].weight, convs[7].bias,
-                                          torch.float32)
-                direct = (kernel_module("pwconv", "cpu"), kernel_module("msca", "cpu"), kernel_module("mlp", "cpu"),
-                          mpack, pack_mlp_weights(*mts), a.proj_2.weight.reshape(C, C))
+                mpack = pack_msca_weights(*msca_args, torch.float32)
+                direct = (kernel_module("pwconv", "cpu"), kernel_module("msca", "cpu"), mpack,
+                          _Lazy(lambda: _pack_msca_bf16(mw)), kernel_module("mlp", "cpu"), pack_mlp_weights(*mts),
+                          a.proj_2.weight.reshape(C, C))
         self._direct_key, self._direct = key, direct
         return direct
-
-    def _direct_msca_bf16(self):
-        """MSCA's packed weights as the op gets them under bfloat16 autocast (each weight rounded to bfloat16, as
-        autocast casts it, then packed in float32), cached by version counter like ``_direct_weights``."""
-        g = self.attn.spatial_gating_unit
-        convs = [getattr(g, n) for n in MSCA_CONV_NAMES]
-        key = tuple((id(t), t._version) for c in convs for t in (c.weight, c.bias))
-        if key != getattr(self, "_direct_bf16_key", None):
-            with torch.no_grad():
-                r = [(c.weight.to(torch.bfloat16), c.bias.to(torch.bfloat16)) for c in convs]
-                self._direct_bf16 = pack_msca_weights(r[0][0], r[0][1], [w for w, _ in r[1:7]], [b for _, b in r[1:7]],
-                                                      r[7][0], r[7][1], torch.float32)
-            self._direct_bf16_key = key
-        return self._direct_bf16
 
     def _fast_ok(self, x: torch.Tensor) -> bool:
         if self.training or torch.compiler.is_compiling() or torch.compiler.is_exporting():
@@ -274,29 +283,25 @@ class FusedBlock(nn.Module):
         if not self._fast_ok(x):
             return self._eager(x)
         p1w, p1b, p2b, p2alpha, ls1, affine = self._folded()
+        lowp = torch.is_autocast_enabled("cpu")  # bfloat16 autocast (_fast_ok): bfloat16 GEMM operands
+        bf = torch.bfloat16
+        if lowp:  # float32 weights and residual stream, eager autocast's dtypes
+            x = x.float()
+        direct = self._direct_weights() if _direct_ok(x) and x.shape[1] == ls1.numel() else None
+        if direct is not None:  # the kernels and arguments the ops below get, without their dispatch
+            pw, ms, mpack, mpack_bf16, ml, mlpack, w2 = direct
+            u = pw.forward(x, p1w, p1b, "gelu", None, None, None, bf if lowp else None, lowp)
+            att = ms.forward(u, *(mpack_bf16() if lowp else mpack))
+            x1 = pw.forward(att, w2, p2b, "none", p2alpha, x, ls1, torch.float32 if lowp else None, lowp)
+            return ml.forward(x1, *mlpack, residual=x1, affine=affine, lowp=lowp)
         a, m = self.attn, self.mlp
         dw = _dw_conv(m)
         mw = (m.fc1.weight, m.fc1.bias, dw.weight, dw.bias, m.fc2.weight, m.fc2.bias)
-        if not torch.is_autocast_enabled("cpu"):
-            direct = self._direct_weights() if _direct_ok(x) and x.shape[1] == ls1.numel() else None
-            if direct is not None:  # the same kernels as below, without the custom ops' dispatch
-                pw, ms, ml, mpack, mlpack, w2 = direct
-                u = pw.forward(x, p1w, p1b, "gelu", None, None)
-                x1 = pw.forward(ms.forward(u, *mpack), w2, p2b, "none", p2alpha, x, ls1)
-                return ml.forward(x1, *mlpack, residual=x1, affine=affine)
+        if not lowp:
             u = pwconv(x, p1w, p1b, act="gelu", backend="cpu")
             att = a.spatial_gating_unit(u)
             x1 = pwconv(att, a.proj_2.weight, p2b, alpha=p2alpha, r=x, gamma=ls1, backend="cpu")
             return mlp(x1, *mw, residual=x1, affine=affine, backend="cpu")
-        # bfloat16 autocast: bfloat16 GEMM operands, float32 weights and residual stream, eager autocast's dtypes
-        bf, x = torch.bfloat16, x.float()
-        direct = self._direct_weights() if _direct_ok(x) and x.shape[1] == ls1.numel() else None
-        if direct is not None:  # the kernels and arguments the ops below get, without their dispatch
-            pw, ms, ml, _, mlpack, w2 = direct
-            u = pw.forward(x, p1w, p1b, "gelu", None, None, None, bf, True)
-            att = ms.forward(u, *self._direct_msca_bf16())
-            x1 = pw.forward(att, w2, p2b, "none", p2alpha, x, ls1, torch.float32, True)
-            return ml.forward(x1, *mlpack, residual=x1, affine=affine, lowp=True)
         with torch.autocast("cpu", enabled=False):
             u = pwconv(x, p1w, p1b, act="gelu", out_dtype=bf, gemm_dtype=bf, backend="cpu")
         att = a.spatial_gating_unit(u)  # the MSCA op under autocast: bfloat16

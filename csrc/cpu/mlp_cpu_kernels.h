@@ -409,7 +409,7 @@ struct V {
   static inline reg gelu_fwd(reg v) {
 #if SEGNEXT_MLP_ROWS == 2
     return gelu_table(v);  // AVX-512: the table (fewer operations); the rational below is the AVX2 path
-#endif
+#else
     const reg z = minv(set1(4.0f), maxv(set1(-4.0f), mul(v, set1(0.70710678118654752f))));
     const reg z2 = mul(z, z);
     reg p = fma(z2, set1(-2.72614225801306e-10f), set1(2.77068142495902e-08f));
@@ -429,6 +429,7 @@ struct V {
     // +-inf (eager's GELU(+-inf) is NaN)
     const reg g = select_ge0(add(v, set1(6.0f)), fma(hv, erf, hv), set1(0.0f));
     return add(g, sub(v, v));
+#endif
   }
 };
 #define SEGNEXT_MLP_E_T template <class E = float>
