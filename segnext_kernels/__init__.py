@@ -21,7 +21,7 @@ Public API:
 Layout: one folder per op (``msca/``, ``nmf/``, ``mlp/``, ``pwconv/``, ``resize/``, ``layernorm/``,
 ``group_norm/``) with its ``reference.py``, ``interface.py`` and one file per backend; ``backends.py`` (which backend
 runs where), ``extension.py`` (the compiled extensions, loaded lazily), ``modules.py`` and ``fused_blocks.py``,
-``fused_norms.py``, ``fused_embeds.py`` (fused modules and model rewriters), ``knobs.py`` (tuning and test knobs, read
+``fused_norms.py``, ``fused_embeds.py``, ``fused_head.py`` (fused modules and model rewriters), ``knobs.py`` (tuning and test knobs, read
 from the environment once, when this package is imported).
 
 Importing this package needs no GPU, no Triton and no compiled extension: Triton kernels are imported on first use,
@@ -32,6 +32,7 @@ from . import knobs  # noqa: F401  (the environment's knobs are read now, once)
 from .backends import BACKENDS, supports
 from .fused_blocks import FusedBlock, FusedConv1x1, fuse_blocks, fuse_head_convs
 from .fused_embeds import FusedPatchEmbed, fuse_patch_embeds
+from .fused_head import FusedLightHamHead, fuse_head_squeeze
 from .fused_norms import FusedGroupNorm, FusedStageNorm, fuse_head_norms, fuse_stage_norms
 from .group_norm import group_norm, group_norm_reference
 from .layernorm import channel_layer_norm, channel_layer_norm_reference
@@ -43,9 +44,9 @@ from .nmf import nmf2d, nmf2d_reference
 from .pwconv import pwconv, pwconv_reference
 from .resize import resize_bilinear, resize_bilinear_reference
 
-__all__ = ["BACKENDS", "FusedBlock", "FusedConv1x1", "FusedGroupNorm", "FusedLogitsResize", "FusedMSCA", "FusedMlp",
+__all__ = ["BACKENDS", "FusedBlock", "FusedConv1x1", "FusedGroupNorm", "FusedLightHamHead", "FusedLogitsResize", "FusedMSCA", "FusedMlp",
            "FusedNMF2D", "FusedPatchEmbed", "FusedStageNorm", "channel_layer_norm", "channel_layer_norm_reference",
-           "fuse", "fuse_blocks", "fuse_ham", "fuse_head_convs", "fuse_head_norms", "fuse_mlp", "fuse_msca",
+           "fuse", "fuse_blocks", "fuse_ham", "fuse_head_convs", "fuse_head_norms", "fuse_head_squeeze", "fuse_mlp", "fuse_msca",
            "fuse_patch_embeds", "fuse_resize", "fuse_stage_norms", "group_norm", "group_norm_reference", "mlp",
            "mlp_reference", "msca", "msca_reference", "nmf2d", "nmf2d_reference", "pwconv", "pwconv_reference",
            "resize_bilinear", "resize_bilinear_reference", "supports"]

@@ -104,9 +104,9 @@ def _cpu_block_ops(dtype: torch.dtype) -> bool:
 def _direct_ok(x: torch.Tensor) -> bool:
     """Whether a fused module may call the "cpu" kernel functions directly for ``x``: a plain ``torch.Tensor`` (no
     subclass), float32, NCHW-contiguous, not empty, and nothing that observes or transforms ops (the autograd
-    profiler, a torch function mode, a dispatch mode, a functorch transform). Callers check grad, autocast,
-    tracing."""
-    return (_DIRECT_HOOKS and type(x) is torch.Tensor and x.dtype == torch.float32 and x.numel() > 0
+    profiler, a torch function mode, a dispatch mode, a functorch transform), and not inside a torch.compile /
+    torch.export trace (checked first: dynamo cannot trace the private hooks). Callers check grad and autocast."""
+    return (not torch.compiler.is_compiling() and _DIRECT_HOOKS and type(x) is torch.Tensor and x.dtype == torch.float32 and x.numel() > 0
             and x.is_contiguous() and not any(f() for f in _OBSERVERS) and _DISPATCH_STACK() == 0)
 
 
@@ -349,7 +349,7 @@ class FusedConv1x1(nn.Conv2d):
                 return pwconv(x, self.weight, self.bias, out_dtype=bf, gemm_dtype=bf, backend=self.backend)
         if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
             return F.conv2d(x, self.weight, self.bias)
-        if not needs_grad and _direct_ok(x) and x.shape[1] == self.in_channels and not torch.compiler.is_compiling():
+        if not needs_grad and _direct_ok(x) and x.shape[1] == self.in_channels:
             direct = self._direct_weights()
             if direct is not None:  # as FusedBlock's direct path: the kernel without the op's dispatch
                 kernel, w, b = direct

@@ -339,11 +339,13 @@ def fuse(model: nn.Module, backend: str = "auto") -> dict:
     ``segnext_kernels.fused_blocks``), ``fuse_head_convs`` (the decode head's 1x1 convolutions) and
     ``fuse_resize`` (the final resize of the logits to the input size), ``fuse_stage_norms`` (MSCAN's stage
     LayerNorms on NCHW memory: ``segnext_kernels.fused_norms``), ``fuse_patch_embeds`` (the stem and patch
-    embeddings with their eval BatchNorms folded in: ``segnext_kernels.fused_embeds``) and ``fuse_head_norms`` (the
-    decode head's GroupNorms: ``segnext_kernels.fused_norms``).
+    embeddings with their eval BatchNorms folded in: ``segnext_kernels.fused_embeds``), ``fuse_head_norms`` (the
+    decode head's GroupNorms: ``segnext_kernels.fused_norms``) and ``fuse_head_squeeze`` (the head's squeeze 1x1 on
+    each map before the resize: ``segnext_kernels.fused_head``).
 
     Returns:
-        ``{"msca": n, "ham": n, "block": n, "conv1x1": n, "resize": n, "norm": n, "embed": n, "group_norm": n}``:
+        ``{"msca": n, "ham": n, "block": n, "conv1x1": n, "resize": n, "norm": n, "embed": n, "group_norm": n,
+        "head": n}``:
         how many modules of each kind were swapped.
 
     Raises:
@@ -351,6 +353,7 @@ def fuse(model: nn.Module, backend: str = "auto") -> dict:
     """
     from .fused_blocks import _runs_on_cpu, fuse_blocks, fuse_head_convs
     from .fused_embeds import fuse_patch_embeds
+    from .fused_head import fuse_head_squeeze
     from .fused_norms import fuse_head_norms, fuse_stage_norms
 
     check_backend_name(backend)
@@ -365,6 +368,7 @@ def fuse(model: nn.Module, backend: str = "auto") -> dict:
     report["norm"] = fuse_stage_norms(model, backend=backend)
     report["embed"] = fuse_patch_embeds(model, backend=backend)
     report["group_norm"] = fuse_head_norms(model, backend=backend)
+    report["head"] = fuse_head_squeeze(model, backend=backend)
     return report
 
 

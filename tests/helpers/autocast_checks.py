@@ -85,7 +85,7 @@ def check_autocast_fused_model(backend, dtype, device, size=64):
                               ham_kwargs=dict(MD_R=8)).to(device).eval()
     fused = copy.deepcopy(eager)
     assert fuse(fused, backend=backend) == {"msca": 4, "ham": 1, "block": 0,
-                                            "conv1x1": 0, "resize": 0, "norm": 0, "embed": 0, "group_norm": 0}
+                                            "conv1x1": 0, "resize": 0, "norm": 0, "embed": 0, "group_norm": 0, "head": 0}
     images = torch.randn(2, 3, size, size, device=device)
     torch.manual_seed(1)               # the same NMF bases draw in every run
     ref = eager(images).detach()

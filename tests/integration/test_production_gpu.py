@@ -237,7 +237,7 @@ def _small_fused_segnext(backend):
     model = segnext.segnext_t(num_classes=7, embed_dims=(16, 32, 32, 32), depths=(1, 1, 1, 1), drop_path_rate=0.0,
                               channels=32, ham_channels=32, ham_kwargs=dict(MD_R=8, train_steps=2, eval_steps=2))
     assert fuse(model, backend=backend) == {"msca": 4, "ham": 1, "block": 0,
-                                            "conv1x1": 0, "resize": 0, "norm": 0, "embed": 0, "group_norm": 0}
+                                            "conv1x1": 0, "resize": 0, "norm": 0, "embed": 0, "group_norm": 0, "head": 0}
     return model.to(DEV)
 
 

@@ -160,7 +160,7 @@ def test_compile_small_fused_segnext_t_fullgraph():
     model = segnext.segnext_t(num_classes=5, embed_dims=(8, 16, 16, 16), depths=(1, 1, 1, 1), drop_path_rate=0.0,
                               channels=32, ham_channels=32, ham_kwargs=dict(MD_R=4, train_steps=1, eval_steps=1))
     assert fuse(model, backend="triton") == {"msca": 4, "ham": 1, "block": 0,
-                                             "conv1x1": 0, "resize": 0, "norm": 0, "embed": 0, "group_norm": 0}
+                                             "conv1x1": 0, "resize": 0, "norm": 0, "embed": 0, "group_norm": 0, "head": 0}
     model.eval()
     mc = copy.deepcopy(model)
     images = torch.randn(1, 3, 32, 24)
@@ -178,6 +178,28 @@ def test_compile_small_fused_segnext_t_fullgraph():
             assert pc[name].grad is None, name
             continue
         torch.testing.assert_close(pc[name].grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compile_fullgraph_and_export_cpu_fused_segnext_t():
+    """The model as ``fuse`` leaves it on CPU (fused blocks, head 1x1s, GroupNorms, the reordered squeeze, ...):
+    torch.compile(fullgraph=True) traces it without a graph break (the direct kernel paths step aside inside a
+    trace) and torch.export records it; both give eager's logits (same seed: the NMF bases are random per call)."""
+    torch.manual_seed(0)
+    model = segnext.segnext_t(num_classes=5, embed_dims=(8, 16, 16, 16), depths=(1, 1, 1, 1), drop_path_rate=0.0,
+                              channels=32, ham_channels=32, ham_kwargs=dict(MD_R=4, train_steps=1, eval_steps=1)).eval()
+    fused = copy.deepcopy(model)
+    r = fuse(fused)
+    assert r["block"] == 4 and r["conv1x1"] == 5 and r["head"] == 1
+    images = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        ref = model(images)
+        cm = _compiled(fused)
+        torch.manual_seed(1)
+        torch.testing.assert_close(cm(images), ref, rtol=1e-5, atol=1e-5)
+        ep = torch.export.export(fused, (images,))
+        torch.manual_seed(1)
+        torch.testing.assert_close(ep.module()(images), ref, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------ no_grad / inference / partial

@@ -162,7 +162,7 @@ def test_fused_segnext_matches_eager(variant):
     sd = {k: v.clone() for k, v in eager.state_dict().items()}
     depth = sum(segnext.mscan.MSCAN_CONFIGS[variant]["depths"])
     assert fuse(fused) == {"msca": depth, "ham": 1, "block": depth, "conv1x1": 5, "resize": 2, "norm": 4,
-                           "embed": 4, "group_norm": 3}
+                           "embed": 4, "group_norm": 3, "head": 1}
     assert all(isinstance(b, FusedBlock) for b in fused.backbone.block1)
     assert fused.state_dict().keys() == sd.keys() and all(torch.equal(sd[k], v) for k, v in fused.state_dict().items())
     for shape, cl in (((1, 3, 97, 131), False), ((2, 3, 64, 72), True)):

@@ -187,7 +187,7 @@ def test_logits_equal_mmseg_before_and_after_fuse(mm, variant):
     fused.load_state_dict(ours.state_dict())
     assert fuse(fused, backend="reference") == {"msca": DEPTHS[variant], "ham": 1,
                                                 "block": 0, "conv1x1": 0, "resize": 0, "norm": 0, "embed": 0,
-                                                "group_norm": 0}
+                                                "group_norm": 0, "head": 0}
     diffs["fuse reference"] = _maxdiff(_run(fused, x), expected)
     # fused, CPU backend (C++ kernels), where it runs float64
     if segnext_kernels.supports("msca", "cpu", "cpu", torch.float64)[0]:
@@ -217,7 +217,7 @@ def test_fuse_on_mmseg_model_swaps_its_modules_and_keeps_outputs(mm, variant):
     keys = list(model.state_dict())
     assert fuse(model, backend="reference") == {"msca": DEPTHS[variant], "ham": 1,
                                                 "block": 0, "conv1x1": 0, "resize": 0, "norm": 0, "embed": 0,
-                                                "group_norm": 0}
+                                                "group_norm": 0, "head": 0}
     assert not any(isinstance(m, (mm.MSCAAttention, mm.NMF2D)) for m in model.modules())
     assert sum(isinstance(m, FusedMSCA) for m in model.modules()) == DEPTHS[variant]
     ham = model.decode_head.hamburger.ham

@@ -21,7 +21,7 @@ def test_api_snippet_runs_as_written(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no checkpoint file here: the snippet's random-weights path
     scope = {}
     exec(compile(_api_snippet(), "README.md:API", "exec"), scope)
-    assert "{'msca': 13, 'ham': 1, 'block': 13, 'conv1x1': 5, 'resize': 2, 'norm': 4, 'embed': 4, 'group_norm': 3}" \
+    assert "{'msca': 13, 'ham': 1, 'block': 13, 'conv1x1': 5, 'resize': 2, 'norm': 4, 'embed': 4, 'group_norm': 3, 'head': 1}" \
         in capsys.readouterr().out
     assert tuple(scope["logits"].shape) == (1, 150, 512, 640) and tuple(scope["classes"].shape) == (1, 512, 640)
     assert all(m.backend == "auto" for m in scope["model"].modules() if hasattr(m, "backend"))

@@ -108,19 +108,19 @@ def test_fuse_returns_both_counts():
     keys = list(model.state_dict().keys())
     assert fuse(model, backend="reference") == {"msca": 3 + 3 + 5 + 2, "ham": 1,
                                                 "block": 0, "conv1x1": 0, "resize": 0, "norm": 0, "embed": 0,
-                                                "group_norm": 0}
+                                                "group_norm": 0, "head": 0}
     assert sum(isinstance(m, FusedMSCA) for m in model.modules()) == 13
     assert sum(isinstance(m, FusedNMF2D) for m in model.modules()) == 1
     assert list(model.state_dict().keys()) == keys
     assert fuse(model) == {"msca": 0, "ham": 0, "block": 13,
-                           "conv1x1": 5, "resize": 2, "norm": 4, "embed": 4, "group_norm": 3}  # CPU blocks, head
+                           "conv1x1": 5, "resize": 2, "norm": 4, "embed": 4, "group_norm": 3, "head": 1}  # CPU blocks, head
     with pytest.raises(ValueError, match="backend"):
         fuse(segnext.segnext_t(), backend="nope")
     model = segnext.segnext_t()
     if DEVICE.type == "cuda":
         model = model.to(DEVICE)
         assert fuse(model, backend="cuda") == {"msca": 13, "ham": 1, "block": 0,
-                                               "conv1x1": 0, "resize": 0, "norm": 0, "embed": 0, "group_norm": 0}
+                                               "conv1x1": 0, "resize": 0, "norm": 0, "embed": 0, "group_norm": 0, "head": 0}
         assert model.decode_head.hamburger.ham.backend == "cuda"
         assert all(m.backend == "cuda" for m in model.modules() if isinstance(m, FusedMSCA))
     else:  # checked at swap time: nothing is swapped
@@ -134,7 +134,7 @@ def test_fused_segnext_t_matches_eager_model():
     eager = segnext.segnext_t(num_classes=19).to(DEVICE).eval()
     fused = copy.deepcopy(eager)
     assert fuse(fused, backend="triton") == {"msca": 13, "ham": 1, "block": 0,
-                                             "conv1x1": 0, "resize": 0, "norm": 0, "embed": 0, "group_norm": 0}
+                                             "conv1x1": 0, "resize": 0, "norm": 0, "embed": 0, "group_norm": 0, "head": 0}
     images = torch.randn(1, 3, 64, 64, device=DEVICE)
     with torch.no_grad():
         torch.manual_seed(1)      # the NMF bases are drawn from the global CPU generator in both models
