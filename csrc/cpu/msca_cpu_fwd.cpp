@@ -45,6 +45,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <numeric>
+#include <utility>
 #include <string>
 
 #include "cpu_alloc.h"
@@ -362,6 +363,67 @@ static inline void dw_a_rows(const DwBuf<typename V::E>& bf, const ChanW<typenam
     for (int64_t x = bf.W; x < bf.Wp; ++x) o[k][x] = E(0);
 }
 
+#if SEGNEXT_MSCA_FWD_BODY == 2
+// AVX-512 h21, h11, h7 of rows t .. t+NR-1 in one pass: per row and output vector three aligned loads (x - 16, x,
+// x + 16) and the 21 shifted windows (offsets -10 .. 10) built from them by valignd, each window feeding the taps of
+// every strip that reads it (39 FMAs per 21 windows). The unaligned loads of the generic version below split cache
+// lines for 15 of 16 offsets. Same FMA sequence per accumulator as the generic version (bitwise the same h).
+template <int D>
+static inline __m512 window16(__m512 lo, __m512 mid, __m512 hi) {
+  if constexpr (D == 0) {
+    return mid;
+  } else if constexpr (D > 0) {
+    return _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(hi), _mm512_castps_si512(mid), D));
+  } else {
+    return _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(mid), _mm512_castps_si512(lo), 16 + D));
+  }
+}
+
+struct HAcc {
+  __m512 e, o, c11, c7;  // h21's even / odd taps, h11, h7
+};
+
+template <int I>
+static inline void h_tap(HAcc& h, __m512 lo, __m512 mid, __m512 hi, const float* w21, const float* w11,
+                         const float* w7) {
+  constexpr int D = I - 10;
+  const __m512 v = window16<D>(lo, mid, hi);
+  if constexpr (I % 2 == 0) h.e = _mm512_fmadd_ps(_mm512_set1_ps(w21[I]), v, h.e);
+  else h.o = _mm512_fmadd_ps(_mm512_set1_ps(w21[I]), v, h.o);
+  if constexpr (D >= -5 && D <= 5) h.c11 = _mm512_fmadd_ps(_mm512_set1_ps(w11[D + 5]), v, h.c11);
+  if constexpr (D >= -3 && D <= 3) h.c7 = _mm512_fmadd_ps(_mm512_set1_ps(w7[D + 3]), v, h.c7);
+}
+
+template <int... I>
+static inline void h_taps(std::integer_sequence<int, I...>, HAcc& h, __m512 lo, __m512 mid, __m512 hi,
+                          const float* w21, const float* w11, const float* w7) {
+  (h_tap<I>(h, lo, mid, hi, w21, w11, w7), ...);
+}
+
+template <int NR>
+static inline void dw_h_rows_avx512(const DwBuf<float>& bf, const ChanW<float>& cw, int64_t t) {
+  const float* a[NR];
+  float *o21[NR], *o11[NR], *o7[NR];
+  for (int k = 0; k < NR; ++k) {
+    a[k] = bf.arow(t + k); o21[k] = bf.h21row(t + k); o11[k] = bf.h11row(t + k); o7[k] = bf.h7row(t + k);
+  }
+  const float *w21 = cw.ws + 36, *w11 = cw.ws + 14, *w7 = cw.ws;
+  const __m512 b21 = _mm512_set1_ps(cw.bs[4]), b11 = _mm512_set1_ps(cw.bs[2]), b7 = _mm512_set1_ps(cw.bs[0]);
+  for (int64_t x = 0; x < bf.Wp; x += 16) {
+#pragma GCC unroll 4
+    for (int k = 0; k < NR; ++k) {
+      const __m512 lo = _mm512_load_ps(a[k] + x - 16), mid = _mm512_load_ps(a[k] + x),
+                   hi = _mm512_load_ps(a[k] + x + 16);
+      HAcc h{b21, _mm512_setzero_ps(), b11, b7};
+      h_taps(std::make_integer_sequence<int, 21>{}, h, lo, mid, hi, w21, w11, w7);
+      _mm512_store_ps(o21[k] + x, _mm512_add_ps(h.e, h.o));
+      _mm512_store_ps(o11[k] + x, h.c11);
+      _mm512_store_ps(o7[k] + x, h.c7);
+    }
+  }
+}
+#endif
+
 // h21, h11, h7 of rows t .. t+NR-1 from a: h21 in one pass (21 weights in registers, two chains per row), then h11
 // and h7 in a second pass sharing the 11 shifted loads.
 template <class V, int NR>
@@ -369,6 +431,12 @@ static inline void dw_h_rows(const DwBuf<typename V::E>& bf, const ChanW<typenam
   using E = typename V::E;
   using R = typename V::reg;
   constexpr int L = V::L;
+#if SEGNEXT_MSCA_FWD_BODY == 2
+  if constexpr (std::is_same_v<V, vec::VecAvx512>) {
+    dw_h_rows_avx512<NR>(bf, cw, t);
+    return;
+  }
+#endif
   const E* a[NR];
   E *o21[NR], *o11[NR], *o7[NR];
   for (int k = 0; k < NR; ++k) {
@@ -436,9 +504,12 @@ static inline void dw_s_rows(const DwBuf<typename V::E>& bf, const ChanW<typenam
   const R bsum = V::set1(cw.bsum);
   for (int64_t x = 0; x < bf.Wp; x += L) {
     R sa[NR], sb[NR];
+    // weights broadcast where used (an embedded-broadcast FMA operand): an array of broadcast registers here was
+    // re-broadcast and stored to the stack on every x step (39 64-byte stores per vector of NR rows)
+    const E* w = cw.ws + 57;
+    const E* w11 = cw.ws + 25;
+    const E* w7 = cw.ws + 7;
     {
-      R w[21];
-      for (int d = 0; d < 21; ++d) w[d] = V::set1(cw.ws[57 + d]);
       for (int k = 0; k < NR; ++k) sa[k] = V::add(V::load(pa[k] + x), bsum);
 #pragma GCC unroll 24
       for (int r = 0; r < NR + 20; ++r) {
@@ -446,14 +517,11 @@ static inline void dw_s_rows(const DwBuf<typename V::E>& bf, const ChanW<typenam
 #pragma GCC unroll 4
         for (int k = 0; k < NR; ++k) {
           const int j = r - k;
-          if (j >= 0 && j < 21) sa[k] = V::fmadd(w[j], d, sa[k]);
+          if (j >= 0 && j < 21) sa[k] = V::fmadd(V::set1(w[j]), d, sa[k]);
         }
       }
     }
     {
-      R w11[11], w7[7];
-      for (int d = 0; d < 11; ++d) w11[d] = V::set1(cw.ws[25 + d]);
-      for (int d = 0; d < 7; ++d) w7[d] = V::set1(cw.ws[7 + d]);
       for (int k = 0; k < NR; ++k) sb[k] = V::zero();
 #pragma GCC unroll 14
       for (int r = 0; r < NR + 10; ++r) {
@@ -461,7 +529,7 @@ static inline void dw_s_rows(const DwBuf<typename V::E>& bf, const ChanW<typenam
 #pragma GCC unroll 4
         for (int k = 0; k < NR; ++k) {
           const int j = r - k;
-          if (j >= 0 && j < 11) sb[k] = V::fmadd(w11[j], d, sb[k]);
+          if (j >= 0 && j < 11) sb[k] = V::fmadd(V::set1(w11[j]), d, sb[k]);
         }
       }
 #pragma GCC unroll 10
@@ -470,7 +538,7 @@ static inline void dw_s_rows(const DwBuf<typename V::E>& bf, const ChanW<typenam
 #pragma GCC unroll 4
         for (int k = 0; k < NR; ++k) {
           const int j = r - k;
-          if (j >= 0 && j < 7) sb[k] = V::fmadd(w7[j], d, sb[k]);
+          if (j >= 0 && j < 7) sb[k] = V::fmadd(V::set1(w7[j]), d, sb[k]);
         }
       }
     }
