@@ -913,9 +913,11 @@ static void run(const BwdArgs& a) {
   real* const dcb = bufs[4];
   real* const p2s = bufs[5];
   real* const p3s = bufs[6];
-  if (fl.ds)
-    for (int64_t o = 0; o < C; ++o)
-      for (int64_t i = 0; i < C; ++i) w3t[i * C + o] = w3[o * C + i];
+  if (fl.ds)  // in 16 x 16 blocks: a plain strided transpose missed the cache on every store (C = 512: 0.3+ ms)
+    for (int64_t o0 = 0; o0 < C; o0 += 16)
+      for (int64_t i0 = 0; i0 < C; i0 += 16)
+        for (int64_t o = o0; o < std::min<int64_t>(C, o0 + 16); ++o)
+          for (int64_t i = i0; i < std::min<int64_t>(C, i0 + 16); ++i) w3t[i * C + o] = w3[o * C + i];
   const int64_t nob = (C + MR - 1) / MR;
 
   for (int64_t b = 0; b < a.B; ++b) {
