@@ -13,7 +13,8 @@ newest row winning), is summarised: a markdown table (median ms, speedups, fract
 the model), the PNG link, and the GPU, driver, versions, commit and date of the run. CPU files never stand in
 for GPU figures: without any GPU file the section says that no GPU measurements exist yet (missing, not guessed).
 After the GPU part, a CPU part from the newest CPU MSCA files (``python -m bench.msca`` on CPU, merged over files of
-the same CPU model and commit): the CPU model, commit, date and versions, per mode a table of every implementation's
+the same CPU model and commit, and shapes those did not measure from the newest earlier preset file of the same CPU
+that did, its commit named): the CPU model, commit, date and versions, per mode a table of every implementation's
 median ms at the largest thread count measured, the FMA floor, the cpu backend against its fastest peer (with the
 spread), and a plain list of what was not run; the newest CPU NMF2D files (``python -m bench.nmf`` on CPU): the cpu
 backend against the eager reference per shape, dtype, mode and thread count. Then, from the newest CPU whole-model
@@ -79,6 +80,23 @@ def _base_commit(commit) -> str:
     return str(commit or "").removesuffix("-dirty")
 
 
+def _older_shapes(mine, same, newest) -> list:
+    """CPU MSCA: the shapes that the newest commit's files did not measure, each from the newest other preset
+    file of the same CPU that did (a run split over commits: 512x512 at one, 1024x2048 at the next), as (path,
+    {"meta", "rows"}) pairs; every file's commit is named in the section."""
+    covered = {str(r.get("shape_name")) for _, d in same for r in d["rows"]}
+    taken = {p for p, _ in same}
+    extra = []
+    for _, p, d in reversed(mine):
+        if p in taken or d["meta"].get("device") != newest.get("device") or d["meta"].get("subset") == "custom":
+            continue
+        rows = [r for r in d["rows"] if str(r.get("shape_name")) not in covered]
+        if rows:
+            extra.append((p, {"meta": d["meta"], "rows": rows}))
+            covered |= {str(r.get("shape_name")) for r in rows}
+    return extra
+
+
 def _newest_results(results_dir: Path, device_kind: str, kinds) -> dict:
     from . import model as _model, model_cpu as _model_cpu, msca as _msca, nmf as _nmf
 
@@ -96,6 +114,8 @@ def _newest_results(results_dir: Path, device_kind: str, kinds) -> dict:
         # each file's own commit label is listed under the section (``files``)
         same = [(p, d) for _, p, d in mine if (d["meta"].get("device"), _base_commit(d["meta"].get("commit"))) ==
                 (newest.get("device"), _base_commit(newest.get("commit")))]
+        if device_kind == "cpu" and kind == "msca":
+            same += _older_shapes(mine, same, newest)
         merged: dict[tuple, dict] = {}
         for _, d in same:
             for r in d["rows"]:
@@ -109,6 +129,7 @@ def _newest_results(results_dir: Path, device_kind: str, kinds) -> dict:
             mod = _msca if kind == "msca" else _nmf
             common.add_derived(rows, mod.GROUP_KEYS, mod.BASELINES)
         out[kind] = {"meta": newest, "files": [p for p, _ in same], "rows": rows,
+                     "commits": list(dict.fromkeys(str(d["meta"].get("commit")) for _, d in same)),
                      "complete": all(d["meta"].get("complete", True) for _, d in same)}
     return out
 
@@ -264,11 +285,14 @@ def _cpu_section(res: dict, readme_dir: Path) -> list[str]:
     subset = meta.get("subset", "?") + (" run" if len(res["files"]) == 1 else f" run over {len(res['files'])} files")
     if not res["complete"]:
         subset += ", cut off before the end"
+    others = [c for c in res.get("commits", []) if c != str(meta.get("commit"))]
+    older = (f" (shapes it did not measure from the newest earlier file that did, commit "
+             f"{', '.join(f'`{c}`' for c in others)}: see each file's name)") if others else ""
     out = [f"**MSCA on CPU** (wall-clock `time.perf_counter` medians, implementations timed round-robin in one "
            f"process; CPU figures, they say nothing about GPU speed): {meta.get('cpu_model', meta.get('device'))}, "
            f"threads measured {', '.join(map(str, threads)) or '-'}; torch "
            f"{meta.get('torch')}, onnxruntime {meta.get('onnxruntime')}, openvino {meta.get('openvino')}; commit "
-           f"`{meta.get('commit')}`, {meta.get('date')}; {subset}; data: {data}.", ""]
+           f"`{meta.get('commit')}`, {meta.get('date')}{older}; {subset}; data: {data}.", ""]
     if floors:
         out += [f"FMA floor = multiply-adds (E x (103 + C) fwd, E x (309 + 3C) fwd+bwd) / (threads x "
                 f"{floors.get('fma_ports')} FMA ports x {floors.get('fma_lanes')} fp32 lanes x "

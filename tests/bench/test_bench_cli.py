@@ -341,6 +341,36 @@ def test_report_merges_files_of_one_device_and_commit(tmp_path, capsys):
     assert "eager_nchw ms | eager_cl ms" in section and "run over 2 files" in section
 
 
+def test_report_cpu_msca_takes_unmeasured_shapes_from_older_commits(tmp_path, capsys):
+    """CPU MSCA: the newest commit's files, plus the shapes they lack from the newest earlier preset file of the same
+    CPU (a run split over commits); a shape both measured comes from the newest commit only; custom-shape runs and
+    other CPUs never join."""
+    res = tmp_path / "results"
+    for shapes in ("ade512b1-T-s4", "ade512b1-T-s3,ade512b1-T-s4"):
+        assert msca.main(["--cpu", "--shapes", shapes, "--dtype", "fp32", "--mode", "fwd", "--backends",
+                          "reference", "--baselines", "eager_nchw", "--save", "--out", str(res), *FAST]) == 0
+    capsys.readouterr()
+    newer, older = sorted(res.glob("msca_cpu-*.json"), key=lambda q: len(json.loads(q.read_text())["rows"]))
+    for path, commit, date in ((newer, "bbb2222", "2099-01-02T00:00:00Z"), (older, "aaa1111", "2099-01-01T00:00:00Z")):
+        data = json.loads(path.read_text())
+        data["meta"].update(commit=commit, date=date)
+        for r in data["rows"]:
+            r["commit"] = commit
+        path.write_text(json.dumps(data))
+    other = json.loads(older.read_text())
+    other["meta"].update(device="CPU: another", commit="ccc3333", date="2098-01-01T00:00:00Z")
+    (res / "msca_cpu-other.json").write_text(json.dumps(other))
+    cpu = report.newest_cpu_results(res)["msca"]
+    assert cpu["meta"]["commit"] == "bbb2222" and cpu["commits"] == ["bbb2222", "aaa1111"]
+    assert [p.name for p in cpu["files"]] == [newer.name, older.name]
+    by_shape = {}
+    for r in cpu["rows"]:
+        by_shape.setdefault(r["shape_name"], set()).add(r["commit"])
+    assert by_shape == {"ade512b1-T-s4": {"bbb2222"}, "ade512b1-T-s3": {"aaa1111"}}
+    section = report.build_section({}, tmp_path, cpu_results=report.newest_cpu_results(res))
+    assert "commit `bbb2222`" in section and "commit `aaa1111`" in section
+
+
 def test_report_cpu_section_names_cpu_commit_date_and_what_did_not_run(tmp_path, capsys, cpu_backend_missing):
     res = tmp_path / "results"
     assert msca.main(["--cpu", "--shapes", "ade512b1-T-s4", "--dtype", "fp32", "--mode", "fwd", "--backends",
