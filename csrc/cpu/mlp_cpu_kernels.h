@@ -488,9 +488,10 @@ void row_gelu(const E* p, int64_t W, TG* out) {
   }
 }
 
-// dw + GELU over a plane (Rows::dw_gelu), a row at a time, GELU applied to each vector of 9-tap sums in registers
-// and stored once (the 9 taps and GELU's table registers fit the 32 zmm registers; before: the sums went through an
-// L1 row buffer and a second loop, one-off 4-7% slower per MLP at the SegNeXt-T stage shapes). fc1's bias b1 enters
+// dw + GELU over a plane (Rows::dw_gelu), a row at a time. AVX-512: GELU applied to each vector of 9-tap sums in
+// registers and stored once (the 9 taps and GELU's table fit the 32 zmm registers; through an L1 row buffer and a
+// second loop it was 4-7% slower per MLP at the SegNeXt-T stage shapes, one-off). AVX2 / portable: the sums through
+// the row buffer, then GELU (in registers it was 5-7% slower on AVX2, one-off). fc1's bias b1 enters
 // as b1 * (the sum of the taps inside the image): a per-row constant except in the two border columns' lanes.
 template <class TG, class E>
 void plane_dw_gelu(const E* h, int64_t ri0, int64_t r0, int64_t r1, int64_t H, int64_t W, const E* wk, E b1, E dwb,
@@ -498,9 +499,20 @@ void plane_dw_gelu(const E* h, int64_t ri0, int64_t r0, int64_t r1, int64_t H, i
   using Vv = SEGNEXT_MLP_V;
   using reg = typename Vv::reg;
   constexpr int L = Vv::L;
+#if SEGNEXT_MLP_ROWS == 2
+  constexpr bool in_regs = true;  // 32 zmm registers hold the taps and the GELU table
+#else
+  constexpr bool in_regs = false;  // 16 ymm: the taps and GELU's constants would spill (one-off: 5-7% slower)
+#endif
+  E* tmp = in_regs ? nullptr : static_cast<E*>(scratch(2, sizeof(E) * (W + 64)));
   reg w[9];
   for (int t = 0; t < 9; ++t) w[t] = Vv::set1(wk[t]);
   for (int64_t yy = r0; yy < r1; ++yy) {
+    TG* grow = g + (yy - r0) * W;
+    auto put = [&](int64_t x0, reg v, int n) {  // GELU(v) to g, or v to the row buffer
+      if constexpr (in_regs) Vv::template stm_cvt<TG>(grow + x0, Vv::gelu_fwd(v), n);
+      else Vv::stm(tmp + x0, v, n);
+    };
     const E* rows[3] = {yy > 0 ? h + (yy - 1 - ri0) * W : nullptr, h + (yy - ri0) * W,
                         yy + 1 < H ? h + (yy + 1 - ri0) * W : nullptr};
     E cl = 0, cc = 0, cr = 0;  // the column sums of the taps kx = 0, 1, 2 over the rows inside the image
@@ -514,7 +526,6 @@ void plane_dw_gelu(const E* h, int64_t ri0, int64_t r0, int64_t r1, int64_t H, i
     const E left = W > 1 ? dwb + b1 * (cc + cr) : dwb + b1 * cc;  // x = 0: no kx = 0 tap (W = 1: kx = 1 only)
     const E right = dwb + b1 * (cl + cc);                          // x = W - 1 (W > 1): no kx = 2 tap
     const reg base = Vv::set1(mid);
-    TG* grow = g + (yy - r0) * W;
     // one partial sum per kernel row: three short dependency chains instead of one of nine FMAs (FMA latency)
     auto edge_chunk = [&](int64_t x0) {  // masked loads, rows outside the image skipped, border bias lanes
       const int n = static_cast<int>(std::min<int64_t>(L, W - x0));
@@ -531,7 +542,7 @@ void plane_dw_gelu(const E* h, int64_t ri0, int64_t r0, int64_t r1, int64_t H, i
         a = Vv::fma(w[ky * 3 + 1], Vv::ldm(r + x0, 0, n), a);
         part[ky] = Vv::fma(w[ky * 3 + 2], Vv::ldm(r + x0 + 1, 0, nr), a);
       }
-      Vv::template stm_cvt<TG>(grow + x0, Vv::gelu_fwd(Vv::add(Vv::add(part[0], part[2]), part[1])), n);
+      put(x0, Vv::add(Vv::add(part[0], part[2]), part[1]), n);
     };
     edge_chunk(0);
     int64_t x0 = L;
@@ -547,10 +558,11 @@ void plane_dw_gelu(const E* h, int64_t ri0, int64_t r0, int64_t r1, int64_t H, i
         a = Vv::fma(w[2], Vv::ldm(ru + x0 + 1, 0, L), a);
         b = Vv::fma(w[5], Vv::ldm(rm + x0 + 1, 0, L), b);
         c = Vv::fma(w[8], Vv::ldm(rd + x0 + 1, 0, L), c);
-        Vv::template stm_cvt<TG>(grow + x0, Vv::gelu_fwd(Vv::add(Vv::add(a, c), b)), L);
+        put(x0, Vv::add(Vv::add(a, c), b), L);
       }
     }
     for (; x0 < W; x0 += L) edge_chunk(x0);
+    if constexpr (!in_regs) row_gelu<TG, E>(tmp, W, grow);
   }
 }
 
