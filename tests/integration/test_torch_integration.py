@@ -340,6 +340,7 @@ def _ddp_worker(rank, world, port, states, data, out_dir):
             ddp(x).square().mean().backward()  # one training step's gradients, all-reduced by DDP
             grads[backend] = {n: p.grad for n, p in net.named_parameters()}
         torch.save(grads, os.path.join(out_dir, f"g{rank}.pt"))
+        dist.barrier()  # neither rank tears its gloo pairs down while the other still uses them
     finally:
         dist.destroy_process_group()
 
