@@ -327,15 +327,8 @@ class FusedConv1x1(nn.Conv2d):
         if not _is_conv1x1(conv):
             raise TypeError(f"conv: expected a 1x1 nn.Conv2d with stride 1, no padding, groups 1, got {conv!r}")
         check_backend_name(backend)
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        for k, v in conv.__dict__.items():
-            if k not in ("_parameters", "_buffers", "_modules", "training"):
-                fused.__dict__[k] = v
-        fused.weight = conv.weight
-        fused.bias = conv.bias
+        fused = adopt(cls, conv)
         fused.backend = backend
-        fused.train(conv.training)
         return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -371,6 +364,25 @@ class FusedConv1x1(nn.Conv2d):
                 direct = (kernel_module("pwconv", "cpu"), w2.contiguous(), None if b is None else b.detach())
             self._direct_key, self._direct = key, direct
         return self._direct
+
+
+def adopt(cls, module: nn.Module) -> nn.Module:
+    """A new ``cls`` (a subclass of ``module``'s class) holding ``module``'s own attributes, parameters, buffers and
+    submodules, the same objects (so its ``state_dict`` is ``module``'s), in ``module``'s train / eval mode: how a
+    fused module takes over the one it replaces (``FusedConv1x1``, ``fused_head.FusedLightHamHead``)."""
+    fused = cls.__new__(cls)
+    nn.Module.__init__(fused)
+    for k, v in module.__dict__.items():
+        if k not in ("_parameters", "_buffers", "_modules", "training"):
+            fused.__dict__[k] = v
+    for name, p in module._parameters.items():
+        fused.register_parameter(name, p)
+    for name, b in module._buffers.items():
+        fused.register_buffer(name, b, persistent=name not in module._non_persistent_buffers_set)
+    for name, child in module._modules.items():
+        fused.add_module(name, child)
+    fused.train(module.training)
+    return fused
 
 
 def _is_conv1x1(m: nn.Module) -> bool:

@@ -28,7 +28,7 @@ from torch import nn
 from segnext.ham_head import LightHamHead
 
 from .backends import check_backend_name
-from .fused_blocks import _bf16_autocast, _runs_on_cpu
+from .fused_blocks import _bf16_autocast, _runs_on_cpu, adopt
 from .modules import swap_modules
 from .pwconv import pwconv
 
@@ -45,7 +45,7 @@ class FusedLightHamHead(LightHamHead):
     forward(inputs): the backbone maps (B, C_i, H_i, W_i); those at ``in_index`` are read -> logits (B,
     num_classes, H_1, W_1) at the first selected map's size, as ``LightHamHead.forward``. Falls back to it where
     the reorder buys nothing (every selected map already has the first one's size) or the squeeze is not a plain
-    1x1 convolution.
+    1x1 convolution. Raises what ``segnext_kernels.pwconv`` and the head's own modules raise for bad maps.
     """
 
     @classmethod
@@ -54,17 +54,10 @@ class FusedLightHamHead(LightHamHead):
         if type(head) is not LightHamHead:
             raise TypeError(f"head: expected a segnext.LightHamHead, got {type(head).__name__}")
         check_backend_name(backend)
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        for k, v in head.__dict__.items():
-            if k not in ("_parameters", "_buffers", "_modules", "training"):
-                fused.__dict__[k] = v
-        for name, child in head.named_children():
-            fused.add_module(name, child)
+        fused = adopt(cls, head)
         fused.backend = backend
         fused._parts_key = None
         fused._parts = None
-        fused.train(head.training)
         return fused
 
     def extra_repr(self) -> str:
@@ -121,9 +114,10 @@ def _is_head(m: nn.Module) -> bool:
 
 
 def fuse_head_squeeze(model: nn.Module, backend: str = "auto") -> int:
-    """Swap every ``segnext.LightHamHead`` inside ``model`` (a submodule; ``model`` itself is never replaced) for a ``FusedLightHamHead`` sharing its submodules, in place, when the fused CPU ops run on
-    ``model``'s device ("auto" / "cpu" on a CPU model; elsewhere nothing is swapped). Returns the number swapped.
-    Raises ValueError for an unknown backend, RuntimeError when backend="cpu" cannot run here."""
+    """Swap every ``segnext.LightHamHead`` inside ``model`` (a submodule; ``model`` itself is never replaced) for a
+    ``FusedLightHamHead`` sharing its submodules, in place, when the fused CPU ops run on ``model``'s device
+    ("auto" / "cpu" on a CPU model; elsewhere nothing is swapped). Returns the number swapped. Raises ValueError
+    for an unknown backend, RuntimeError when backend="cpu" cannot run here."""
     check_backend_name(backend)
     if not _runs_on_cpu(model, backend):
         return 0

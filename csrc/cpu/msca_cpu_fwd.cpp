@@ -502,13 +502,13 @@ static inline void dw_s_rows(const DwBuf<typename V::E>& bf, const ChanW<typenam
   for (int k = 0; k < NR + 6; ++k) p7[k] = bf.h7_or0(y - 3 + k);
   for (int k = 0; k < NR; ++k) pa[k] = bf.arow(y + k);
   const R bsum = V::set1(cw.bsum);
+  // weights broadcast where used (an embedded-broadcast FMA operand): an array of broadcast registers inside the
+  // loop was re-broadcast and stored to the stack on every x step (39 64-byte stores per vector of NR rows)
+  const E* w = cw.ws + 57;
+  const E* w11 = cw.ws + 25;
+  const E* w7 = cw.ws + 7;
   for (int64_t x = 0; x < bf.Wp; x += L) {
     R sa[NR], sb[NR];
-    // weights broadcast where used (an embedded-broadcast FMA operand): an array of broadcast registers here was
-    // re-broadcast and stored to the stack on every x step (39 64-byte stores per vector of NR rows)
-    const E* w = cw.ws + 57;
-    const E* w11 = cw.ws + 25;
-    const E* w7 = cw.ws + 7;
     {
       for (int k = 0; k < NR; ++k) sa[k] = V::add(V::load(pa[k] + x), bsum);
 #pragma GCC unroll 24
