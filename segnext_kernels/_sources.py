@@ -8,7 +8,7 @@ CUDA_SOURCES = ("msca/msca_fwd.cu", "msca/msca_bwd.cu", "nmf/nmf_fwd.cu", "nmf/n
 #: segnext_kernels._C_cpu: the C++ CPU kernels and their binding.
 CPU_SOURCES = (
     "cpu/binding.cpp", "cpu/cpu_isa.cpp", "cpu/cpu_alloc.cpp", "cpu/cpu_plans.cpp",
-    "cpu/msca_cpu_fwd.cpp", "cpu/msca_cpu_bwd.cpp",
+    "cpu/msca_cpu_fwd.cpp", "cpu/msca_cpu_bwd.cpp", "cpu/msca_cpu_weights.cpp",
     "cpu/mlp_cpu_fwd.cpp", "cpu/mlp_cpu_bwd.cpp",
     "cpu/resize_cpu.cpp",
     "cpu/layernorm_cpu.cpp", "cpu/group_norm_cpu.cpp",

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._direct import eager_direct_ok
 from .backends import check_backend_name, kernel_module, resolve, supports
 from .mlp import mlp
 from .mlp.interface import check_mlp_args
@@ -77,15 +78,6 @@ def _exact_gelu(act: nn.Module) -> bool:
     return isinstance(act, nn.GELU) and act.approximate == "none"
 
 
-# The checks of _direct_ok: private torch hooks; where one is missing (another torch), the custom ops always run.
-_C = torch._C
-_OBSERVERS = tuple(getattr(obj, name, None) for obj, name in (
-    (getattr(_C, "_autograd", None), "_profiler_enabled"), (_C, "_is_torch_function_mode_enabled"),
-    (_C, "_are_functorch_transforms_active")))
-_DISPATCH_STACK = getattr(_C, "_len_torch_dispatch_stack", None)
-_DIRECT_HOOKS = all(f is not None for f in _OBSERVERS) and _DISPATCH_STACK is not None
-
-
 _CPU_BLOCK_OPS_OK: set = set()
 
 
@@ -102,12 +94,10 @@ def _cpu_block_ops(dtype: torch.dtype) -> bool:
 
 
 def _direct_ok(x: torch.Tensor) -> bool:
-    """Whether a fused module may call the "cpu" kernel functions directly for ``x``: a plain ``torch.Tensor`` (no
-    subclass), float32, NCHW-contiguous, not empty, and nothing that observes or transforms ops (the autograd
-    profiler, a torch function mode, a dispatch mode, a functorch transform), and not inside a torch.compile /
-    torch.export trace (checked first: dynamo cannot trace the private hooks). Callers check grad and autocast."""
-    return (not torch.compiler.is_compiling() and _DIRECT_HOOKS and type(x) is torch.Tensor and x.dtype == torch.float32 and x.numel() > 0
-            and x.is_contiguous() and not any(f() for f in _OBSERVERS) and _DISPATCH_STACK() == 0)
+    """Whether a fused module may call the "cpu" kernel functions directly for ``x``: float32, NCHW-contiguous,
+    not empty, and ``_direct.eager_direct_ok`` (a plain tensor, nothing observing or transforming ops, not tracing).
+    Callers check grad and autocast."""
+    return x.dtype == torch.float32 and x.numel() > 0 and x.is_contiguous() and eager_direct_ok(x)
 
 
 class _Lazy:

@@ -45,6 +45,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "segnext-kernels CPU kernels (fused MSCA, MLP, 1x1 convolution, NMF2D, resize, stage LayerNorm, GroupNorm)";
   m.def("msca_forward", &segnext_cpu::msca_forward, "Fused MSCA forward on CPU tensors (csrc/cpu/msca_cpu.h)");
   m.def("msca_backward", &msca_backward_py, "Fused MSCA backward on CPU tensors (csrc/cpu/msca_cpu.h)");
+  m.def("msca_forward_official", &segnext_cpu::msca_forward_official,
+        "msca_forward on the official (unpacked) weights (csrc/cpu/msca_cpu.h; the eager direct path)");
+  m.def("msca_pack_weights", &segnext_cpu::msca_pack_weights,
+        "MSCA's official weights to the packed layout (csrc/cpu/msca_cpu.h; the eager direct path)");
+  m.def("msca_unpack_grads", &segnext_cpu::msca_unpack_grads,
+        "msca_backward's packed weight gradients to the official shapes (csrc/cpu/msca_cpu.h; the eager direct path)");
   m.def("mlp_forward", &segnext_cpu::mlp_forward, "Fused MSCAN MLP forward on CPU tensors (csrc/cpu/mlp_cpu.h)",
         py::arg("x"), py::arg("w1"), py::arg("b1"), py::arg("wdw"), py::arg("bdw"), py::arg("w2"), py::arg("b2"),
         py::arg("residual") = py::none(), py::arg("affine") = py::none(), py::arg("lowp") = false);

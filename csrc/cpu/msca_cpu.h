@@ -32,4 +32,29 @@ std::vector<at::Tensor> msca_backward(const at::Tensor& grad_out, const at::Tens
                                       const at::Tensor& b0, const at::Tensor& ws, const at::Tensor& bs,
                                       const at::Tensor& w3, const at::Tensor& b3, std::array<bool, 7> needs);
 
+// msca_cpu_weights.cpp. check_packed_weights: RuntimeError (starting with `op`) unless the six packed weights are
+// defined CPU tensors of dtype wdt with the packed shapes for C channels.
+void check_packed_weights(const char* op, int64_t C, at::ScalarType wdt, const at::Tensor& w0, const at::Tensor& b0,
+                          const at::Tensor& ws, const at::Tensor& bs, const at::Tensor& w3, const at::Tensor& b3);
+// The eager direct path, the official weights in: w0 (C, 1, 5, 5), b0 (C,), ws 6 strips
+// (C, 1, 1, k) / (C, 1, k, 1) in official order, bs 6 x (C,), w3 (C, C, 1, 1), b3 (C,), in u's dtype, already
+// checked by the caller (segnext_kernels.msca).
+// msca_forward_official: msca_forward on them (packed into a per-thread buffer kept between calls).
+at::Tensor msca_forward_official(const at::Tensor& u, const at::Tensor& w0, const at::Tensor& b0,
+                                 const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& bs,
+                                 const at::Tensor& w3, const at::Tensor& b3);
+// msca_pack_weights: the packed layout above, float32 (float64 when float64 is set), as tensors (views of one).
+std::vector<at::Tensor> msca_pack_weights(const at::Tensor& w0, const at::Tensor& b0,
+                                          const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& bs,
+                                          const at::Tensor& w3, const at::Tensor& b3, bool float64);
+// msca_pack_small: w0, b0, ws, bs, b3 packed into dst (C x 111 elements of the packed dtype for u_dtype: w0 (C, 25),
+// b0, ws (C, 78), bs (C, 6), b3 one after another); returns w3 as a dense (C, C) tensor of that dtype.
+at::Tensor msca_pack_small(void* dst, at::ScalarType u_dtype, const at::Tensor& w0, const at::Tensor& b0,
+                           const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& bs, const at::Tensor& w3,
+                           const at::Tensor& b3);
+// msca_unpack_grads: the 7 tensors of msca_backward to the 16 official weight gradients in `dtype` (contiguous;
+// undefined where needs[i] is false).
+std::vector<at::Tensor> msca_unpack_grads(const std::vector<at::Tensor>& g, at::ScalarType dtype,
+                                          const std::vector<bool>& needs);
+
 }  // namespace segnext_cpu

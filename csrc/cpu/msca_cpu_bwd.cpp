@@ -116,13 +116,6 @@ void run_float_path(const BwdArgs& a) {
   bwd_scalar::run<T>(a);
 }
 
-void check_weight(const at::Tensor& t, const char* name, at::ScalarType dt, at::IntArrayRef shape) {
-  TORCH_CHECK(t.defined(), "msca_backward (cpu): ", name, " must be a defined tensor");
-  TORCH_CHECK(t.device().is_cpu(), "msca_backward (cpu): ", name, " must be a CPU tensor, got device ", t.device());
-  TORCH_CHECK(t.scalar_type() == dt, "msca_backward (cpu): ", name, " must have dtype ", dt, ", got ",
-              t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, "msca_backward (cpu): ", name, " must have shape ", shape, ", got ", t.sizes());
-}
 
 }  // namespace
 
@@ -145,12 +138,7 @@ std::vector<at::Tensor> msca_backward(const at::Tensor& grad_out, const at::Tens
   const int64_t B = u.size(0), C = u.size(1), H = u.size(2), W = u.size(3);
   TORCH_CHECK(C >= 1 && H >= 1 && W >= 1, "msca_backward (cpu): u must have C, H, W >= 1, got shape ", u.sizes());
   const at::ScalarType wdt = dt == at::kDouble ? at::kDouble : at::kFloat;
-  check_weight(w0, "w0", wdt, {C, 25});
-  check_weight(b0, "b0", wdt, {C});
-  check_weight(ws, "ws", wdt, {C, 78});
-  check_weight(bs, "bs", wdt, {C, 6});
-  check_weight(w3, "w3", wdt, {C, C});
-  check_weight(b3, "b3", wdt, {C});
+  check_packed_weights("msca_backward (cpu)", C, wdt, w0, b0, ws, bs, w3, b3);
 
   const auto wopt = at::TensorOptions().dtype(wdt).device(at::kCPU);
   const auto dopt = at::TensorOptions().dtype(at::kDouble).device(at::kCPU);

@@ -82,8 +82,8 @@ struct Buffer {
   ~Buffer() { std::free(p); }
 };
 
-inline Buffer& thread_buffer(int which) {
-  thread_local Buffer bufs[4];
+inline Buffer& thread_buffer(int which) {  // 0-3: the kernel's scratch, 4: msca_forward_official's packed weights
+  thread_local Buffer bufs[5];
   return bufs[which];
 }
 
@@ -195,56 +195,35 @@ void run_f16(const c10::Half* u, c10::Half* out, int64_t B, int64_t C, int64_t H
 // ----------------------------------------------------------------------------------------------------------------
 namespace {
 
-void check_weight(const at::Tensor& t, const char* name, at::ScalarType dt, at::IntArrayRef shape) {
-  TORCH_CHECK(t.device().is_cpu(), "msca_forward: ", name, " must be a CPU tensor, got device ", t.device());
-  TORCH_CHECK(t.scalar_type() == dt, "msca_forward: ", name, " must have dtype ", dt, ", got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, "msca_forward: ", name, " must have shape ", shape, ", got ", t.sizes());
-}
 
-}  // namespace
 
-at::Tensor msca_forward(const at::Tensor& u, const at::Tensor& w0, const at::Tensor& b0, const at::Tensor& ws,
-                        const at::Tensor& bs, const at::Tensor& w3, const at::Tensor& b3) {
-  TORCH_CHECK(u.device().is_cpu(), "msca_forward: u must be a CPU tensor, got device ", u.device());
-  TORCH_CHECK(u.dim() == 4, "msca_forward: u must be 4-D (B, C, H, W), got ", u.dim(), "-D with shape ", u.sizes());
+at::Tensor msca_forward_ptrs(const at::Tensor& u, const void* const pw[6]) {
   const auto dt = u.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
-              "msca_forward: u must be float32, float64, bfloat16 or float16, got ", dt);
   const int64_t B = u.size(0), C = u.size(1), H = u.size(2), W = u.size(3);
-  TORCH_CHECK(C >= 1, "msca_forward: u must have C >= 1 channels, got shape ", u.sizes());
-  const auto wdt = dt == at::kDouble ? at::kDouble : at::kFloat;
-  check_weight(w0, "w0", wdt, {C, 25});
-  check_weight(b0, "b0", wdt, {C});
-  check_weight(ws, "ws", wdt, {C, 78});
-  check_weight(bs, "bs", wdt, {C, 6});
-  check_weight(w3, "w3", wdt, {C, C});
-  check_weight(b3, "b3", wdt, {C});
-
   at::Tensor out = empty_output_like(u);
   if (u.numel() == 0) return out;
 
   const at::Tensor uc = u.contiguous();
   at::Tensor oc = out.is_contiguous() ? out : empty_output(u.sizes(), u.options());
-  const at::Tensor w0c = w0.contiguous(), b0c = b0.contiguous(), wsc = ws.contiguous(), bsc = bs.contiguous(),
-                   w3c = w3.contiguous(), b3c = b3.contiguous();
 
   if (dt == at::kDouble) {
-    fwd_generic::run_f64(uc.data_ptr<double>(), oc.data_ptr<double>(), B, C, H, W, w0c.data_ptr<double>(),
-                         b0c.data_ptr<double>(), wsc.data_ptr<double>(), bsc.data_ptr<double>(),
-                         w3c.data_ptr<double>(), b3c.data_ptr<double>());
+    const double* pd[6];
+    for (int i = 0; i < 6; ++i) pd[i] = static_cast<const double*>(pw[i]);
+    fwd_generic::run_f64(uc.data_ptr<double>(), oc.data_ptr<double>(), B, C, H, W, pd[0], pd[1], pd[2], pd[3],
+                         pd[4], pd[5]);
   } else {
-    const float* pw[6] = {w0c.data_ptr<float>(), b0c.data_ptr<float>(), wsc.data_ptr<float>(),
-                          bsc.data_ptr<float>(), w3c.data_ptr<float>(), b3c.data_ptr<float>()};
+    const float* pf[6];
+    for (int i = 0; i < 6; ++i) pf[i] = static_cast<const float*>(pw[i]);
     const Isa is = isa();
 #define SEGNEXT_FWD_CALL(NS)                                                                                     \
   if (dt == at::kFloat)                                                                                          \
-    NS::run_f32(uc.data_ptr<float>(), oc.data_ptr<float>(), B, C, H, W, pw[0], pw[1], pw[2], pw[3], pw[4], pw[5]); \
+    NS::run_f32(uc.data_ptr<float>(), oc.data_ptr<float>(), B, C, H, W, pf[0], pf[1], pf[2], pf[3], pf[4], pf[5]); \
   else if (dt == at::kBFloat16)                                                                                  \
-    NS::run_bf16(uc.data_ptr<c10::BFloat16>(), oc.data_ptr<c10::BFloat16>(), B, C, H, W, pw[0], pw[1], pw[2],   \
-                 pw[3], pw[4], pw[5]);                                                                           \
+    NS::run_bf16(uc.data_ptr<c10::BFloat16>(), oc.data_ptr<c10::BFloat16>(), B, C, H, W, pf[0], pf[1], pf[2],   \
+                 pf[3], pf[4], pf[5]);                                                                           \
   else                                                                                                           \
-    NS::run_f16(uc.data_ptr<c10::Half>(), oc.data_ptr<c10::Half>(), B, C, H, W, pw[0], pw[1], pw[2], pw[3],     \
-                pw[4], pw[5]);
+    NS::run_f16(uc.data_ptr<c10::Half>(), oc.data_ptr<c10::Half>(), B, C, H, W, pf[0], pf[1], pf[2], pf[3],     \
+                pf[4], pf[5]);
 #if SEGNEXT_VEC_X86
     if (is == Isa::avx512) {
       SEGNEXT_FWD_CALL(fwd_avx512)
@@ -261,6 +240,47 @@ at::Tensor msca_forward(const at::Tensor& u, const at::Tensor& w0, const at::Ten
   }
   if (!oc.is_same(out)) out.copy_(oc);
   return out;
+}
+
+void check_u(const at::Tensor& u) {
+  TORCH_CHECK(u.device().is_cpu(), "msca_forward: u must be a CPU tensor, got device ", u.device());
+  TORCH_CHECK(u.dim() == 4, "msca_forward: u must be 4-D (B, C, H, W), got ", u.dim(), "-D with shape ", u.sizes());
+  const auto dt = u.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+              "msca_forward: u must be float32, float64, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(u.size(1) >= 1, "msca_forward: u must have C >= 1 channels, got shape ", u.sizes());
+}
+
+}  // namespace
+
+at::Tensor msca_forward(const at::Tensor& u, const at::Tensor& w0, const at::Tensor& b0, const at::Tensor& ws,
+                        const at::Tensor& bs, const at::Tensor& w3, const at::Tensor& b3) {
+  check_u(u);
+  const int64_t C = u.size(1);
+  const auto wdt = u.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  check_packed_weights("msca_forward", C, wdt, w0, b0, ws, bs, w3, b3);
+  const at::Tensor wc[6] = {w0.contiguous(), b0.contiguous(), ws.contiguous(), bs.contiguous(), w3.contiguous(),
+                            b3.contiguous()};
+  const void* pw[6];
+  for (int i = 0; i < 6; ++i) pw[i] = wc[i].data_ptr();
+  return msca_forward_ptrs(u, pw);
+}
+
+at::Tensor msca_forward_official(const at::Tensor& u, const at::Tensor& w0, const at::Tensor& b0,
+                                 const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& bs,
+                                 const at::Tensor& w3, const at::Tensor& b3) {
+  check_u(u);
+  const int64_t C = u.size(1);
+  const bool f64 = u.scalar_type() == at::kDouble;
+  const size_t esize = f64 ? sizeof(double) : sizeof(float);
+  // the packed small weights go to a buffer of this thread that is kept between calls (a fresh allocation each
+  // call was page-faulted in again: ~15 us at C = 256); w3 is used in place when it is dense already
+  void* small = fwd_common::thread_buffer(4).get(static_cast<size_t>(C) * 111 * esize);
+  const at::Tensor w3c = msca_pack_small(small, u.scalar_type(), w0, b0, ws, bs, w3, b3);
+  const char* p = static_cast<const char*>(small);
+  const void* pw[6] = {p, p + C * 25 * esize, p + C * 26 * esize, p + C * 104 * esize, w3c.data_ptr(),
+                       p + C * 110 * esize};
+  return msca_forward_ptrs(u, pw);
 }
 
 }  // namespace segnext_cpu

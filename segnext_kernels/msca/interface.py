@@ -31,12 +31,14 @@ import torch
 from torch import Tensor
 
 from .._custom_op import fresh_outputs
+from .._direct import eager_direct_ok
 from ..backends import kernel_module, resolve
 from .reference import msca_reference, pack_weights, strip_weight_shapes
 
 __all__ = ["msca", "check_msca_args", "param_dtype"]
 
 _AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # tensor types the eager direct path takes as weights
 
 
 # ------------------------------------------------------------------------------------------------ argument checks
@@ -59,6 +61,24 @@ def _check_like(name: str, t, shape: tuple, u: torch.Tensor) -> None:
         raise RuntimeError(f"{name}: expected a tensor on {u.device} (the device of u), got one on {t.device}")
 
 
+_WEIGHT_SHAPES: dict = {}
+
+
+def _weight_specs(C: int) -> list:
+    """(name, expected shape) of the 16 weights for C channels: conv0 weight, bias, the 6 strip weights, the 6 strip
+    biases, conv3 weight, bias (kept per C)."""
+    specs = _WEIGHT_SHAPES.get(C) if type(C) is int else None  # a symbolic C (a dynamic-shape trace): no cache
+    if specs is None:
+        strips = strip_weight_shapes(C)
+        specs = ([("conv0_weight", (C, 1, 5, 5)), ("conv0_bias", (C,))]
+                 + [(f"strip_weights[{i}]", sh) for i, sh in enumerate(strips)]
+                 + [(f"strip_biases[{i}]", (C,)) for i in range(6)]
+                 + [("conv3_weight", (C, C, 1, 1)), ("conv3_bias", (C,))])
+        if type(C) is int:
+            _WEIGHT_SHAPES[C] = specs
+    return specs
+
+
 def check_msca_args(u, conv0_weight, conv0_bias, strip_weights, strip_biases, conv3_weight, conv3_bias) -> None:
     """Validate ``segnext_kernels.msca`` arguments.
 
@@ -79,18 +99,25 @@ def check_msca_args(u, conv0_weight, conv0_bias, strip_weights, strip_biases, co
     if u.shape[2] < 1 or u.shape[3] < 1:
         raise ValueError(f"u: expected H, W >= 1 (an empty image has nothing to convolve; B = 0 is fine), got shape "
                          f"{tuple(u.shape)}")
-    _check_like("conv0_weight", conv0_weight, (C, 1, 5, 5), u)
-    _check_like("conv0_bias", conv0_bias, (C,), u)
+    dt, dev = u.dtype, u.device
+    specs = _weight_specs(C)
+
+    def check(i, t):  # one quick test per tensor; the messages come from _check_like
+        if not (isinstance(t, torch.Tensor) and t.shape == specs[i][1] and t.dtype == dt and t.device == dev):
+            _check_like(specs[i][0], t, specs[i][1], u)
+
+    check(0, conv0_weight)
+    check(1, conv0_bias)
     for name, seq in (("strip_weights", strip_weights), ("strip_biases", strip_biases)):
         if not isinstance(seq, (list, tuple)) or len(seq) != 6:
             got = f"{type(seq).__name__} of length {len(seq)}" if isinstance(seq, (list, tuple)) else type(seq).__name__
             raise ValueError(f"{name}: expected a list of 6 tensors (conv0_1, conv0_2, conv1_1, conv1_2, conv2_1, "
                              f"conv2_2), got {got}")
-    for i, shape in enumerate(strip_weight_shapes(C)):
-        _check_like(f"strip_weights[{i}]", strip_weights[i], shape, u)
-        _check_like(f"strip_biases[{i}]", strip_biases[i], (C,), u)
-    _check_like("conv3_weight", conv3_weight, (C, C, 1, 1), u)
-    _check_like("conv3_bias", conv3_bias, (C,), u)
+    for i in range(6):  # the original order: strip weight i, then strip bias i
+        check(2 + i, strip_weights[i])
+        check(8 + i, strip_biases[i])
+    check(14, conv3_weight)
+    check(15, conv3_bias)
 
 
 # ------------------------------------------------------------------------------------------------------ custom ops
@@ -216,6 +243,11 @@ def msca(
     name = "reference" if torch.compiler.is_exporting() else resolve("msca", backend, u.device, u.dtype)
     if name == "reference":
         return msca_reference(u, conv0_weight, conv0_bias, strip_weights, strip_biases, conv3_weight, conv3_bias)
+    if eager_direct_ok(u) and all(type(t) in _PLAIN for t in (conv0_weight, conv0_bias, conv3_weight, conv3_bias,
+                                                               *strip_weights, *strip_biases)):
+        direct = getattr(kernel_module("msca", name), "direct", None)  # plain eager code: no custom op needed
+        if direct is not None:
+            return direct(u, conv0_weight, conv0_bias, strip_weights, strip_biases, conv3_weight, conv3_bias)
     packed = pack_weights(conv0_weight, conv0_bias, strip_weights, strip_biases, conv3_weight, conv3_bias,
                           param_dtype(u))
     return torch.ops.segnext_kernels.msca_fwd(u, *packed, name)
