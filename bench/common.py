@@ -432,13 +432,42 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup_ms: float 
     return {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7], "reps": len(times)}
 
 
+#: glibc mallopt parameters (malloc.h) and the values ``pin_malloc`` sets
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+PINNED_MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit)
+PINNED_TRIM_THRESHOLD = 512 << 20
+
+
+def pin_malloc() -> str:
+    """Fix glibc's heap thresholds for this process (``mallopt(M_MMAP_THRESHOLD, 32 MiB)``, ``mallopt(M_TRIM_THRESHOLD,
+    512 MiB)``; setting them also stops glibc's dynamic threshold adjustment), so that what one implementation
+    allocates and frees cannot make the next one's allocations page-fault: without it, a few ONNX Runtime runs left
+    the "cpu" MSCA op faulting in ~51 pages per call afterwards (1.05 -> 1.45 ms at SegNeXt-T stage 1 on the Xeon
+    machine, one-off), which a round-robin timing then charged to the op. Returns a note for the result file
+    ("" where this is not glibc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, PINNED_MMAP_THRESHOLD) == 1
+        ok = libc.mallopt(_M_TRIM_THRESHOLD, PINNED_TRIM_THRESHOLD) == 1 and ok
+    except (OSError, AttributeError):
+        return ""
+    return (f"glibc heap pinned: mallopt M_MMAP_THRESHOLD={PINNED_MMAP_THRESHOLD}, M_TRIM_THRESHOLD="
+            f"{PINNED_TRIM_THRESHOLD}" if ok else "")
+
+
 def round_robin(fns: Sequence[Callable[[], object]], plans: Sequence[tuple[int, int]], *, min_reps: int,
-                max_reps: int, min_s: float, min_rounds: int = 0) -> tuple[list[list[float]], int]:
+                max_reps: int, min_s: float, min_rounds: int = 0, warm_s: float = 0.0
+                ) -> tuple[list[list[float]], int]:
     """CPU timing of several implementations side by side: rounds in which each ``fns[i]`` makes ``plans[i] =
-    (warm, block)`` calls, ``warm`` untimed (ONNX Runtime's and OpenVINO's worker threads spin-wait after a call and
-    slow the next implementation's calls down) then ``block`` timed ones (``time.perf_counter``), until every fn has
-    ``min_reps`` timed calls and ``min_s`` seconds have passed, or one has ``max_reps``; at least ``min_rounds``
-    rounds. Returns (ms of each timed call, per fn; rounds made)."""
+    (warm, block)`` calls, ``warm`` untimed, and more untimed ones until ``warm_s`` seconds have passed (ONNX Runtime's
+    and OpenVINO's worker threads spin-wait after a call and slow the next implementation's calls down: on the
+    Xeon machine ORT's spin outlasted two calls of 1 ms, doubling the next implementation's medians), then
+    ``block`` timed ones (``time.perf_counter``), until every fn has ``min_reps`` timed calls and ``min_s`` seconds
+    have passed, or one has ``max_reps``; at least ``min_rounds`` rounds. Returns (ms of each timed call, per fn;
+    rounds made)."""
     times: list[list[float]] = [[] for _ in fns]
     start, rounds = time.perf_counter(), 0
     while fns:
@@ -447,7 +476,10 @@ def round_robin(fns: Sequence[Callable[[], object]], plans: Sequence[tuple[int, 
                                                            time.perf_counter() - start >= min_s)):
             break
         for fn, (warm, block), ts in zip(fns, plans, times):
+            w0 = time.perf_counter()
             for _ in range(warm):
+                fn()
+            while time.perf_counter() - w0 < warm_s:
                 fn()
             for _ in range(block):
                 t0 = time.perf_counter()

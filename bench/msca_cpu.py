@@ -4,11 +4,12 @@
 
 Timing: for one case (threads, shape, dtype, mode) every implementation is built and called once untimed
 (compile, export, JIT; that time is the ``setup_s`` column), then called twice more, then timed round-robin over
-blocks (per round, for each implementation: ``WARM_CALLS`` untimed calls, so that another runtime's spinning worker
-threads stop competing, then ``BLOCK`` timed calls, ``time.perf_counter``) for at least
+blocks (per round, for each implementation: ``WARM_CALLS`` untimed calls and more for at least ``WARM_S`` seconds,
+so that another runtime's spinning worker threads stop competing, then ``BLOCK`` timed calls, ``time.perf_counter``) for at least
 ``--reps`` rounds and ``--min-s`` seconds
 (at most ``--max-reps``): on a shared, noisy machine the load of other processes then hits every implementation of a
-case alike, and the ratios hold better than the absolute times. Columns: median / p20 / p80 ms over the rounds.
+case alike, and the ratios hold better than the absolute times. glibc's heap thresholds are pinned first
+(``common.pin_malloc``), so that one implementation's frees cannot leave the next one page-faulting. Columns: median / p20 / p80 ms over the rounds.
 
 Speedups (``vs X``): X's median / this median with its range from the spreads, ``3.1x (2.8-3.4)`` = X's p20 /
 this p80 to X's p80 / this p20; ``~same`` when the two [p20, p80] ranges overlap (no measurable difference); ``same
@@ -40,6 +41,7 @@ from . import common, cpu_peers, msca
 #: Per round and implementation: untimed calls after switching from another implementation, then timed calls
 #: (see the module docstring).
 WARM_CALLS = 2
+WARM_S = 0.05  # and untimed calls for at least this long: ONNX Runtime's spinning workers outlast two short calls
 BLOCK = 5
 
 DEVICE = torch.device("cpu")
@@ -200,7 +202,8 @@ def run_cases(shapes: dict, dtypes, modes, threads_list, impls, env_meta: dict, 
                             # an ORT call); untimed calls first (a pause would be worse: the cores' first calls
                             # after idling are slow too)
                             times, _ = common.round_robin([fn for _, fn in group], [(WARM_CALLS, BLOCK)] * len(group),
-                                                          min_reps=min_reps, max_reps=max_reps, min_s=min_s)
+                                                          min_reps=min_reps, max_reps=max_reps, min_s=min_s,
+                                                          warm_s=WARM_S)
                             for (row, _), ts in zip(group, times):
                                 row.update(_stats(ts))
                                 emit(row)
@@ -255,6 +258,7 @@ def _parse_threads(text: str) -> list[int]:
 
 
 def main_cpu(args, argv) -> int:
+    malloc_note = common.pin_malloc()  # first: before the implementations allocate
     full = args.full
     preset = msca.CPU_FULL if full else msca.CPU_DEFAULT
     if args.shape:
@@ -285,6 +289,8 @@ def main_cpu(args, argv) -> int:
         notes.append("ort = onnxruntime CPUExecutionProvider, intra_op_num_threads=T, fp32 only (bf16 rows n/a)")
     if "fwdbwd" in modes:
         notes.append("fwdbwd: torch implementations only (the peers have no backward)")
+    if malloc_note:
+        notes.append(malloc_note + " (one implementation's frees cannot make the next one page-fault)")
     save = not args.no_save and (args.save or full or bool(args.resume))
     if not save:
         notes.append("result files are written only with --save, --full or --resume")
