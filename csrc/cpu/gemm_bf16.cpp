@@ -4,8 +4,14 @@
 // columns into pairs of k rows interleaved lane by lane (ceil(K/2) x 64 uint32, zero-padded), the layout vdpbf16ps
 // reads: one 64-byte load holds 16 columns x 2 k. The block (<= K * 128 bytes) stays in L1/L2 while every block of
 // 6 rows of A runs over it: 6 x 4 fp32 accumulators, per pair of k 4 loads of B, 6 broadcasts of A, 24 vdpbf16ps.
+//
+// On a CPU with AMX (torch's cpublas::could_pack(kBFloat16): oneDNN then runs bfloat16 brgemm on AMX tiles) the same
+// GEMM goes to at::native::cpublas::brgemm instead: A rounded to bfloat16 rows (pack_a's layout is row-major
+// bfloat16 with an even K), B per block of kNBA columns rounded to bfloat16 rows and packed by cpublas::pack into
+// oneDNN's VNNI layout, fp32 C; the AMX tile state is released after each call (brgemm_release).
 #include "gemm_bf16.h"
 
+#include <ATen/native/CPUBlas.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -126,9 +132,50 @@ SEGNEXT_T_BF16 inline void tile_n(int nr, const uint32_t* Ap, int64_t K2, const 
   }
 }
 
+constexpr int64_t kNBA = 64;  // columns of B per packed block on the AMX path (oneDNN's packing takes ld 64)
+
+bool amx_available() {
+  static const bool ok = at::native::cpublas::could_pack(at::kBFloat16);
+  return ok;
+}
+
+// columns [j, j + nv) of B -> Bb (K2 * 2 rows x kNBA, bfloat16 bits, row-major; zero beyond nv and in the row after
+// an odd K)
+template <class TB>
+SEGNEXT_T_BF16 void rows_b(const TB* B, int64_t ldb, int64_t K, int64_t nv, uint16_t* Bb) {
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t q = 0; q < kNBA; q += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(Bb + k * kNBA + q),
+                          q < nv ? load_bits(B + k * ldb + q, nv - q) : _mm256_setzero_si256());
+  if (K & 1) std::fill_n(Bb + K * kNBA, kNBA, uint16_t(0));
+}
+
+template <class TA, class TB>
+SEGNEXT_T_BF16 void run_amx(int64_t M, int64_t N, int64_t K, const TA* A, int64_t lda, const TB* B, int64_t ldb,
+                            bool accumulate, float* C, int64_t ldc) {
+  thread_local Scratch sa, sb, sp;
+  const int64_t K2 = (K + 1) / 2, Ke = 2 * K2;
+  uint32_t* Ap = static_cast<uint32_t*>(sa.get(sizeof(uint32_t) * M * K2));
+  pack_a(A, lda, M, K, Ap);  // row m: Ke bfloat16, the last one zero for an odd K
+  const auto* Ab = reinterpret_cast<const at::BFloat16*>(Ap);
+  uint16_t* Bb = static_cast<uint16_t*>(sb.get(sizeof(uint16_t) * Ke * kNBA));
+  auto* Bk = static_cast<at::BFloat16*>(sp.get(sizeof(uint16_t) * Ke * kNBA));
+  for (int64_t j = 0; j < N; j += kNBA) {
+    const int64_t nv = std::min<int64_t>(kNBA, N - j);
+    rows_b(B + j, ldb, K, nv, Bb);
+    at::native::cpublas::pack(Ke, kNBA, kNBA, kNBA, at::kBFloat16, at::kBFloat16, Bb, Bk);
+    at::native::cpublas::brgemm(M, nv, Ke, Ke, kNBA, ldc, accumulate, Ab, Bk, C + j, true);
+  }
+  at::native::cpublas::brgemm_release(true);
+}
+
 template <class TA, class TB>
 SEGNEXT_T_BF16 void run(int64_t M, int64_t N, int64_t K, const TA* A, int64_t lda, const TB* B, int64_t ldb,
                         bool accumulate, float* C, int64_t ldc) {
+  if (K > 0 && amx_available()) {
+    run_amx(M, N, K, A, lda, B, ldb, accumulate, C, ldc);
+    return;
+  }
   thread_local Scratch sa, sb;
   const int64_t K2 = (K + 1) / 2;
   uint32_t* Ap = static_cast<uint32_t*>(sa.get(sizeof(uint32_t) * M * K2));

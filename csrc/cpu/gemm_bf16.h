@@ -4,7 +4,9 @@
 // Why our own: torch's at::native::cpublas::brgemm for bfloat16 packs its operands only with AMX
 // (cpublas::could_pack); on a CPU with AVX512-BF16 and no AMX it ran ~45 GF/s per core in one-off timings on the
 // AMD EPYC dev machine, against ~250 for its fp32 kernel. This one keeps oneDNN's idea (a register-blocked
-// micro-kernel over packed panels) and nothing else.
+// micro-kernel over packed panels) and nothing else. Where the CPU has AMX, torch's bfloat16 brgemm does pack (on AMX
+// tiles) and gemm_bf16 calls it instead (gemm_bf16.cpp): on the Intel Xeon machine (AMX) the fused SegNeXt-T bf16
+// forward went from 116 to 73 ms and -B from 499 to 222 (one-off, 2 threads; fp32: 84 and 320).
 //
 //   C (M x N, fp32, row-major, ldc) (+)= A (M x K, row-major, lda) @ B (K x N, row-major, ldb)
 //
