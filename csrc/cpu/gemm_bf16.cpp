@@ -26,6 +26,11 @@ namespace gemm {
 
 bool bf16_available() { return has_avx512_bf16(); }
 
+bool amx_available() {
+  static const bool ok = has_avx512_bf16() && at::native::cpublas::could_pack(at::kBFloat16);
+  return ok;
+}
+
 #if SEGNEXT_VEC_X86
 namespace {
 
@@ -134,10 +139,6 @@ SEGNEXT_T_BF16 inline void tile_n(int nr, const uint32_t* Ap, int64_t K2, const 
 
 constexpr int64_t kNBA = 64;  // columns of B per packed block on the AMX path (oneDNN's packing takes ld 64)
 
-bool amx_available() {
-  static const bool ok = at::native::cpublas::could_pack(at::kBFloat16);
-  return ok;
-}
 
 // columns [j, j + nv) of B -> Bb (K2 * 2 rows x kNBA, bfloat16 bits, row-major; zero beyond nv and in the row after
 // an odd K)

@@ -51,6 +51,7 @@
 #include "cpu_alloc.h"
 #include "cpu_isa.h"
 #include "cpu_vec.h"
+#include "gemm_bf16.h"
 #include "mlp_cpu_kernels.h"
 
 namespace segnext_cpu {
@@ -182,7 +183,9 @@ void run_f32(const float* u, float* out, int64_t B, int64_t C, int64_t H, int64_
 }
 void run_bf16(const c10::BFloat16* u, c10::BFloat16* out, int64_t B, int64_t C, int64_t H, int64_t W,
               const float* w0, const float* b0, const float* ws, const float* bs, const float* w3, const float* b3) {
-  run<vec::VecAvx512, c10::BFloat16>(u, out, B, C, H, W, w0, b0, ws, bs, w3, b3, has_avx512_bf16());
+  // with AMX the bf16 mix runs as gemm_bf16 on AMX tiles from the fp32 S layout (mix_range_gemm), else vdpbf16ps tiles
+  run<vec::VecAvx512, c10::BFloat16>(u, out, B, C, H, W, w0, b0, ws, bs, w3, b3,
+                                     has_avx512_bf16() && !gemm::amx_available());
 }
 void run_f16(const c10::Half* u, c10::Half* out, int64_t B, int64_t C, int64_t H, int64_t W, const float* w0,
              const float* b0, const float* ws, const float* bs, const float* w3, const float* b3) {
@@ -724,7 +727,10 @@ static void mix_range_gemm(const float* S, int64_t cs, int64_t vb, int64_t ve, c
   float* tile = static_cast<float*>(thread_buffer(3).get(sizeof(float) * C * ldt));
   for (int64_t v0 = vb; v0 < ve; v0 += kNV) {
     const int64_t nv = std::min(kNV, ve - v0);
-    mlp::gemm_rm<float>(false, false, C, nv * L, C, w3, C, S + v0 * L, cs, false, tile, ldt);
+    if (std::is_same_v<T, c10::BFloat16> && gemm::amx_available())  // s and w3 rounded to bf16, as the vdpbf16ps mix
+      gemm::gemm_bf16<float, float>(C, nv * L, C, w3, C, S + v0 * L, cs, false, tile, ldt);
+    else
+      mlp::gemm_rm<float>(false, false, C, nv * L, C, w3, C, S + v0 * L, cs, false, tile, ldt);
     int64_t off[kNV], valid[kNV];  // per pixel vector: offset in a channel plane, lanes inside the image
     for (int64_t n = 0; n < nv; ++n) {
       const int64_t v = v0 + n;
@@ -760,7 +766,7 @@ static void mix_range(const typename V::E* S, int64_t cs, int64_t vb, int64_t ve
                       const MixOut<T, typename V::E>& mo) {
 #if SEGNEXT_MSCA_FWD_BODY == 2
   if constexpr (std::is_same_v<typename V::E, float>) {
-    if (mo.C >= kMixGemmC) {
+    if (mo.C >= kMixGemmC || (std::is_same_v<T, c10::BFloat16> && gemm::amx_available())) {
       mix_range_gemm<V, T>(S, cs, vb, ve, w3, mo);
       return;
     }
