@@ -27,7 +27,8 @@
 // ISA: the kernel body below (between SEGNEXT_MSCA_FWD_BODY guards) is compiled three times in this file, for a
 // portable GCC-vector-extension target, for AVX2+FMA+F16C and for AVX-512 F/BW/VL/DQ (by #pragma GCC target, no
 // -march flags), and msca_forward dispatches on segnext_cpu::isa(). bfloat16 on a CPU with AVX512-BF16 does the mix
-// with vdpbf16ps on s rounded to bfloat16 (fp32 accumulation). float64 runs the portable path in double.
+// with vdpbf16ps on s rounded to bfloat16 (fp32 accumulation); with AMX too, on AMX tiles (gemm::gemm_bf16 in
+// mix_range_gemm). float64 runs the portable path in double.
 //
 // Build: -O3 -fopenmp -std=c++17 (-fopenmp is required: ATen's at::parallel_for is header-inline OpenMP).
 
