@@ -47,8 +47,9 @@ at::Tensor msca_forward_official(const at::Tensor& u, const at::Tensor& w0, cons
 std::vector<at::Tensor> msca_pack_weights(const at::Tensor& w0, const at::Tensor& b0,
                                           const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& bs,
                                           const at::Tensor& w3, const at::Tensor& b3, bool float64);
-// msca_pack_small: w0, b0, ws, bs, b3 packed into dst (C x 111 elements of the packed dtype for u_dtype: w0 (C, 25),
-// b0, ws (C, 78), bs (C, 6), b3 one after another); returns w3 as a dense (C, C) tensor of that dtype.
+// msca_pack_small: w0, b0, ws, bs, b3 packed into dst (C x kSmallElems elements of the packed dtype for u_dtype, one
+// after another from the offsets below times C); returns w3 as a dense (C, C) tensor of that dtype.
+constexpr int64_t kSmallW0 = 0, kSmallB0 = 25, kSmallWs = 26, kSmallBs = 104, kSmallB3 = 110, kSmallElems = 111;
 at::Tensor msca_pack_small(void* dst, at::ScalarType u_dtype, const at::Tensor& w0, const at::Tensor& b0,
                            const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& bs, const at::Tensor& w3,
                            const at::Tensor& b3);

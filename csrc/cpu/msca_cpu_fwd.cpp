@@ -279,11 +279,11 @@ at::Tensor msca_forward_official(const at::Tensor& u, const at::Tensor& w0, cons
   const size_t esize = f64 ? sizeof(double) : sizeof(float);
   // the packed small weights go to a buffer of this thread that is kept between calls (a fresh allocation each
   // call was page-faulted in again: ~15 us at C = 256); w3 is used in place when it is dense already
-  void* small = fwd_common::thread_buffer(4).get(static_cast<size_t>(C) * 111 * esize);
+  void* small = fwd_common::thread_buffer(4).get(static_cast<size_t>(C) * kSmallElems * esize);
   const at::Tensor w3c = msca_pack_small(small, u.scalar_type(), w0, b0, ws, bs, w3, b3);
   const char* p = static_cast<const char*>(small);
-  const void* pw[6] = {p, p + C * 25 * esize, p + C * 26 * esize, p + C * 104 * esize, w3c.data_ptr(),
-                       p + C * 110 * esize};
+  const void* pw[6] = {p + C * kSmallW0 * esize, p + C * kSmallB0 * esize, p + C * kSmallWs * esize,
+                       p + C * kSmallBs * esize, w3c.data_ptr(), p + C * kSmallB3 * esize};
   return msca_forward_ptrs(u, pw);
 }
 

@@ -42,11 +42,11 @@ at::Tensor as_dense(const at::Tensor& t, at::ScalarType dt) {
 template <class E>
 void pack_small(E* dst, at::ScalarType dt, int64_t C, const at::Tensor& w0, const at::Tensor& b0, const std::vector<at::Tensor>& ws,
                 const std::vector<at::Tensor>& bs, const at::Tensor& b3) {
-  // dst: w0 (C, 25) | b0 (C) | ws (C, 78) | bs (C, 6) | b3 (C)
+  // dst: w0 (C, 25) | b0 (C) | ws (C, 78) | bs (C, 6) | b3 (C), at the kSmall* offsets (msca_cpu.h)
   const at::Tensor w0c = as_dense(w0, dt), b0c = as_dense(b0, dt), b3c = as_dense(b3, dt);
-  std::copy_n(w0c.data_ptr<E>(), C * 25, dst);
-  std::copy_n(b0c.data_ptr<E>(), C, dst + C * 25);
-  E* wsp = dst + C * 26;
+  std::copy_n(w0c.data_ptr<E>(), C * 25, dst + C * kSmallW0);
+  std::copy_n(b0c.data_ptr<E>(), C, dst + C * kSmallB0);
+  E* wsp = dst + C * kSmallWs;
   int64_t off = 0;
   for (int i = 0; i < 6; ++i) {
     const at::Tensor wc = as_dense(ws[i], dt), bc = as_dense(bs[i], dt);
@@ -54,11 +54,11 @@ void pack_small(E* dst, at::ScalarType dt, int64_t C, const at::Tensor& w0, cons
     const E* b = bc.data_ptr<E>();
     const int64_t k = kStripLen[i];
     for (int64_t c = 0; c < C; ++c) std::copy_n(w + c * k, k, wsp + c * 78 + off);
-    E* bsp = dst + C * 104 + i;
+    E* bsp = dst + C * kSmallBs + i;
     for (int64_t c = 0; c < C; ++c) bsp[c * 6] = b[c];
     off += k;
   }
-  std::copy_n(b3c.data_ptr<E>(), C, dst + C * 110);
+  std::copy_n(b3c.data_ptr<E>(), C, dst + C * kSmallB3);
 }
 
 }  // namespace
@@ -84,10 +84,11 @@ std::vector<at::Tensor> msca_pack_weights(const at::Tensor& w0, const at::Tensor
                                           const at::Tensor& w3, const at::Tensor& b3, bool float64) {
   const int64_t C = w0.size(0);
   const auto wdt = float64 ? at::kDouble : at::kFloat;
-  const at::Tensor buf = at::empty({C * 111}, at::TensorOptions().dtype(wdt).device(at::kCPU));
+  const at::Tensor buf = at::empty({C * kSmallElems}, at::TensorOptions().dtype(wdt).device(at::kCPU));
   const at::Tensor w3p = msca_pack_small(buf.data_ptr(), wdt, w0, b0, ws, bs, w3, b3);
-  return {buf.narrow(0, 0, C * 25).view({C, 25}), buf.narrow(0, C * 25, C), buf.narrow(0, C * 26, C * 78).view({C, 78}),
-          buf.narrow(0, C * 104, C * 6).view({C, 6}), w3p, buf.narrow(0, C * 110, C)};
+  return {buf.narrow(0, C * kSmallW0, C * 25).view({C, 25}), buf.narrow(0, C * kSmallB0, C),
+          buf.narrow(0, C * kSmallWs, C * 78).view({C, 78}), buf.narrow(0, C * kSmallBs, C * 6).view({C, 6}), w3p,
+          buf.narrow(0, C * kSmallB3, C)};
 }
 
 std::vector<at::Tensor> msca_unpack_grads(const std::vector<at::Tensor>& g, at::ScalarType dtype,
