@@ -1,4 +1,4 @@
-// The AVX512-BF16 GEMM of gemm_bf16.h.
+// The AVX512-BF16 GEMM of gemm_bf16.h (and its portable fallback, run_rounded, for CPUs without AVX512-BF16).
 //
 // Packing: A once per call into pairs of k (M x ceil(K/2) uint32, a zero bfloat16 after an odd K); B per block of 64
 // columns into pairs of k rows interleaved lane by lane (ceil(K/2) x 64 uint32, zero-padded), the layout vdpbf16ps
@@ -31,13 +31,7 @@ bool amx_available() {
   return ok;
 }
 
-#if SEGNEXT_VEC_X86
 namespace {
-
-#define SEGNEXT_T_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16")))
-
-constexpr int kMR = 6;    // rows of A per tile
-constexpr int kNB = 64;   // columns of B per packed block (4 vectors of 16)
 
 struct Scratch {
   void* p = nullptr;
@@ -54,6 +48,71 @@ struct Scratch {
   }
   ~Scratch() { std::free(p); }
 };
+
+// gemm_bf16 without AVX512-BF16 (an AVX2 CPU, or not x86): A and B rounded to bfloat16 (nearest even, NaN kept:
+// c10::BFloat16's conversion) into fp32 copies, then torch's fp32 brgemm on them (oneDNN's JIT kernel; its CPU
+// BLAS where the ukernel is unavailable) on blocks of at most 256 columns of B. A product of two bfloat16 values is
+// exact in fp32, so the result differs from the vdpbf16ps kernel's only in the order of the fp32 sums: the same
+// operands on every CPU.
+template <class T>
+inline float round_bf16(T v) {
+  return static_cast<float>(c10::BFloat16(static_cast<float>(v)));
+}
+
+#if SEGNEXT_VEC_X86
+// round_row's AVX2 part: the elements [0, n - n % 8); returns their count
+template <class T>
+__attribute__((target("avx2,fma,f16c"))) int64_t round_row_avx2(const T* s, int64_t n, float* d) {
+  using V = vec::VecAvx2;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    c10::BFloat16 t[8];
+    V::store_cvt(t, V::load_cvt(s + i));
+    V::storeu(d + i, V::load_cvt(t));
+  }
+  return i;
+}
+#endif
+
+// d[i] = s[i] rounded to bfloat16, as float, i < n: 8 at a time on AVX2 (cpu_vec.h's rounding, as c10's)
+template <class T>
+void round_row(const T* s, int64_t n, float* d) {
+  int64_t i = 0;
+#if SEGNEXT_VEC_X86
+  if (isa() >= Isa::avx2) i = round_row_avx2(s, n, d);
+#endif
+  for (; i < n; ++i) d[i] = round_bf16(s[i]);
+}
+
+template <class TA, class TB>
+void run_rounded(int64_t M, int64_t N, int64_t K, const TA* A, int64_t lda, const TB* B, int64_t ldb,
+                 bool accumulate, float* C, int64_t ldc) {
+  if (K == 0) {
+    if (!accumulate)
+      for (int64_t m = 0; m < M; ++m) std::fill_n(C + m * ldc, N, 0.0f);
+    return;
+  }
+  thread_local Scratch sa, sb;
+  float* Ar = static_cast<float*>(sa.get(sizeof(float) * M * K));
+  for (int64_t m = 0; m < M; ++m) round_row(A + m * lda, K, Ar + m * K);
+  const int64_t nb = std::min<int64_t>(N, 256);
+  float* Br = static_cast<float*>(sb.get(sizeof(float) * K * nb));
+  for (int64_t j = 0; j < N; j += nb) {
+    const int64_t n = std::min(nb, N - j);
+    for (int64_t k = 0; k < K; ++k) round_row(B + k * ldb + j, n, Br + k * n);
+    at::native::cpublas::brgemm(M, n, K, K, n, ldc, accumulate, Ar, Br, C + j, false);
+  }
+}
+
+}  // namespace
+
+#if SEGNEXT_VEC_X86
+namespace {
+
+#define SEGNEXT_T_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16")))
+
+constexpr int kMR = 6;    // rows of A per tile
+constexpr int kNB = 64;   // columns of B per packed block (4 vectors of 16)
 
 inline __mmask16 lanes(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1u); }
 
@@ -207,11 +266,14 @@ SEGNEXT_T_BF16 void run(int64_t M, int64_t N, int64_t K, const TA* A, int64_t ld
 template <class TA, class TB>
 void gemm_bf16(int64_t M, int64_t N, int64_t K, const TA* A, int64_t lda, const TB* B, int64_t ldb, bool accumulate,
                float* C, int64_t ldc) {
-  TORCH_CHECK(bf16_available(), "gemm_bf16: needs a CPU with AVX512-BF16 (the caller checks bf16_available())");
   if (M <= 0 || N <= 0) return;
 #if SEGNEXT_VEC_X86
-  run<TA, TB>(M, N, K, A, lda, B, ldb, accumulate, C, ldc);
+  if (bf16_available()) {
+    run<TA, TB>(M, N, K, A, lda, B, ldb, accumulate, C, ldc);
+    return;
+  }
 #endif
+  run_rounded<TA, TB>(M, N, K, A, lda, B, ldb, accumulate, C, ldc);
 }
 
 template void gemm_bf16<float, float>(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, bool,

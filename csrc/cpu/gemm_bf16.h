@@ -23,13 +23,15 @@
 namespace segnext_cpu {
 namespace gemm {
 
-// True when the CPU has AVX512-BF16 and the kernels' ISA is AVX-512 (cpu_isa.h): gemm_bf16 may be called.
+// True when the CPU has AVX512-BF16 and the kernels' ISA is AVX-512 (cpu_isa.h): gemm_bf16 runs vdpbf16ps (or AMX).
+// Without it gemm_bf16 rounds A and B to bfloat16 into fp32 copies and runs torch's fp32 GEMM on them: the same
+// operands (bfloat16 products are exact in fp32), the fp32 sums in another order, and slower than an fp32 GEMM.
 bool bf16_available();
 
 // True when bf16_available() and torch's bfloat16 brgemm packs (AMX): gemm_bf16 then runs on AMX tiles.
 bool amx_available();
 
-// Requires bf16_available(). M, N, K >= 0 (K = 0: C = 0, or unchanged when accumulate).
+// Any CPU (see bf16_available). M, N, K >= 0 (K = 0: C = 0, or unchanged when accumulate).
 template <class TA, class TB>
 void gemm_bf16(int64_t M, int64_t N, int64_t K, const TA* A, int64_t lda, const TB* B, int64_t ldb, bool accumulate,
                float* C, int64_t ldc);

@@ -92,7 +92,7 @@ inline void tile_gemm(bool lowp, int64_t M, int64_t N, int64_t K, const TA* A, i
 }
 
 // T: x / weights / y dtype; E: compute (float, double for T = double); TG: GEMM operand type of g (T). lowp: the
-// GEMMs on bfloat16 operands with fp32 accumulation (T = bfloat16 on a CPU with AVX512-BF16; E = float).
+// GEMMs on bfloat16 operands with fp32 accumulation (T = bfloat16 on a CPU with AVX512-BF16, or float32 asked; E = float).
 template <class T, class E>
 void forward_impl(const T* x, T* y, int64_t B, int64_t C, int64_t Hd, int64_t H, int64_t W, const T* w1,
                   const E* b1, const E* wdw, const E* bdw, const T* w2, const E* b2, const T* res,
@@ -291,8 +291,9 @@ at::Tensor mlp_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tens
                                  b2c.data_ptr<float>(), residual.has_value() ? rc.data_ptr<bf>() : nullptr, af,
                                  af ? af + Cn : nullptr, af ? af + 2 * Cn : nullptr, true);
   } else {
-    // float32 (lowp: its GEMMs on bfloat16-rounded operands where the CPU has AVX512-BF16); bfloat16 without
-    // AVX512-BF16: the fp32 path on x converted once (GEMMs in fp32, so fp32 accumulation throughout), y rounded once
+    // float32 (lowp: its GEMMs on bfloat16-rounded operands, gemm_bf16 on any CPU); bfloat16 without AVX512-BF16:
+    // the fp32 path on x converted once (GEMMs in fp32, so fp32 accumulation throughout, h and g not rounded), y
+    // rounded once
     auto cf = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
     at::Tensor w1c = cf(w1), b1c = cf(b1), wdc = cf(wdw), bdc = cf(bdw), w2c = cf(w2), b2c = cf(b2);
     at::Tensor xf = dt == at::kFloat ? xc : xc.to(at::kFloat);
@@ -303,7 +304,7 @@ at::Tensor mlp_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tens
                                     bdc.data_ptr<float>(), w2c.data_ptr<float>(), b2c.data_ptr<float>(),
                                     residual.has_value() ? rf.data_ptr<float>() : nullptr, af,
                                     af ? af + Cn : nullptr, af ? af + 2 * Cn : nullptr,
-                                    lowp && gemm::bf16_available());
+                                    lowp);
     if (!of.is_same(oc)) oc.copy_(of);
   }
   if (!oc.is_same(out)) out.copy_(oc);

@@ -270,8 +270,9 @@ struct V {
   // GELU(v) = v Phi(v) with Phi from kGeluPhi: the interval's 5 coefficients picked per lane by vpermt2ps (32 entries
   // in two registers), 4 FMAs in u; Phi = 0 below -6 (|GELU| < 6e-9 there, eager gives -0), the last interval's
   // value (1 in fp32) above 6. About 15 vector FP operations + 5 permutes per 16 values, against ~20 FP operations of
-  // the rational erf. NaN stays NaN (max takes the clamp's constant for a NaN t; the mask keeps NaN lanes; v * Phi),
-  // +-inf gives NaN as eager's GELU.
+  // the rational erf. Special values as v Phi(v) in IEEE arithmetic (the float64 formula, and eager's GELU in float64
+  // and on AVX2): NaN stays NaN (max takes the clamp's constant for a NaN t; the mask keeps NaN lanes), +inf gives
+  // +inf (Phi = 1), -inf NaN (-inf * 0). Eager's fp32 GELU on AVX-512 gives NaN for +inf as well.
   static inline reg gelu_table(reg v) {
     const reg t = _mm512_min_ps(_mm512_max_ps(_mm512_fmadd_ps(v, _mm512_set1_ps(8.0f / 3.0f), _mm512_set1_ps(16.0f)),
                                               _mm512_setzero_ps()),
@@ -286,8 +287,8 @@ struct V {
     p = _mm512_fmadd_ps(p, u, coef(2));
     p = _mm512_fmadd_ps(p, u, coef(1));
     p = _mm512_fmadd_ps(p, u, coef(0));
-    const reg g = _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(v, _mm512_set1_ps(-6.0f), _CMP_NLT_UQ), v, p);
-    return _mm512_add_ps(g, _mm512_sub_ps(v, v));  // + 0, or NaN for v = +-inf: eager's GELU(+-inf) is NaN
+    // v Phi(v), Phi = 0 below -6: -0 for a finite v there, NaN for -inf
+    return _mm512_mul_ps(v, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, _mm512_set1_ps(-6.0f), _CMP_NLT_UQ), p));
   }
   template <class TG>
   static inline void stm_cvt(TG* p, reg v, int n) {
@@ -425,10 +426,9 @@ struct V {
     q = fma(z2, q, set1(-1.42647390514189e-02f));
     const reg erf = mul(p, rcp(q));
     const reg hv = mul(set1(0.5f), v);
-    // 0 below -6 (erf's rounding left |v| * 1e-8 there, far from 0 for a large |v|); then + 0, or NaN for v = NaN /
-    // +-inf (eager's GELU(+-inf) is NaN)
-    const reg g = select_ge0(add(v, set1(6.0f)), fma(hv, erf, hv), set1(0.0f));
-    return add(g, sub(v, v));
+    // v * 0 below -6 (erf's rounding left |v| * 1e-8 there, far from 0 for a large |v|): -0 for a finite v, NaN
+    // for -inf and for NaN (the comparison fails); +inf gives +inf (erf(4) = 1), as the float64 formula
+    return select_ge0(add(v, set1(6.0f)), fma(hv, erf, hv), mul(v, set1(0.0f)));
 #endif
   }
 };

@@ -146,9 +146,10 @@ at::Tensor pwconv_forward(const at::Tensor& x, const at::Tensor& w, const std::o
   const float* bp = bias.has_value() ? bc.data_ptr<float>() : nullptr;
   const float* ap = alpha.has_value() ? ac.data_ptr<float>() : nullptr;
   const at::Tensor wf = w.to(at::kFloat).contiguous();
-  // bfloat16 operands (a bfloat16 x, or lowp asked) where the CPU has AVX512-BF16; otherwise the fp32 GEMM on x
-  // converted once
-  const bool use_lowp = (lowp || dt == at::kBFloat16) && gemm::bf16_available();
+  // bfloat16 operands (a bfloat16 x, or lowp asked: gemm_bf16, whose fallback without AVX512-BF16 rounds them too,
+  // so a bfloat16 x with a float32 weight multiplies the weight rounded as eager's autocast does); otherwise the
+  // fp32 GEMM on x converted once
+  const bool use_lowp = lowp || dt == at::kBFloat16;
   const at::Tensor xc = use_lowp ? x.contiguous() : x.to(at::kFloat).contiguous();
   using bf = c10::BFloat16;
   auto run = [&](auto xtag, auto ytag) {

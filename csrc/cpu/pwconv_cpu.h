@@ -22,8 +22,8 @@ namespace segnext_cpu {
 // x: (B, Cin, H, W) float32 or bfloat16 CPU, any strides (non-NCHW copied once); w: (Cout, Cin) in x's dtype or
 // float32; bias: (Cout,) float32 or none; alpha: (Cout,) float32 or none; r: (B, Cout, H, W) in the output dtype or
 // none (any strides); gamma: (Cout,) float32 or none; out_dtype: float32 or bfloat16 (none: x's dtype); lowp: the GEMM
-// on bfloat16-rounded operands with fp32 accumulation (gemm_bf16.h), as a bfloat16 x always gets, where the CPU has
-// AVX512-BF16 (else the fp32 GEMM). Returns y (B, Cout, H, W) in the output dtype, contiguous NCHW.
+// on bfloat16-rounded operands with fp32 accumulation (gemm_bf16.h: on any CPU, vdpbf16ps where it has AVX512-BF16),
+// as a bfloat16 x always gets. Returns y (B, Cout, H, W) in the output dtype, contiguous NCHW.
 at::Tensor pwconv_forward(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                           int64_t act, const std::optional<at::Tensor>& alpha, const std::optional<at::Tensor>& r,
                           const std::optional<at::Tensor>& gamma, std::optional<at::ScalarType> out_dtype,

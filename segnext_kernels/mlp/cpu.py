@@ -20,7 +20,7 @@ def forward(x, w1, b1, wdw, bdw, w2, b2, residual=None, affine=None, lowp=False)
     """Fused MLP forward. x: (B, C, H, W) float32/bfloat16/float64 CPU tensor, any strides; packed weights as
     ``mlp.reference.pack_weights`` in x's dtype; residual: None or a tensor like x, added in the epilogue; affine:
     None or (3, C) float32 (input scale, input shift, output scale); lowp: float32 x with both GEMMs on bfloat16
-    operands (fp32 accumulation) where the CPU has AVX512-BF16. Returns (B, C, H, W) in x's dtype, memory format of
+    operands (fp32 accumulation; on any CPU: csrc/cpu/gemm_bf16.h). Returns (B, C, H, W) in x's dtype, memory format of
     empty_like(x)."""
     return CPU_EXTENSION.load().mlp_forward(x, w1, b1, wdw, bdw, w2, b2, residual, affine, bool(lowp))
 

@@ -2,7 +2,8 @@
 channels x pixels, oneDNN's batch-reduce GEMM micro-kernel (``at::native::cpublas::brgemm``) writes the tile and the
 epilogue (bias, alpha * r, GELU / ReLU; vector code chosen at run time) runs on it while it is in cache. Threaded
 with torch's intra-op pool; bitwise identical for any number of threads. float32 and bfloat16 (the GEMM on
-bfloat16 operands with fp32 accumulation: ``csrc/cpu/gemm_bf16.h``, AVX512-BF16). A function of the extension
+bfloat16 operands with fp32 accumulation: ``csrc/cpu/gemm_bf16.h``, AVX512-BF16 or AMX; elsewhere the fp32 GEMM
+on bfloat16-rounded copies). A function of the extension
 ``segnext_kernels._C_cpu``, loaded (or JIT-built) lazily by ``extension.CPU_EXTENSION``; it runs inside the custom
 op of ``pwconv/interface.py``.
 """

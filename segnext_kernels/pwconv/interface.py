@@ -119,12 +119,12 @@ def pwconv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, act: str
         act: "none", "gelu" (exact, erf) or "relu".
         out_dtype: the dtype of y (and r); None: x's. The cpu kernel writes float32 or bfloat16.
         gemm_dtype: None (x's dtype) or torch.bfloat16: the GEMM on bfloat16 operands with fp32 accumulation (the
-            kernel rounds x and the weight while it packs them, where the CPU has AVX512-BF16; elsewhere fp32),
-            the epilogue in fp32. A bfloat16 x always gets it. With a gradient needed the reference runs the 1x1
+            kernel rounds x and the weight while it packs them: vdpbf16ps / AMX where the CPU has them, elsewhere
+            the fp32 GEMM on the rounded copies, the same operands), the epilogue in fp32. A bfloat16 x always gets it. With a gradient needed the reference runs the 1x1
             convolution in gemm_dtype.
         backend: "auto", "cpu" or "reference". "cpu" runs the custom op ``torch.ops.segnext_kernels.pwconv_fwd``
             (float32 or bfloat16 CPU tensors; bfloat16: the GEMM on bfloat16 operands with fp32 accumulation
-            where the CPU has AVX512-BF16, the epilogue in fp32, y rounded once); it is forward only, so when
+            on any CPU, a float32 weight rounded as autocast does, the epilogue in fp32, y rounded once); it is forward only, so when
             autograd needs a gradient (grad mode on and an argument requiring grad), and under ``torch.export``,
             the eager reference runs instead.
 

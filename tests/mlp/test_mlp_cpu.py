@@ -205,7 +205,8 @@ def test_lower_vector_isas(isa):
     body = ("for dt, shape in ((torch.float32, (2, 5, 24, 13, 29)), (torch.bfloat16, (1, 3, 16, 8, 21)),\n"
             "                  (torch.float32, (1, 3, 8, 1, 1)), (torch.float32, (1, 4, 8, 3, 17))):\n"
             "    B, C, Hd, H, W = shape\n"
-            "    t.check(t.make(*shape, dtype=dt), dt, torch.randn(B, C, H, W).to(dt))")
+            "    t.check(t.make(*shape, dtype=dt), dt, torch.randn(B, C, H, W).to(dt))\n"
+            "t.test_gemm_dtype_bf16_on_float32((2, 5, 20, 7, 9))")  # gemm_bf16's fallback: no vdpbf16ps below AVX-512
     run_with_isa("tests/mlp/test_mlp_cpu.py", body, isa)
 
 

@@ -12,7 +12,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from segnext_kernels.extension import CPU_EXTENSION  # noqa: F401  (run_with_isa reports its ISA)
 from segnext_kernels.pwconv import pwconv, pwconv_reference
@@ -166,8 +165,9 @@ def test_other_dtypes_fall_back_to_the_reference():
 def check_gelu_accuracy():
     """GELU alone (a 1 -> 1 channel pwconv with weight 1: the GEMM is exact) on a dense grid of [-12, 12] and the
     special values, against float64 GELU of the same fp32 inputs: absolute error <= 1.5e-6 (eager fp32's own is 1.2e-6
-    on this grid; the AVX-512 table 5.3e-7, the AVX2 rational 1.1e-6), NaN and +-inf give NaN as eager's GELU, far
-    below -6 the result is within 1e-8 of 0."""
+    on this grid; the AVX-512 table 5.3e-7, the AVX2 rational 1.1e-6); NaN, +inf and -inf give NaN, +inf and NaN as
+    the float64 formula x / 2 (1 + erf(x / sqrt 2)) in IEEE arithmetic (eager fp32 GELU depends on the CPU: NaN for
+    +inf on AVX-512, +inf on AVX2); far below -6 the result is within 1e-8 of 0."""
     x = torch.linspace(-12, 12, 400_001).reshape(1, 1, 1, -1)
     special = torch.tensor([float("nan"), float("inf"), -float("inf"), -6.0, 6.0, -5.9999, 5.9999, 0.0, -1e30, 1e30])
     with torch.no_grad():
@@ -177,7 +177,9 @@ def check_gelu_accuracy():
     ref = xd * 0.5 * (1 + torch.erf(xd / math.sqrt(2)))
     err = (got - ref).abs().max().item()
     assert err <= 1.5e-6, f"GELU abs error {err:.3e}"
-    assert torch.equal(torch.isnan(sgot), torch.isnan(F.gelu(special))), sgot
+    sd = special.double()
+    sref = sd * 0.5 * (1 + torch.erf(sd / math.sqrt(2)))
+    assert torch.equal(torch.isnan(sgot), torch.isnan(sref)) and sgot[1].item() == math.inf, sgot
     assert sgot[8].item() == pytest.approx(0.0, abs=1e-8) and sgot[9].item() == special[9].item()
 
 
@@ -192,10 +194,12 @@ def test_gelu_accuracy(isa):
 
 @pytest.mark.parametrize("isa", ["avx2"])
 def test_bf16_without_avx512_bf16(isa):
-    """Below AVX-512 (no vdpbf16ps) bfloat16 runs the fp32 GEMM on converted copies: same checks, fresh process."""
+    """Below AVX-512 (no vdpbf16ps) bfloat16 runs the fp32 GEMM on bfloat16-rounded copies (gemm_bf16's fallback):
+    same checks, out_dtype / gemm_dtype too, fresh process."""
     body = ("x, w, b, a, res = t.make(2, 19, 21, 9, 37)\n"
             "t.check(x, w, 'gelu', bias=b, alpha=a, r=res, dtype=torch.bfloat16)\n"
-            "t.check(x, w, 'relu', bias=b, dtype=torch.bfloat16, fp32_vectors=True)")
+            "t.check(x, w, 'relu', bias=b, dtype=torch.bfloat16, fp32_vectors=True)\n"
+            "t.test_out_dtype_and_gemm_dtype()")
     run_with_isa("tests/pwconv/test_pwconv_cpu.py", body, isa)
 
 
