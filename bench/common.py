@@ -168,6 +168,17 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+def cpu_label() -> str:
+    """``cpu_name()``, plus " (AVX2, no AVX-512)" or " (no AVX2)" on an x86 CPU without AVX-512 F: /proc/cpuinfo
+    names some machines alike ("AMD EPYC", with and without AVX-512) whose figures must not mix in one result set
+    (the device name and file slug of a CPU run). CPUs with AVX-512, or without a ``flags`` line, keep the plain name
+    (that of the result files from before the tag)."""
+    flags = cpu_flags()
+    if not flags or "avx512f" in flags:
+        return cpu_name()
+    return cpu_name() + (" (AVX2, no AVX-512)" if "avx2" in flags else " (no AVX2)")
+
+
 def package_version(name: str) -> str:
     """Installed version of a distribution (``importlib.metadata``, nothing imported), or 'not installed'."""
     from importlib import metadata
@@ -290,14 +301,14 @@ def environment(device: torch.device) -> dict:
         driver = drv[0].strip() if drv else "unknown"
         slug = slugify(name)
     else:
-        name = f"CPU: {cpu_name()}"
+        name = f"CPU: {cpu_label()}"
         driver = "n/a"
-        slug = "cpu-" + slugify(cpu_name(), 30)
+        slug = "cpu-" + slugify(cpu_label(), 40)
     return {
         "device": name,
         "device_kind": device.type,
         "device_slug": slug,
-        "cpu_model": cpu_name(),
+        "cpu_model": cpu_label(),
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "driver": driver,
         "torch": torch.__version__,

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import common, model as model_bench, msca, nmf, report
 
@@ -153,7 +154,7 @@ def test_msca_cli_save_csv_names_cpu_commit_date(tmp_path, capsys):
     assert rc == 0
     rows, data = _check_files(tmp_path, "msca", n_rows=2 * 2 * 2)  # dtypes x modes x (reference, eager_nchw)
     name = next(tmp_path.glob("msca_cpu-*.csv")).name
-    assert common.slugify(common.cpu_name(), 30) in name and "_t1_" in name and "torch" in name
+    assert common.slugify(common.cpu_label(), 40) in name and "_t1_" in name and "torch" in name
     for key in ("cpu_model", "threads", "commit", "date", "torch", "onnxruntime", "openvino", "clock_GHz",
                 "clock_source", "fma_lanes", "fma_macs", "fma_floor_ms", "fma_frac", "GFLOPs", "code",
                 "vs_eager_nchw", "speedup_vs_eager_nchw_lo", "speedup_vs_eager_nchw_hi"):
@@ -161,7 +162,7 @@ def test_msca_cli_save_csv_names_cpu_commit_date(tmp_path, capsys):
     E = 8 * 12 * 12
     for r in rows:
         assert r["status"] == "ok" and float(r["median_ms"]) > 0 and r["threads"] == "1"
-        assert r["cpu_model"] == common.cpu_name() and r["device"] == f"CPU: {common.cpu_name()}"
+        assert r["cpu_model"] == common.cpu_label() and r["device"] == f"CPU: {common.cpu_label()}"
         assert "torch.mm" in r["clock_source"] or "cpuinfo" in r["clock_source"]
         s = 4 if r["dtype"] == "fp32" else 2
         assert int(r["bytes"]) == (2 if r["mode"] == "fwd" else 5) * E * s
@@ -460,3 +461,16 @@ def test_sass_census_parses_loops():
     assert (r["start"], r["end"], r["n"]) == (0x10, 0x50, 5)
     assert (r["HMMA"], r["LDSM"], r["LDGSTS"], r["STS"], r["LDG"]) == (1, 1, 1, 1, 0)
     assert [c[0] for c in sass_census.census(sass)] == ["_Z6kernelv", "_Z5otherv"]
+
+
+def test_cpu_label_keeps_cpus_with_and_without_avx512_apart(monkeypatch):
+    """Two CPUs that /proc/cpuinfo names alike ("AMD EPYC") get distinct device names and file slugs when one lacks
+    AVX-512; AVX-512 CPUs and CPUs without a flags line keep the plain name of the earlier result files."""
+    monkeypatch.setattr(common, "cpu_name", lambda: "AMD EPYC")
+    for flags, want in (({"avx512f", "avx2", "fma"}, "AMD EPYC"), (set(), "AMD EPYC"),
+                        ({"avx2", "fma", "f16c"}, "AMD EPYC (AVX2, no AVX-512)"), ({"sse2"}, "AMD EPYC (no AVX2)")):
+        monkeypatch.setattr(common, "cpu_flags", lambda f=flags: f)
+        assert common.cpu_label() == want
+        env = common.environment(torch.device("cpu"))
+        assert env["device"] == f"CPU: {want}" and env["cpu_model"] == want
+        assert env["device_slug"] == "cpu-" + common.slugify(want, 40)

@@ -99,7 +99,7 @@ def test_peers_run_checked_and_named_in_the_files(tmp_path, capsys):
     assert "bf16" in by[("openvino", "bf16")]["peer_settings"]
     assert by[("eager", "fp32")]["best_peer"] in ("ort", "openvino")
     for r in rows:  # the CPU, threads, commit, date and versions on every row, in the file name too
-        assert r["cpu_model"] == common.cpu_name() and r["threads"] == "1" and r["commit"] and r["date"]
+        assert r["cpu_model"] == common.cpu_label() and r["threads"] == "1" and r["commit"] and r["date"]
         assert r["torch"] == torch.__version__ and r["onnxruntime"] != "not installed" and r["openvino"]
         assert "peak_rss_MiB" in r and r["peak_rss_MiB"] == ""  # --no-memory
     name = data["path"].name
