@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from segnext.mscan import OverlapPatchEmbed, StemConv
@@ -87,6 +88,36 @@ def test_fallbacks_run_the_original_modules():
         assert e_got <= 2 * e_eager + 1e-2 * ref.abs().max().item(), (e_got, e_eager)
     with pytest.raises(TypeError, match="module: expected a segnext StemConv or OverlapPatchEmbed"):
         FusedPatchEmbed.from_module(nn.Conv2d(3, 3, 3))
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["onednn_bf16", "bf16_via_fp32"])
+def test_bf16_autocast_both_conv_paths(monkeypatch, fast):
+    """bfloat16 autocast, inference, for both ways the folded convs run: eager's bfloat16 conv (oneDNN, AVX-512 /
+    AMX CPUs) and, where torch has none (AVX2-only CPUs: its slow fallback), the fp32 conv of the bfloat16-rounded
+    operands rounded to bfloat16. Each forced on this CPU; each within twice eager autocast's error of the float64
+    module, bfloat16 out; the fp32 path equals its definition exactly."""
+    from segnext_kernels import fused_embeds
+
+    monkeypatch.setattr(fused_embeds, "_fast_bf16_conv", lambda: fast)
+    orig = StemConv(3, 16)
+    _randomise_bn(orig)
+    orig.eval()
+    fused = FusedPatchEmbed.from_module(copy.deepcopy(orig)).eval()
+    x = torch.randn(1, 3, 37, 30)
+    ref = copy.deepcopy(orig).double()(x.double())
+    with torch.no_grad():
+        with torch.autocast("cpu", torch.bfloat16):
+            got, eager = fused(x), orig(x)
+        assert got.dtype == eager.dtype == torch.bfloat16
+        e_got, e_eager = ((t.double() - ref).abs().max().item() for t in (got, eager))
+        assert e_got <= 2 * e_eager + 1e-2 * ref.abs().max().item(), (e_got, e_eager)
+        if not fast:
+            (c0, _, act), (c1, _, _) = fused_embeds._pairs(fused, "StemConv")
+            (w0, b0), (w1, b1) = fused._folded()
+            bf = torch.bfloat16
+            conv = lambda t, w, b, c: F.conv2d(t.to(bf).float(), w.to(bf).float(), b.to(bf).float(),  # noqa: E731
+                                               c.stride, c.padding).to(bf)
+            torch.testing.assert_close(got, conv(act(conv(x, w0, b0, c0)), w1, b1, c1), rtol=0, atol=0)
 
 
 def test_fuse_swaps_stem_and_patch_embeds():
