@@ -9,7 +9,7 @@ the folded copies (the conv weights' size) are recomputed when a parameter or ru
 counters). Under bfloat16 autocast the folded convolutions run in bfloat16, as eager's convolutions do (the fold is
 then rounded once instead of the conv output and the BatchNorm separately); where torch has no fast bfloat16
 convolution for this CPU (oneDNN's needs AVX-512 or AMX; elsewhere eager falls back to ``_slow_conv2d_forward``,
-about 1.1 s of SegNeXt-T's 1.4 s bf16 forward on the AVX2-only AMD EPYC) each runs as the float32 convolution of
+most of the fused model's bf16 time in a torch.profiler run on an AVX2-only CPU) each runs as the float32 convolution of
 the bfloat16-rounded input, weight and bias with the output rounded to bfloat16: eager's operands, fp32
 accumulation, its output dtype. Training, a gradient needed, another
 autocast dtype, tracing, a dtype other than float32 (bfloat16 under autocast) or a norm that is not an eval
@@ -30,8 +30,10 @@ __all__ = ["FusedPatchEmbed", "fuse_patch_embeds"]
 
 @functools.lru_cache(maxsize=None)
 def _fast_bf16_conv() -> bool:
-    """Whether eager's bfloat16 convolution on this CPU is oneDNN's (read once)."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Whether eager's bfloat16 convolution on this CPU is oneDNN's (read once; a torch without the private probe:
+    assumed yes, eager's conv runs)."""
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return True if probe is None else bool(probe())
 
 
 def _conv_bf16_via_fp32(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:

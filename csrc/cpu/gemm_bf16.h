@@ -25,7 +25,7 @@ namespace gemm {
 
 // True when the CPU has AVX512-BF16 and the kernels' ISA is AVX-512 (cpu_isa.h): gemm_bf16 runs vdpbf16ps (or AMX).
 // Without it gemm_bf16 rounds A and B to bfloat16 into fp32 copies and runs torch's fp32 GEMM on them: the same
-// operands (bfloat16 products are exact in fp32), the fp32 sums in another order, and slower than an fp32 GEMM.
+// operands (bfloat16 products are exact in fp32), the fp32 sums in another order.
 bool bf16_available();
 
 // True when bf16_available() and torch's bfloat16 brgemm packs (AMX): gemm_bf16 then runs on AMX tiles.

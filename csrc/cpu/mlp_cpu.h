@@ -32,7 +32,8 @@ namespace segnext_cpu {
 // the input shift t and the output scale g: y = g * fc2(GELU(dw(fc1(s * x + t)))) (+ residual), an eval BatchNorm
 // before fc1 and the layer scale after fc2 without copies of the weights. lowp (float32 x): both GEMMs on
 // bfloat16-rounded operands with fp32 accumulation (gemm_bf16.h: on any CPU, vdpbf16ps where it has AVX512-BF16), as
-// a bfloat16 x gets there; the rest stays fp32. Returns y (B, C, H, W) in x's dtype with the memory format of at::empty_like(x).
+// a bfloat16 x gets there; the rest stays fp32. Returns y (B, C, H, W) in x's dtype with the memory format of
+// at::empty_like(x).
 at::Tensor mlp_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& wdw,
                        const at::Tensor& bdw, const at::Tensor& w2, const at::Tensor& b2,
                        const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& affine,

@@ -92,7 +92,8 @@ inline void tile_gemm(bool lowp, int64_t M, int64_t N, int64_t K, const TA* A, i
 }
 
 // T: x / weights / y dtype; E: compute (float, double for T = double); TG: GEMM operand type of g (T). lowp: the
-// GEMMs on bfloat16 operands with fp32 accumulation (T = bfloat16 on a CPU with AVX512-BF16, or float32 asked; E = float).
+// GEMMs on bfloat16 operands with fp32 accumulation (T = bfloat16 on a CPU with AVX512-BF16, or float32 asked;
+// E = float).
 template <class T, class E>
 void forward_impl(const T* x, T* y, int64_t B, int64_t C, int64_t Hd, int64_t H, int64_t W, const T* w1,
                   const E* b1, const E* wdw, const E* bdw, const T* w2, const E* b2, const T* res,

@@ -174,8 +174,8 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, dw_weight: Tensor, dw_b
             runs it, and a backward through the fused op raises RuntimeError.
         gemm_dtype: None (x's dtype) or torch.bfloat16 with a float32 x: fc1 and fc2 on bfloat16 operands with fp32
             accumulation (the kernel rounds x / the GELU output and the weights while it packs them: vdpbf16ps / AMX
-            where the CPU has them, elsewhere the fp32 GEMM on the rounded copies), everything else and the output in float32 (what
-            ``torch.backends.mkldnn.matmul.fp32_precision = "bf16"`` means for a matmul). Inference: with a gradient
+            where the CPU has them, elsewhere the fp32 GEMM on the rounded copies), everything else and the output
+            in float32 (what ``torch.backends.mkldnn.matmul.fp32_precision = "bf16"`` means for a matmul). Inference: with a gradient
             needed the reference runs the two 1x1 convolutions in bfloat16.
         backend: "auto", "cpu" or "reference" ("cuda" / "triton" have no MLP kernels; ``segnext_kernels.backends``
             says why one cannot run). "cpu" runs the custom op ``torch.ops.segnext_kernels.mlp_fwd`` (opaque to

@@ -120,12 +120,12 @@ def pwconv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, act: str
         out_dtype: the dtype of y (and r); None: x's. The cpu kernel writes float32 or bfloat16.
         gemm_dtype: None (x's dtype) or torch.bfloat16: the GEMM on bfloat16 operands with fp32 accumulation (the
             kernel rounds x and the weight while it packs them: vdpbf16ps / AMX where the CPU has them, elsewhere
-            the fp32 GEMM on the rounded copies, the same operands), the epilogue in fp32. A bfloat16 x always gets it. With a gradient needed the reference runs the 1x1
-            convolution in gemm_dtype.
+            the fp32 GEMM on the rounded copies, the same operands), the epilogue in fp32. A bfloat16 x always gets
+            it. With a gradient needed the reference runs the 1x1 convolution in gemm_dtype.
         backend: "auto", "cpu" or "reference". "cpu" runs the custom op ``torch.ops.segnext_kernels.pwconv_fwd``
             (float32 or bfloat16 CPU tensors; bfloat16: the GEMM on bfloat16 operands with fp32 accumulation
-            on any CPU, a float32 weight rounded as autocast does, the epilogue in fp32, y rounded once); it is forward only, so when
-            autograd needs a gradient (grad mode on and an argument requiring grad), and under ``torch.export``,
+            on any CPU, a float32 weight rounded as autocast does, the epilogue in fp32, y rounded once); it is
+            forward only, so when autograd needs a gradient (grad mode on and an argument requiring grad), and under ``torch.export``,
             the eager reference runs instead.
 
     Returns:
