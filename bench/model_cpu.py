@@ -195,6 +195,7 @@ def build_variant(variant: str, letter: str, state: dict, case, precision: str, 
         res = mb.resolved_backends(model, DEVICE)
         info["fused_backends"] = mb.describe_backends(res)
         code = mb.fused_code(res)
+        info["peer_settings"] = fused_settings()
     else:
         code = "eager ops"
     info["code"] = ("compiled " + code) if variant.startswith("compile") else code
@@ -231,6 +232,15 @@ def _reset_peak() -> bool:
         return False
     hwm, rss = _status_kib("VmHWM"), _status_kib("VmRSS")
     return hwm is not None and rss is not None and hwm <= rss + 1024
+
+
+def fused_settings() -> str:
+    """The knobs of the fused rows that change speed or memory (``segnext_kernels.knobs``, read from the
+    environment at import): the CPU extension's output-cache limit."""
+    from segnext_kernels import knobs
+
+    return (f"output cache {knobs.KNOBS.cpu_output_cache_mib} MiB (SEGNEXT_CPU_OUTPUT_CACHE_MIB; idle big outputs "
+            f"kept resident between calls)")
 
 
 def mem_child(spec: dict) -> dict:

@@ -248,8 +248,9 @@ CPU_EXTENSION = Extension(
 
 
 def _apply_cpu_knobs(module) -> None:
-    """The CPU kernels' tiling-plan overrides (``knobs.KNOBS``, read from the environment at import) handed to the
-    extension once, when it loads (``csrc/cpu/cpu_plans.h``)."""
-    from .knobs import apply_cpu_plans
+    """The CPU kernels' knobs (``knobs.KNOBS``, read from the environment at import: tiling-plan overrides,
+    ``csrc/cpu/cpu_plans.h``; the output-cache limit, ``csrc/cpu/resize_cpu.h``) handed to the extension once, when
+    it loads."""
+    from .knobs import apply_cpu_knobs
 
-    apply_cpu_plans(module)
+    apply_cpu_knobs(module)

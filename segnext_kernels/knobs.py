@@ -27,11 +27,17 @@ CUDA backend (``msca/cuda.py``, ``nmf/cuda.py``; defaults = automatic / off):
     Force the tile width of the NMF2D forward pass kernel (the backward always uses 1).
 
 CPU backend (tiling plans of the CPU kernels, ``""`` = automatic; handed to the extension once, when it loads:
-``apply_cpu_plans``; syntax in ``csrc/cpu/cpu_plans.h``):
+``apply_cpu_knobs``; syntax in ``csrc/cpu/cpu_plans.h``):
 
 ``SEGNEXT_MSCA_FWD_PLAN`` (``msca_cpu_fwd_plan``): ``band:<n>`` | ``two:<images per group>``;
 ``SEGNEXT_MLP_PLAN`` (``mlp_cpu_plan``), ``SEGNEXT_MLP_BWD_PLAN`` (``mlp_cpu_bwd_plan``):
 ``<pixels per band>:<hidden block>[:<groups>]``. Tests set them through the extension's ``set_plan_override``.
+
+``SEGNEXT_CPU_OUTPUT_CACHE_MIB`` (``cpu_output_cache_mib``, int >= 0, default 512)
+    MiB of idle big-output mappings the CPU extension may keep resident between calls (``csrc/cpu/resize_cpu.h``):
+    the final 150-class logits of SegNeXt at 512x512 (150 MiB) are then written into pages faulted in by the previous
+    call instead of fresh ones. 0 = no cache: the process holds ~150 MiB less between calls and each call pays the
+    page faults again (docs/kernels.md, "Memory", has the measured figures). Handed over by ``apply_cpu_knobs``.
 
 Booleans take 1/0, true/false, yes/no, on/off (an empty or unset variable is the default); a value that does not
 parse raises ValueError naming the variable when the package is imported.
@@ -42,7 +48,7 @@ import dataclasses
 import os
 from typing import Mapping
 
-__all__ = ["Knobs", "KNOBS", "apply_cpu_plans"]
+__all__ = ["Knobs", "KNOBS", "apply_cpu_knobs"]
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -87,6 +93,7 @@ class Knobs:
     msca_cpu_fwd_plan: str = ""
     mlp_cpu_plan: str = ""
     mlp_cpu_bwd_plan: str = ""
+    cpu_output_cache_mib: int = 512
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Knobs":
@@ -94,7 +101,7 @@ class Knobs:
 
         Raises:
             ValueError: a variable that does not parse (names it), ``SEGNEXT_NMF_MTW`` other than 0, 1, 2, or a
-                negative ``SEGNEXT_NMF_P``.
+                negative ``SEGNEXT_NMF_P`` or ``SEGNEXT_CPU_OUTPUT_CACHE_MIB``.
         """
         mtw = _int(environ, "SEGNEXT_NMF_MTW", 0)
         if mtw not in (0, 1, 2):
@@ -102,6 +109,10 @@ class Knobs:
         p = _int(environ, "SEGNEXT_NMF_P", 0)
         if p < 0:
             raise ValueError(f"SEGNEXT_NMF_P: expected 0 (automatic) or a positive count, got {p}")
+        cache = _int(environ, "SEGNEXT_CPU_OUTPUT_CACHE_MIB", 512)
+        if cache < 0:
+            raise ValueError(f"SEGNEXT_CPU_OUTPUT_CACHE_MIB: expected 0 (no cache) or a positive number of MiB, "
+                             f"got {cache}")
         return cls(
             msca_cuda_tile=_int(environ, "SEGNEXT_MSCA_CUDA_TILE", -1),
             msca_cuda_tile_bwd=_int(environ, "SEGNEXT_MSCA_CUDA_TILE_BWD", -1),
@@ -113,6 +124,7 @@ class Knobs:
             msca_cpu_fwd_plan=_str(environ, "SEGNEXT_MSCA_FWD_PLAN", ""),
             mlp_cpu_plan=_str(environ, "SEGNEXT_MLP_PLAN", ""),
             mlp_cpu_bwd_plan=_str(environ, "SEGNEXT_MLP_BWD_PLAN", ""),
+            cpu_output_cache_mib=cache,
         )
 
 
@@ -120,9 +132,11 @@ class Knobs:
 KNOBS = Knobs.from_env()
 
 
-def apply_cpu_plans(ext, knobs: "Knobs | None" = None) -> None:
-    """Hand the CPU tiling-plan overrides of ``knobs`` (default ``KNOBS``) to the CPU extension module ``ext``
-    (``segnext_kernels._C_cpu``; ``extension.CPU_EXTENSION`` calls this once, when it loads)."""
+def apply_cpu_knobs(ext, knobs: "Knobs | None" = None) -> None:
+    """Hand the CPU knobs of ``knobs`` (default ``KNOBS``: the tiling-plan overrides and the output-cache limit) to
+    the CPU extension module ``ext`` (``segnext_kernels._C_cpu``; ``extension.CPU_EXTENSION`` calls this once, when it
+    loads)."""
     k = KNOBS if knobs is None else knobs
     for which, value in enumerate((k.msca_cpu_fwd_plan, k.mlp_cpu_plan, k.mlp_cpu_bwd_plan)):
         ext.set_plan_override(which, value)
+    ext.set_output_cache_limit(k.cpu_output_cache_mib << 20)

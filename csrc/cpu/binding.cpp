@@ -69,6 +69,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mlp_backward", &mlp_backward_py, "Fused MSCAN MLP backward on CPU tensors (csrc/cpu/mlp_cpu.h)");
   m.def("resize_bilinear_forward", &segnext_cpu::resize_bilinear_forward,
         "Bilinear resize forward (F.interpolate mode=\"bilinear\") on CPU tensors (csrc/cpu/resize_cpu.h)");
+  m.def("set_output_cache_limit", &segnext_cpu::set_output_cache_limit,
+        "Bytes the cache of big resize outputs may keep (csrc/cpu/resize_cpu.h; 0 = none)", py::arg("bytes"));
+  m.def("output_cache_bytes", &segnext_cpu::output_cache_bytes, "Bytes of idle output mappings cached now");
   m.def("isa", &isa, "The vector ISA the kernels run with: avx512, avx2 or scalar");
   m.def("set_plan_override", &segnext_cpu::set_plan_override,
         "Tiling-plan override: which 0 msca forward, 1 mlp forward, 2 mlp backward; '' = the kernels' own plan",

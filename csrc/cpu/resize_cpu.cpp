@@ -17,6 +17,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -298,14 +299,17 @@ void resize_f64(const double* x, double* y, const Shape& s, bool align_corners) 
 
 // ---------------------------------------------------------------------------------------------------- allocation
 // A contiguous output; >= kBigOutput bytes on Linux: an anonymous mapping of its own (2 MiB aligned, whole 2 MiB
-// units). When the tensor dies its mapping goes back to a small cache (at most kCacheBytes in all) that the next call
-// of about the same size takes again, already faulted in: a fresh 157 MB output (SegNeXt's 150 logits at 512x512)
-// pays its page faults (tens of ms in one-off timings here), a cached one none (what ONNX Runtime's arena does). The
-// mappings are not advised MADV_HUGEPAGE: with THP in "madvise" mode a fresh huge-page mapping stalled for hundreds
-// of ms whenever no free huge pages were at hand (one-off timings: the first one in a process, and every call whose
-// previous output was still alive; the demo's fused median in CI went from ~90 to 305 ms). NaN-filled when the tests' poisoning is on. *big: whether it is such a mapping.
+// units). When the tensor dies its mapping goes back to a small cache (at most the output-cache limit in all,
+// set_output_cache_limit: SEGNEXT_CPU_OUTPUT_CACHE_MIB, default 512 MiB) that the next call of about the same size
+// takes again, already faulted in: a fresh 157 MB output (SegNeXt's 150 logits at 512x512) pays its page faults (a
+// fused SegNeXt-T at 512x512 ran 86 ms with the cache, 152-157 ms without it, on the Xeon), a cached one none (what
+// ONNX Runtime's arena does); the price is that the cached mapping stays resident between calls. The mappings are
+// not advised MADV_HUGEPAGE: with THP in "madvise" mode a fresh huge-page mapping stalled for hundreds of ms whenever
+// no free huge pages were at hand (one-off timings: the first one in a process, and every call whose previous
+// output was still alive; the demo's fused median in CI went from ~90 to 305 ms). NaN-filled when the tests'
+// poisoning is on. *big: whether it is such a mapping.
 #ifdef __linux__
-constexpr size_t kCacheBytes = size_t(512) << 20;
+std::atomic<size_t> g_cache_limit{size_t(512) << 20};
 
 struct MappingCache {
   std::mutex mutex;
@@ -315,13 +319,27 @@ struct MappingCache {
   void give(void* p, size_t len) {
     {
       std::lock_guard<std::mutex> lock(mutex);
-      if (bytes + len <= kCacheBytes) {
+      if (bytes + len <= g_cache_limit.load(std::memory_order_relaxed)) {
         free.emplace_back(p, len);
         bytes += len;
         return;
       }
     }
     munmap(p, len);
+  }
+
+  // Unmap the oldest cached mappings until at most `limit` bytes stay cached.
+  void trim(size_t limit) {
+    std::vector<std::pair<void*, size_t>> drop;
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      while (bytes > limit && !free.empty()) {
+        drop.push_back(free.front());
+        bytes -= free.front().second;
+        free.erase(free.begin());
+      }
+    }
+    for (const auto& m : drop) munmap(m.first, m.second);
   }
 };
 
@@ -410,6 +428,24 @@ at::Tensor resize_bilinear_forward(const at::Tensor& x, int64_t out_h, int64_t o
     resize::resize_f64(xc.data_ptr<double>(), out.data_ptr<double>(), s, align_corners);
   }
   return out;
+}
+
+void set_output_cache_limit(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, "set_output_cache_limit: bytes must be >= 0, got ", bytes);
+#ifdef __linux__
+  resize::g_cache_limit.store(static_cast<size_t>(bytes), std::memory_order_relaxed);
+  resize::mapping_cache().trim(static_cast<size_t>(bytes));
+#endif
+}
+
+int64_t output_cache_bytes() {
+#ifdef __linux__
+  resize::MappingCache& cache = resize::mapping_cache();
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  return static_cast<int64_t>(cache.bytes);
+#else
+  return 0;
+#endif
 }
 
 }  // namespace segnext_cpu

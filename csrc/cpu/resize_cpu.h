@@ -13,10 +13,11 @@
 // group spans more than 32 source columns; AVX2: gathers; portable scalar code otherwise, chosen at run time by
 // segnext_cpu::isa()). ATen blends horizontally first; the results agree to ~1 ulp.
 //
-// Output: contiguous NCHW. Outputs of 4 MiB or more are their own 2 MiB-aligned anonymous mapping with
-// MADV_HUGEPAGE (Linux; at::empty elsewhere), so that first touch faults 2 MiB pages instead of 4 KiB ones, and
-// float32 ones are written with non-temporal stores. Tasks are (plane, block of output rows); every element is
-// computed by the same instructions whichever thread runs it: results are bitwise identical for any thread count.
+// Output: contiguous NCHW. Outputs of 4 MiB or more are their own 2 MiB-aligned anonymous mapping (Linux; at::empty
+// elsewhere), written with non-temporal stores when float32; a dead one goes back to a process-wide cache of such
+// mappings (at most the output-cache limit in all) that the next call of about the same size takes, already faulted
+// in. Tasks are (plane, block of output rows); every element is computed by the same instructions whichever thread
+// runs it: results are bitwise identical for any thread count.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -27,5 +28,12 @@ namespace segnext_cpu {
 // B >= 0, C, H, W >= 1; out_h, out_w >= 1. Returns (B, C, out_h, out_w) contiguous in x's dtype. bfloat16 is
 // computed in fp32 (weights in fp32; ATen rounds its weights to bfloat16) and rounded once.
 at::Tensor resize_bilinear_forward(const at::Tensor& x, int64_t out_h, int64_t out_w, bool align_corners);
+
+// The output cache's limit in bytes (>= 0; default 512 MiB, 0 = no cache: every big output is a fresh mapping,
+// unmapped when it dies); lowering it unmaps cached mappings beyond it at once. The Python package sets it once,
+// when it loads the extension, from SEGNEXT_CPU_OUTPUT_CACHE_MIB (segnext_kernels/knobs.py).
+void set_output_cache_limit(int64_t bytes);
+// Bytes of the mappings cached now (resident, idle).
+int64_t output_cache_bytes();
 
 }  // namespace segnext_cpu

@@ -18,6 +18,7 @@ def test_defaults():
     assert (k.msca_cuda_tile, k.msca_cuda_tile_bwd, k.msca_cuda_dw, k.msca_cuda_cl_direct, k.msca_cuda_poison,
             k.nmf_cuda_p, k.nmf_cuda_mtw) == (-1, -1, "auto", False, False, 0, 0)
     assert (k.msca_cpu_fwd_plan, k.mlp_cpu_plan, k.mlp_cpu_bwd_plan) == ("", "", "")
+    assert k.cpu_output_cache_mib == 512
     assert knobs.Knobs.from_env({"SEGNEXT_MSCA_CUDA_TILE": "", "SEGNEXT_MSCA_CUDA_POISON": " "}) == knobs.Knobs()
 
 
@@ -35,6 +36,8 @@ def test_defaults():
     ("SEGNEXT_MSCA_FWD_PLAN", "some-plan", "msca_cpu_fwd_plan", "some-plan"),
     ("SEGNEXT_MLP_PLAN", "some-plan", "mlp_cpu_plan", "some-plan"),
     ("SEGNEXT_MLP_BWD_PLAN", "some-plan", "mlp_cpu_bwd_plan", "some-plan"),
+    ("SEGNEXT_CPU_OUTPUT_CACHE_MIB", "0", "cpu_output_cache_mib", 0),
+    ("SEGNEXT_CPU_OUTPUT_CACHE_MIB", "64", "cpu_output_cache_mib", 64),
 ])
 def test_each_variable_parses(var, value, field, expected):
     k = knobs.Knobs.from_env({var: value})
@@ -43,7 +46,9 @@ def test_each_variable_parses(var, value, field, expected):
 
 
 @pytest.mark.parametrize("var, value", [("SEGNEXT_MSCA_CUDA_TILE", "big"), ("SEGNEXT_NMF_P", "-2"),
-                                        ("SEGNEXT_NMF_MTW", "3"), ("SEGNEXT_MSCA_CUDA_POISON", "maybe")])
+                                        ("SEGNEXT_NMF_MTW", "3"), ("SEGNEXT_MSCA_CUDA_POISON", "maybe"),
+                                        ("SEGNEXT_CPU_OUTPUT_CACHE_MIB", "-1"),
+                                        ("SEGNEXT_CPU_OUTPUT_CACHE_MIB", "lots")])
 def test_bad_values_name_the_variable(var, value):
     with pytest.raises(ValueError, match=var):
         knobs.Knobs.from_env({var: value})

@@ -106,6 +106,38 @@ def test_huge_page_outputs_are_2mib_aligned():
                                    rtol=0, atol=2 ** -7 * xd.abs().max().item())
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the output-mapping cache is Linux only")
+def test_output_cache_reuses_and_obeys_its_limit(ext):
+    """A dead big output's mapping is cached and taken by the next call of that size (same address, correct values
+    again); with the limit at 0 (SEGNEXT_CPU_OUTPUT_CACHE_MIB=0) nothing is kept; lowering the limit unmaps what it
+    no longer allows; a negative limit is an error."""
+    from segnext_kernels import knobs
+
+    x, size = rand((1, 16, 40, 47)), (320, 375)  # 7.3 MiB of output: an 8 MiB mapping
+    try:
+        ext.set_output_cache_limit(0)  # start empty (earlier tests' outputs may be cached)
+        ext.set_output_cache_limit(512 << 20)
+        y = resize_bilinear(x, size, backend="cpu")
+        ptr = y.data_ptr()
+        assert ext.output_cache_bytes() == 0
+        del y
+        assert ext.output_cache_bytes() == 8 << 20
+        y = resize_bilinear(x * 2, size, backend="cpu")
+        assert y.data_ptr() == ptr and ext.output_cache_bytes() == 0
+        check_close(y, x * 2, size, False)  # the reused pages hold the new call's values (poisoned first)
+        del y
+        ext.set_output_cache_limit(0)
+        assert ext.output_cache_bytes() == 0
+        y = resize_bilinear(x, size, backend="cpu")
+        check_close(y, x, size, False)
+        del y
+        assert ext.output_cache_bytes() == 0, "limit 0: a dead output is unmapped, not cached"
+        with pytest.raises(RuntimeError, match="bytes must be >= 0"):
+            ext.set_output_cache_limit(-1)
+    finally:
+        ext.set_output_cache_limit(knobs.KNOBS.cpu_output_cache_mib << 20)
+
+
 def test_batch_zero_and_int_size():
     x = rand((0, 3, 5, 6))
     y = resize_bilinear(x, (10, 12), backend="cpu")
