@@ -10,6 +10,7 @@
 // bfloat16 with an even K), B per block of kNBA columns rounded to bfloat16 rows and packed by cpublas::pack into
 // oneDNN's VNNI layout, fp32 C; the AMX tile state is released after each call (brgemm_release).
 #include "gemm_bf16.h"
+#include "cpu_scratch.h"
 
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/Exception.h>
@@ -33,21 +34,8 @@ bool amx_available() {
 
 namespace {
 
-struct Scratch {
-  void* p = nullptr;
-  size_t cap = 0;
-  void* get(size_t bytes) {
-    if (bytes > cap) {
-      std::free(p);
-      const size_t n = (std::max<size_t>(bytes, 64) + 4095) & ~size_t(4095);
-      p = std::aligned_alloc(64, n);
-      TORCH_CHECK(p != nullptr, "gemm_bf16: cannot allocate ", n, " bytes of scratch");
-      cap = n;
-    }
-    return p;
-  }
-  ~Scratch() { std::free(p); }
-};
+// gemm_bf16's own per-thread buffers (it runs inside the MSCA and MLP kernels, whose slots are in use).
+using Scratch = ScratchBuffer;
 
 // gemm_bf16 without AVX512-BF16 (an AVX2 CPU, or not x86): A and B rounded to bfloat16 (nearest even, NaN kept:
 // c10::BFloat16's conversion) into fp32 copies, then torch's fp32 brgemm on them (oneDNN's JIT kernel; its CPU

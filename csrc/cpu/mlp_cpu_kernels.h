@@ -27,32 +27,13 @@
 
 #include "cpu_isa.h"
 #include "cpu_plans.h"
+#include "cpu_scratch.h"
 
 namespace segnext_cpu {
 namespace mlp {
 
-// A growable 64-byte aligned scratch buffer, kept per thread between calls (thread_local) so it is not page-faulted
-// in anew each call.
-struct Buffer {
-  void* p = nullptr;
-  size_t cap = 0;
-  void* get(size_t bytes) {
-    if (bytes > cap) {
-      std::free(p);
-      size_t n = (std::max<size_t>(bytes, 64) + 4095) & ~size_t(4095);
-      p = std::aligned_alloc(64, n);
-      TORCH_CHECK(p != nullptr, "mlp: cannot allocate ", n, " bytes of scratch");
-      cap = n;
-    }
-    return p;
-  }
-  ~Buffer() { std::free(p); }
-};
-
-inline void* scratch(int which, size_t bytes) {
-  thread_local Buffer bufs[8];
-  return bufs[which].get(bytes);
-}
+// Per-thread scratch kept between calls (cpu_scratch.h, slots shared with the MSCA forward): slots 0-4 and 7.
+inline void* scratch(int which, size_t bytes) { return thread_scratch(which).get(bytes); }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

@@ -36,6 +36,7 @@
 
 #include "msca_cpu.h"
 #include "cpu_plans.h"
+#include "cpu_scratch.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -66,28 +67,10 @@ struct Plan {
   int64_t group = 1; // images per group (mode 1)
 };
 
-// A growable 64-byte aligned buffer that is kept between calls (per thread: thread_local), so the scratch of a call
-// is neither page-faulted in nor zeroed anew each time.
-struct Buffer {
-  void* p = nullptr;
-  size_t cap = 0;
-  void* get(size_t bytes) {
-    if (bytes > cap) {
-      std::free(p);
-      size_t n = (bytes + 4095) & ~size_t(4095);
-      p = std::aligned_alloc(64, n);
-      TORCH_CHECK(p != nullptr, "msca_forward: cannot allocate ", n, " bytes of scratch");
-      cap = n;
-    }
-    return p;
-  }
-  ~Buffer() { std::free(p); }
-};
-
-inline Buffer& thread_buffer(int which) {  // 0-3: the kernel's scratch, 4: msca_forward_official's packed weights
-  thread_local Buffer bufs[5];
-  return bufs[which];
-}
+// Per-thread scratch kept between calls (cpu_scratch.h, slots shared with the MLP kernels): 0-3 the kernel's scratch,
+// 4 msca_forward_official's packed weights.
+using Buffer = ScratchBuffer;
+inline Buffer& thread_buffer(int which) { return thread_scratch(which); }
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
