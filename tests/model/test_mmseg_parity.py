@@ -20,6 +20,7 @@ CPU default generator, L2-normalised over D), so that both see the same bases un
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -54,8 +55,12 @@ def _stub_package(name: str, path: str) -> None:
     sys.modules[name] = mod
 
 
+@functools.lru_cache(maxsize=None)
 def _load_mmseg():
-    """(namespace with MSCAN, LightHamHead, config dir, Config) or raise ImportError saying what is missing."""
+    """(namespace with MSCAN, LightHamHead, config dir, Config) or raise ImportError saying what is missing. Loaded
+    once per process: the module fixture is set up again when pytest-xdist's worksteal interleaves this file with
+    others, and a second find_spec("mmseg") would meet the stub package below (``__spec__`` None: a ValueError, a
+    skip that hid the parity tests)."""
     for dep in ("mmengine", "mmcv", "mmseg"):
         if importlib.util.find_spec(dep) is None:
             raise ImportError(f"{dep} is not installed")
