@@ -301,10 +301,10 @@ void resize_f64(const double* x, double* y, const Shape& s, bool align_corners) 
 // A contiguous output; >= kBigOutput bytes on Linux: an anonymous mapping of its own (2 MiB aligned, whole 2 MiB
 // units). When the tensor dies its mapping goes back to a small cache (at most the output-cache limit in all,
 // set_output_cache_limit: SEGNEXT_CPU_OUTPUT_CACHE_MIB, default 512 MiB) that the next call of about the same size
-// takes again, already faulted in: a fresh 157 MB output (SegNeXt's 150 logits at 512x512) pays its page faults (a
-// fused SegNeXt-T at 512x512 ran 84 ms with the cache, 152 without it before map_aligned populated the mapping,
-// ~120 since, on the Xeon), a cached one none (what
-// ONNX Runtime's arena does); the price is that the cached mapping stays resident between calls. The mappings are
+// takes again, already faulted in: a fresh 157 MB output (SegNeXt's 150 logits at 512x512) pays its page faults, a
+// cached one none (what ONNX Runtime's arena does): bench.model on the Xeon, fused SegNeXt-T 84.2 ms with the cache
+// (3dd31e2), 123.6-125.2 without it (bench/results/output-cache-0/). The price is that the cached mapping stays
+// resident between calls (docs/kernels.md, "Memory"). The mappings are
 // not advised MADV_HUGEPAGE: with THP in "madvise" mode a fresh huge-page mapping stalled for hundreds of ms whenever
 // no free huge pages were at hand (one-off timings: the first one in a process, and every call whose previous
 // output was still alive; the demo's fused median in CI went from ~90 to 305 ms). NaN-filled when the tests'
@@ -350,9 +350,9 @@ MappingCache& mapping_cache() {
 }
 
 // A fresh 2 MiB-aligned anonymous mapping of len bytes (a multiple of 2 MiB), populated writable (in parallel, torch's
-// intra-op threads); nullptr on failure. Populating first made a fused SegNeXt-T without the cache (one fresh 150 MiB
-// output per call) 151-152 -> 136-139 ms, in parallel 119-122 ms (one-off A/Bs, Xeon, 2 threads, bench.model
-// --no-save, alternating builds).
+// intra-op threads); nullptr on failure. Without the cache (one fresh 150 MiB output per call) fused SegNeXt-T ran
+// 155.0 ms before this populating and 125.2 after, B 395.8 and 366.8 (bench.model, Xeon, 2 threads, back to back:
+// bench/results/output-cache-0/, 21cf06e and e4b1dee; populating on one thread was in between, one-off).
 void* map_aligned(size_t len) {
   void* raw = mmap(nullptr, len + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (raw == MAP_FAILED) return nullptr;
